@@ -1,0 +1,480 @@
+"""Pose datasets read the way the official Simple Baselines / HRNet code reads them.
+
+Three layouts, detected from the folder:
+
+- MPII (``annot/{split}.json`` + ``images/``): 1-based MATLAB coordinates, converted as
+  ``lib/dataset/mpii.py`` does (centre moved down 15 * scale, scale x 1.25, then -1).
+- COCO (``annotations/person_keypoints_{split}2017.json`` + ``{split}2017/``): one person per
+  ground-truth box, cleaned and turned into centre/scale as ``lib/dataset/coco.py`` does.
+- A plain folder of images (calibration only): one whole-image "person" per image.
+
+Centres are 0-based pixels; scales are box sizes in units of 200 px (``pixel_std``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+
+from posequant.errors import DataError
+from posequant.keypoints import COCO, MPII, KeypointSet
+
+from .preprocess import read_image
+
+PIXEL_STD = 200.0
+FORMATS = ("mpii", "coco", "folder")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+COCO_PADDING = 1.25  # HRNet's _xywh2cs enlarges every box by a quarter
+# Default split per (format, purpose), first present wins.
+DEFAULT_SPLITS = {
+    ("mpii", "eval"): ("valid",),
+    ("mpii", "calib"): ("train", "valid"),
+    ("coco", "eval"): ("val",),
+    ("coco", "calib"): ("train", "val"),
+}
+Purpose = Literal["eval", "calib"]
+
+
+@dataclass(frozen=True)
+class Person:
+    """One person to crop: where, how big, and (for annotated data) the ground-truth joints."""
+
+    image: Path
+    center: np.ndarray = field(compare=False)  # (2,) float64, 0-based pixels
+    scale: np.ndarray = field(compare=False)  # (2,) float64, box size / 200 px
+    joints: np.ndarray | None = field(compare=False)  # (J, 2) float64, 0-based pixels
+    joints_vis: np.ndarray | None = field(compare=False)  # (J,) float64, 1 = labelled
+    index: int  # position in the annotation file (or the folder listing)
+    image_id: int | None = None  # COCO only
+    ann_id: int | None = None  # COCO only
+    bbox: tuple[float, float, float, float] | None = None  # COCO only: cleaned box, x y w h
+    area: float | None = None  # COCO only: the annotation's area
+
+    def __post_init__(self) -> None:
+        # Own read-only float64 copies: the official code deep-copies each record before use;
+        # read-only arrays make that unnecessary.
+        for name in ("center", "scale", "joints", "joints_vis"):
+            value = getattr(self, name)
+            if value is not None:
+                array = np.array(value, dtype=np.float64)
+                array.flags.writeable = False
+                object.__setattr__(self, name, array)
+
+
+@dataclass
+class PoseDataset:
+    """The people of one split, in the official order, plus what was left out."""
+
+    root: Path
+    format: str
+    split: str | None
+    keypoints: KeypointSet | None
+    people: list[Person]
+    skipped: list[Path] = field(default_factory=list)
+    coco_json: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.people)
+
+    def __getitem__(self, index: int) -> Person:
+        return self.people[index]
+
+    def __iter__(self) -> Iterator[Person]:
+        return iter(self.people)
+
+    def __repr__(self) -> str:
+        return (
+            f"PoseDataset(format={self.format!r}, split={self.split!r}, people={len(self.people)}, "
+            f"skipped={len(self.skipped)}, root='{self.root}')"
+        )
+
+
+def open_dataset(
+    root: str | os.PathLike,
+    *,
+    input_size: tuple[int, int],
+    format: str | None = None,
+    split: str | None = None,
+    purpose: Purpose = "eval",
+    skip_missing: bool = False,
+) -> PoseDataset:
+    """Read the dataset at ``root``; ``input_size`` is the model input (H, W)."""
+    if purpose not in ("eval", "calib"):
+        raise ValueError(f"purpose must be 'eval' or 'calib', not {purpose!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist: check the path")
+    fmt = _check_format(format) if format else _detect_format(root)
+    if fmt == "folder":
+        if split is not None:
+            raise DataError(f"{root} is a plain folder of images, which has no splits: leave --split out")
+        return _load_folder(root, input_size, skip_missing)
+    available = _mpii_splits(root) if fmt == "mpii" else _coco_splits(root)
+    if not available:
+        raise DataError(f"{root} is not a {fmt.upper()} dataset: expected {_LAYOUTS[fmt]}")
+    chosen = _choose_split(root, fmt, available, split, purpose)
+    if fmt == "mpii":
+        return _load_mpii(root, chosen, skip_missing)
+    return _load_coco(root, chosen, input_size, skip_missing)
+
+
+def box_to_center_scale(
+    box_xywh: Sequence[float], input_size: tuple[int, int], *, padding: float = COCO_PADDING
+) -> tuple[np.ndarray, np.ndarray]:
+    """HRNet's ``_xywh2cs``: box centre, box grown to the input's aspect ratio, / 200, x padding.
+
+    Computed in float32 like the official code, so crops match it bit for bit.
+    """
+    x, y, w, h = (float(v) for v in box_xywh)
+    aspect_ratio = input_size[1] / input_size[0]  # W / H
+    center = np.array([x + w * 0.5, y + h * 0.5], dtype=np.float32)
+    if w > aspect_ratio * h:
+        h = w / aspect_ratio
+    elif w < aspect_ratio * h:
+        w = h * aspect_ratio
+    scale = np.array([w / PIXEL_STD, h / PIXEL_STD], dtype=np.float32) * padding
+    return center.astype(np.float64), scale.astype(np.float64)
+
+
+def load_mpii_gt(path: str | os.PathLike) -> dict[str, Any]:
+    """The official MPII evaluation fields from ``gt_{split}.mat`` (a file, or a dataset root).
+
+    Returns the arrays in the official layouts: ``dataset_joints`` (1 x J names),
+    ``jnt_missing`` (J x N), ``pos_gt_src`` (J x 2 x N, 1-based), ``headboxes_src`` (2 x 2 x N);
+    plus ``joint_names`` (list of J str) for convenience.
+    """
+    from scipy.io import loadmat
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "annot" / "gt_valid.mat"
+    if not path.is_file():
+        raise DataError(f"MPII ground truth {path} does not exist: it ships with the MPII annotations (annot/gt_valid.mat)")
+    try:
+        mat = loadmat(str(path))
+    except Exception as e:  # scipy raises several types for damaged files
+        raise DataError(f"{path} is not a readable .mat file ({e}): download it again") from None
+    gt = {}
+    for name in ("dataset_joints", "jnt_missing", "pos_gt_src", "headboxes_src"):
+        if name not in mat:
+            raise DataError(f"{path} has no field {name!r}: it is not an MPII gt_*.mat file")
+        gt[name] = mat[name]
+    _check_mpii_gt_shapes(gt, path)
+    gt["joint_names"] = [str(np.ravel(n)[0]) for n in np.ravel(gt["dataset_joints"])]
+    return gt
+
+
+# ---- layout detection and splits -------------------------------------------------------------
+
+_LAYOUTS = {
+    "mpii": "ROOT/annot/{split}.json and ROOT/images/",
+    "coco": "ROOT/annotations/person_keypoints_{split}2017.json and ROOT/{split}2017/",
+    "folder": f"image files ({', '.join(IMAGE_SUFFIXES)})",
+}
+
+
+def _check_format(format: str) -> str:
+    fmt = format.lower()
+    if fmt not in FORMATS:
+        raise DataError(f"unknown dataset format {format!r}: choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _detect_format(root: Path) -> str:
+    if _mpii_splits(root):
+        return "mpii"
+    if _coco_splits(root):
+        return "coco"
+    if _image_files(root):
+        return "folder"
+    if not any(root.iterdir()):
+        raise DataError(f"dataset folder {root} is empty: point to an MPII or COCO dataset, or a folder of images")
+    expected = "; ".join(f"{fmt.upper()}: {layout}" for fmt, layout in _LAYOUTS.items())
+    raise DataError(f"cannot tell the dataset layout of {root}: expected {expected}")
+
+
+def _mpii_splits(root: Path) -> list[str]:
+    if not (root / "images").is_dir():
+        return []
+    return sorted(p.stem for p in (root / "annot").glob("*.json"))
+
+
+def _coco_splits(root: Path) -> list[str]:
+    prefix, suffix = "person_keypoints_", "2017.json"
+    names = (p.name for p in (root / "annotations").glob(f"{prefix}*{suffix}"))
+    return sorted(n[len(prefix):-len(suffix)] for n in names)
+
+
+def _choose_split(root: Path, fmt: str, available: list[str], split: str | None, purpose: str) -> str:
+    if split is not None:
+        wanted = split[:-4] if fmt == "coco" and split.endswith("2017") else split
+        if wanted not in available:
+            raise DataError(f"{root} has no split {split!r}: choose one of {', '.join(available)}")
+        return wanted
+    for candidate in DEFAULT_SPLITS[(fmt, purpose)]:
+        if candidate in available:
+            return candidate
+    if len(available) == 1:
+        return available[0]
+    raise DataError(f"{root} has splits {', '.join(available)} and none is the default for {purpose}: pass --split")
+
+
+# ---- annotation fields -------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): fix or regenerate it") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path} ({e}): check the file") from None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One record of an annotation file; its accessors fail with file, record and field named."""
+
+    file: Path
+    label: str  # e.g. "entry 3" or "annotations[3]"
+    data: Any
+
+    def fail(self, name: str, problem: str) -> DataError:
+        return DataError(f"{self.file}: {self.label}, field {name!r}: {problem}; fix or regenerate the annotation file")
+
+    def get(self, name: str) -> Any:
+        if not isinstance(self.data, dict):
+            raise DataError(f"{self.file}: {self.label} is {type(self.data).__name__}, not an object; fix or regenerate the annotation file")
+        if name not in self.data:
+            raise self.fail(name, "missing")
+        return self.data[name]
+
+    def text(self, name: str) -> str:
+        value = self.get(name)
+        if not isinstance(value, str) or not value:
+            raise self.fail(name, f"expected a file name, got {value!r}")
+        return value
+
+    def number(self, name: str) -> float:
+        value = self.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(name, f"expected a number, got {value!r}")
+        return float(value)
+
+    def array(self, name: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+        value = self.get(name)
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise self.fail(name, f"expected {what} (numbers)") from None
+        if array.shape != shape:
+            raise self.fail(name, f"expected {what}, got shape {array.shape}")
+        return array
+
+
+# ---- MPII --------------------------------------------------------------------------------------
+
+
+def _load_mpii(root: Path, split: str, skip_missing: bool) -> PoseDataset:
+    ann_file = root / "annot" / f"{split}.json"
+    records = _read_json(ann_file)
+    if not isinstance(records, list):
+        raise DataError(f"{ann_file}: expected a list of people, got {type(records).__name__}; fix or regenerate it")
+    # The official test split has no joints; every other split must have them.
+    people = [
+        _mpii_person(_Entry(ann_file, f"entry {i}", r), root / "images", i, need_joints=split != "test")
+        for i, r in enumerate(records)
+    ]
+    people, skipped = _drop_missing(people, ann_file, skip_missing)
+    return PoseDataset(root, "mpii", split, MPII, people, skipped)
+
+
+def _mpii_person(entry: _Entry, image_dir: Path, index: int, *, need_joints: bool) -> Person:
+    image = image_dir / entry.text("image")
+    c = entry.array("center", (2,), "[x, y]")
+    s = np.array([entry.number("scale")] * 2)
+    if c[0] != -1:  # as mpii.py: move the centre down and enlarge to avoid cutting off limbs
+        c[1] = c[1] + 15 * s[1]
+        s = s * 1.25
+    c = c - 1  # MATLAB 1-based -> 0-based
+    joints = joints_vis = None
+    if need_joints or "joints" in entry.data:
+        n = MPII.num_joints
+        joints = entry.array("joints", (n, 2), f"{n} [x, y] pairs") - 1
+        joints_vis = entry.array("joints_vis", (n,), f"{n} visibility flags")
+    return Person(image=image, center=c, scale=s, joints=joints, joints_vis=joints_vis, index=index)
+
+
+def _check_mpii_gt_shapes(gt: dict[str, np.ndarray], path: Path) -> None:
+    joints = gt["dataset_joints"].size
+    missing = gt["jnt_missing"]
+    if missing.ndim != 2 or missing.shape[0] != joints:
+        raise DataError(f"{path}: 'jnt_missing' has shape {missing.shape}, expected ({joints}, N); the file is damaged")
+    count = missing.shape[1]
+    expected = {"pos_gt_src": (joints, 2, count), "headboxes_src": (2, 2, count)}
+    for name, shape in expected.items():
+        if gt[name].shape != shape:
+            raise DataError(f"{path}: {name!r} has shape {gt[name].shape}, expected {shape}; the file is damaged")
+
+
+# ---- COCO --------------------------------------------------------------------------------------
+
+
+def _load_coco(root: Path, split: str, input_size: tuple[int, int], skip_missing: bool) -> PoseDataset:
+    ann_file = root / "annotations" / f"person_keypoints_{split}2017.json"
+    data = _read_json(ann_file)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise DataError(f"{ann_file}: no {key!r} list: it is not a COCO keypoints file")
+    image_dir = _coco_image_dir(root, split)
+    person_ids = _coco_person_category_ids(data["categories"], ann_file)
+    anns_by_image: dict[Any, list[int]] = defaultdict(list)
+    for i, ann in enumerate(data["annotations"]):
+        anns_by_image[_Entry(ann_file, f"annotations[{i}]", ann).get("image_id")].append(i)
+    people = []
+    # Official order: images as listed, then each image's annotations as listed.
+    for j, image in enumerate(data["images"]):
+        image_entry = _Entry(ann_file, f"images[{j}]", image)
+        for i in anns_by_image.get(image_entry.get("id"), []):
+            entry = _Entry(ann_file, f"annotations[{i}]", data["annotations"][i])
+            person = _coco_person(entry, i, image_entry, image_dir, person_ids, input_size)
+            if person is not None:
+                people.append(person)
+    people, skipped = _drop_missing(people, ann_file, skip_missing)
+    return PoseDataset(root, "coco", split, COCO, people, skipped, coco_json=ann_file)
+
+
+def _coco_image_dir(root: Path, split: str) -> Path:
+    for candidate in (root / f"{split}2017", root / "images" / f"{split}2017"):  # ours, HRNet's
+        if candidate.is_dir():
+            return candidate
+    raise DataError(f"COCO images for {split} not found: expected {root / f'{split}2017'} (or {root / 'images' / f'{split}2017'})")
+
+
+def _coco_person_category_ids(categories: list[Any], ann_file: Path) -> set[Any]:
+    ids = {c.get("id") for c in categories if isinstance(c, dict) and c.get("name") == "person"}
+    if not ids:
+        raise DataError(f"{ann_file}: no 'person' category: it is not a COCO person keypoints file")
+    return ids
+
+
+def _coco_person(
+    entry: _Entry, index: int, image: _Entry, image_dir: Path, person_ids: set[Any], input_size: tuple[int, int]
+) -> Person | None:
+    """The person of one annotation, or None where HRNet drops it (crowd, bad box, no keypoints)."""
+    if entry.get("iscrowd"):
+        return None
+    if entry.get("category_id") not in person_ids:
+        return None
+    box = _clean_coco_box(entry, image.number("width"), image.number("height"))
+    if box is None:
+        return None
+    n = COCO.num_joints
+    keypoints = entry.array("keypoints", (n * 3,), f"{n} x [x, y, v] numbers").reshape(n, 3)
+    if keypoints.max() == 0:  # no keypoint annotated
+        return None
+    center, scale = box_to_center_scale(box, input_size)
+    return Person(
+        image=image_dir / image.text("file_name"),
+        center=center,
+        scale=scale,
+        joints=keypoints[:, :2],  # COCO keypoints are already 0-based pixels
+        joints_vis=(keypoints[:, 2] > 0).astype(np.float64),
+        index=index,
+        image_id=entry.get("image_id"),
+        ann_id=entry.get("id"),
+        bbox=box,
+        area=entry.number("area"),
+    )
+
+
+def _clean_coco_box(entry: _Entry, width: float, height: float) -> tuple[float, float, float, float] | None:
+    """HRNet's box sanitising: clip to the image; None for empty boxes or zero area."""
+    x, y, w, h = entry.array("bbox", (4,), "[x, y, w, h]")
+    x1, y1 = max(0.0, x), max(0.0, y)
+    x2 = min(width - 1, x1 + max(0.0, w - 1))
+    y2 = min(height - 1, y1 + max(0.0, h - 1))
+    if entry.number("area") > 0 and x2 >= x1 and y2 >= y1:
+        return (float(x1), float(y1), float(x2 - x1), float(y2 - y1))
+    return None
+
+
+# ---- plain folders -----------------------------------------------------------------------------
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def _load_folder(root: Path, input_size: tuple[int, int], skip_missing: bool) -> PoseDataset:
+    paths = _image_files(root)
+    if not paths:
+        raise DataError(f"{root} has no images ({', '.join(IMAGE_SUFFIXES)}): point to a folder of images")
+    sizes = _image_sizes(paths)
+    bad = [p for p, size in zip(paths, sizes) if size is None]
+    if bad and not skip_missing:
+        raise DataError(
+            f"{len(bad)} of {len(paths)} images in {root} cannot be read ({_examples(bad)}): "
+            "remove them, or pass --skip-missing to go on without them"
+        )
+    people = [_whole_image(path, size, i, input_size) for i, (path, size) in enumerate(zip(paths, sizes)) if size]
+    if not people:
+        raise DataError(f"none of the {len(paths)} images in {root} can be read: check the files")
+    return PoseDataset(root, "folder", None, None, people, bad)
+
+
+def _image_sizes(paths: list[Path]) -> list[tuple[int, int] | None]:
+    """(H, W) of each image, None where it does not decode (no header-only reader in OpenCV)."""
+
+    def size(path: Path) -> tuple[int, int] | None:
+        try:
+            return read_image(path).shape[:2]
+        except DataError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(size, paths))
+
+
+def _whole_image(path: Path, size: tuple[int, int], index: int, input_size: tuple[int, int]) -> Person:
+    # The box spans pixel edges -0.5 .. W-0.5: centre (W-1)/2, size W (pixel centres are integers).
+    height, width = size
+    center, scale = box_to_center_scale((-0.5, -0.5, width, height), input_size, padding=1.0)
+    return Person(image=path, center=center, scale=scale, joints=None, joints_vis=None, index=index)
+
+
+# ---- missing images ----------------------------------------------------------------------------
+
+
+def _examples(paths: Sequence[Path], limit: int = 3) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _drop_missing(people: list[Person], listed_in: Path, skip_missing: bool) -> tuple[list[Person], list[Path]]:
+    if not people:
+        raise DataError(f"{listed_in} lists no usable people: check that it is the right annotation file")
+    images = list(dict.fromkeys(p.image for p in people))
+    missing = [image for image in images if not image.is_file()]
+    if missing and not skip_missing:
+        raise DataError(
+            f"{len(missing)} of {len(images)} images listed in {listed_in} are missing ({_examples(missing)}): "
+            "restore them, or pass --skip-missing to go on without them"
+        )
+    gone = set(missing)
+    kept = [p for p in people if p.image not in gone]
+    if not kept:
+        raise DataError(f"none of the images listed in {listed_in} exist: check the dataset folder")
+    return kept, missing

@@ -1,0 +1,168 @@
+"""Reading checkpoints: every common way a pose model's weights are saved, to one state_dict.
+
+Handles plain state_dicts, dicts wrapping one (``state_dict``, ``model``, ``best_state_dict``, ...),
+DataParallel prefixes (``module.``, ``model.module.``), ``.pth``/``.pth.tar``/``.pt`` files and
+TorchScript archives. ``torch.load`` runs with ``weights_only=True``; a pickled full model is
+loaded only when the caller trusts the file (pickle runs code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posequant.errors import CheckpointError
+
+# wrapper keys seen in the official repos and common trainers, most specific first
+WRAPPER_KEYS = ("state_dict", "best_state_dict", "model_state_dict", "model", "net", "network",
+                "weights", "params", "module", "ema", "model_ema")
+PREFIXES = ("model.module.", "module.")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    sha256: str
+    state_dict: dict[str, torch.Tensor]
+    module: torch.nn.Module | None  # set for TorchScript archives and trusted pickled models
+    container: str  # how the weights were stored, for `posequant inspect`
+    stripped_prefix: str = ""
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for k, t in self.state_dict.items()
+                   if t.is_floating_point() and not k.endswith(("running_mean", "running_var")))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _looks_like_checkpoint(head: bytes) -> bool:
+    # zip (torch >= 1.6) or a raw pickle stream (legacy torch.save / plain pickle)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def _read(path: Path, trust_pickle: bool) -> Any:
+    head = path.open("rb").read(8)
+    try:
+        if _is_torchscript(path):
+            return torch.jit.load(str(path), map_location="cpu")
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (e.g. a whole model), which are not loaded by "
+                "default because unpickling runs code; if you trust the file, add --trust-pickle") from None
+        if not _looks_like_checkpoint(head):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint: expected a file saved with torch.save") from None
+        raise CheckpointError(f"{path} is corrupt ({e}): re-download or re-save it") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, zip and pickle errors for damage
+        if not _looks_like_checkpoint(head):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint: expected a file saved with torch.save") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason}): re-download or re-save it") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unwrap(obj: Any, path: Path, trail: str = "", depth: int = 0) -> tuple[Any, str]:
+    """Find the weights inside what torch.load returned; returns (state_dict or module, trail)."""
+    if isinstance(obj, torch.nn.Module) or _is_state_dict(obj):
+        return obj, trail
+    if isinstance(obj, dict) and depth < 3:
+        for key in WRAPPER_KEYS:
+            if key in obj:
+                try:
+                    return _unwrap(obj[key], path, f"{trail}[{key!r}]", depth + 1)
+                except CheckpointError:
+                    continue
+        # a state_dict with a few non-tensor extras (e.g. a saved 'epoch' mixed in)
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if len(tensors) >= max(1, len(obj) // 2) and len(tensors) > 1:
+            return tensors, trail
+    if isinstance(obj, dict):
+        keys = ", ".join(map(str, list(obj)[:8]))
+        raise CheckpointError(
+            f"{path}{trail} is a dict without model weights (keys: {keys}); expected a state_dict or one "
+            f"under one of: {', '.join(WRAPPER_KEYS)}")
+    raise CheckpointError(
+        f"{path}{trail} holds a {type(obj).__name__}, not model weights: save model.state_dict() instead")
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    stripped = ""
+    changed = True
+    while changed:
+        changed = False
+        for p in PREFIXES:
+            if sd and all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                stripped += p
+                changed = True
+    return sd, stripped
+
+
+def check_finite(sd: dict[str, torch.Tensor], where: Path) -> None:
+    for key, t in sd.items():
+        if t.is_floating_point():
+            bad = (~torch.isfinite(t)).sum().item()
+            if bad:
+                kind = "NaN" if torch.isnan(t).any() else "Inf"
+                raise CheckpointError(
+                    f"{where}: tensor {key!r} has {bad} {kind} value(s) of {t.numel()}; the weights are "
+                    "damaged (diverged training or a broken file): use another checkpoint")
+
+
+def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
+    """Read ``path`` into a :class:`Checkpoint`, or raise CheckpointError with one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found: check the path")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or save did not finish")
+    obj = _read(path, trust_pickle)
+    found, trail = _unwrap(obj, path)
+    module = None
+    if isinstance(found, torch.jit.ScriptModule):
+        module, container = found.eval(), "TorchScript archive"
+        sd = dict(found.state_dict())
+    elif isinstance(found, torch.nn.Module):
+        module, container = found.eval(), f"pickled {type(found).__name__} module{trail}"
+        sd = dict(found.state_dict())
+    else:
+        sd, container = dict(found), f"state_dict{trail}" if trail else "plain state_dict"
+    sd, stripped = _strip_prefixes(sd)
+    if not sd:
+        raise CheckpointError(f"{path} holds no weights")
+    check_finite(sd, path)
+    return Checkpoint(path, sha256_of(path), sd, module, container, stripped)
+
+
+__all__ = ["Checkpoint", "load_checkpoint", "check_finite", "sha256_of"]

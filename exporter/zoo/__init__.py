@@ -1,0 +1,106 @@
+"""The model zoo: architecture families, detected from a checkpoint's keys and shapes.
+
+One file per family (``pose_resnet``, ``pose_hrnet``, ``hourglass``); each exposes a config
+dataclass, ``build(config)``, ``detect(state_dict)`` and a :class:`Family` record. Custom
+architectures come in through :func:`import_builder` (``file.py:fn`` or ``pkg.module:fn``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from posequant.errors import ArchitectureError
+
+from . import hourglass, pose_hrnet, pose_resnet
+from ._common import IMAGENET_MEAN, IMAGENET_STD, Family, StateDict
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (pose_resnet.FAMILY, pose_hrnet.FAMILY, hourglass.FAMILY)}
+PRESETS: dict[str, tuple[Family, Any]] = {
+    name: (fam, cfg) for fam in FAMILIES.values() for name, cfg in fam.presets.items()
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Detected:
+    family: Family
+    config: Any
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def build(self) -> torch.nn.Module:
+        return self.family.build(self.config)
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+
+def detect_architecture(sd: StateDict, where: str = "checkpoint") -> Detected:
+    """Which family and config produced ``sd``; ArchitectureError naming the expected keys if none."""
+    for fam in FAMILIES.values():
+        if fam.matches(sd):
+            try:
+                return Detected(fam, fam.detect(sd))
+            except (ValueError, KeyError, IndexError) as e:
+                raise ArchitectureError(
+                    f"{where} looks like {fam.title} but its layers are inconsistent ({e}); "
+                    "pass --arch FILE.py:build_fn to load it into your own model definition") from None
+    expected = "; ".join(f"{f.title}: {', '.join(f.signature)}" for f in FAMILIES.values())
+    sample = ", ".join(list(sd)[:4]) + (", ..." if len(sd) > 4 else "")
+    raise ArchitectureError(
+        f"{where}: unknown architecture (keys start {sample}); expected the keys of one of "
+        f"[{expected}]; for another model pass --arch FILE.py:build_fn")
+
+
+def import_builder(spec: str) -> Callable[[], torch.nn.Module]:
+    """``path/to/file.py:fn`` or ``package.module:fn`` -> the callable, with one-line errors."""
+    target, sep, fn_name = spec.rpartition(":")
+    if not sep or not target or not fn_name:
+        raise ArchitectureError(f"--arch {spec!r} must be FILE.py:build_fn or package.module:build_fn")
+    try:
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            path = Path(target)
+            if not path.is_file():
+                raise ArchitectureError(f"--arch file {path} not found: check the path")
+            mod_name = f"posequant_arch_{abs(hash(str(path.resolve())))}"
+            mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_name] = module  # dataclasses and pickling look modules up here
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ArchitectureError:
+        raise
+    except Exception as e:  # the user's code: any error while importing it is theirs
+        raise ArchitectureError(
+            f"--arch {spec}: cannot import {target} ({type(e).__name__}: {e}); fix the file or "
+            "the module path") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ArchitectureError(f"--arch {spec}: {target} has no function {fn_name!r}")
+    return fn
+
+
+def build_custom(spec: str) -> torch.nn.Module:
+    fn = import_builder(spec)
+    try:
+        model = fn()
+    except Exception as e:
+        raise ArchitectureError(f"--arch {spec}: calling {fn.__name__}() failed ({type(e).__name__}: {e})") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ArchitectureError(f"--arch {spec}: {fn.__name__}() returned {type(model).__name__}, not a torch nn.Module")
+    return model.eval()
+
+
+__all__ = [
+    "FAMILIES", "PRESETS", "Family", "Detected", "detect_architecture", "import_builder",
+    "build_custom", "IMAGENET_MEAN", "IMAGENET_STD", "pose_resnet", "pose_hrnet", "hourglass",
+]

@@ -1,0 +1,264 @@
+"""HRNet PoseHighResolutionNet (leoxiaobin/deep-high-resolution-net.pytorch, lib/models/pose_hrnet.py).
+
+Module names and tensor shapes equal the official ones, so pose_hrnet_w32/w48 checkpoints load
+with strict=True. The training pipeline reads RGB, /255, ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._common import BN_MOMENTUM, IMAGENET_MEAN, IMAGENET_STD, Family, StateDict, count_indices, has
+from .pose_resnet import Bottleneck as _ResNetBottleneck
+
+
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + residual)
+
+
+Bottleneck = _ResNetBottleneck  # identical definition in both official repos
+BLOCKS = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    num_modules: int
+    block: str  # "BASIC" or "BOTTLENECK"
+    num_blocks: tuple[int, ...]  # per branch
+    num_channels: tuple[int, ...]  # per branch
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.num_channels)
+
+
+def standard_stages(width: int) -> tuple[StageConfig, StageConfig, StageConfig]:
+    """Stages 2-4 of the released w32/w48 configs (experiments/*/hrnet/w{32,48}_*.yaml)."""
+    w = width
+    return (
+        StageConfig(1, "BASIC", (4, 4), (w, 2 * w)),
+        StageConfig(4, "BASIC", (4, 4, 4), (w, 2 * w, 4 * w)),
+        StageConfig(3, "BASIC", (4, 4, 4, 4), (w, 2 * w, 4 * w, 8 * w)),
+    )
+
+
+@dataclass(frozen=True)
+class PoseHRNetConfig:
+    stages: tuple[StageConfig, StageConfig, StageConfig]
+    num_joints: int = 17
+    final_conv_kernel: int = 1
+
+    @property
+    def width(self) -> int:
+        return self.stages[0].num_channels[0]
+
+    @property
+    def name(self) -> str:
+        return f"pose_hrnet_w{self.width}"
+
+
+class HighResolutionModule(nn.Module):
+    def __init__(self, stage: StageConfig, num_inchannels: list[int], multi_scale_output=True):
+        super().__init__()
+        self.num_branches = stage.num_branches
+        self.num_inchannels = num_inchannels
+        self.multi_scale_output = multi_scale_output
+        block = BLOCKS[stage.block]
+        self.branches = nn.ModuleList(
+            self._make_one_branch(i, block, stage.num_blocks[i], stage.num_channels[i])
+            for i in range(self.num_branches)
+        )
+        self.fuse_layers = self._make_fuse_layers()
+        self.relu = nn.ReLU(True)
+
+    def _make_one_branch(self, i, block, num_blocks, channels):
+        downsample = None
+        if self.num_inchannels[i] != channels * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.num_inchannels[i], channels * block.expansion, 1, 1, bias=False),
+                nn.BatchNorm2d(channels * block.expansion, momentum=BN_MOMENTUM),
+            )
+        layers = [block(self.num_inchannels[i], channels, 1, downsample)]
+        self.num_inchannels[i] = channels * block.expansion
+        layers += [block(self.num_inchannels[i], channels) for _ in range(1, num_blocks)]
+        return nn.Sequential(*layers)
+
+    def _make_fuse_layers(self):
+        if self.num_branches == 1:
+            return None
+        cin = self.num_inchannels
+        fuse_layers = []
+        for i in range(self.num_branches if self.multi_scale_output else 1):
+            row = []
+            for j in range(self.num_branches):
+                if j > i:  # lower resolution: 1x1 conv, then nearest upsampling
+                    row.append(nn.Sequential(
+                        nn.Conv2d(cin[j], cin[i], 1, 1, 0, bias=False),
+                        nn.BatchNorm2d(cin[i]),
+                        nn.Upsample(scale_factor=2 ** (j - i), mode="nearest"),
+                    ))
+                elif j == i:
+                    row.append(None)
+                else:  # higher resolution: (i - j) stride-2 3x3 convs
+                    convs = []
+                    for k in range(i - j):
+                        last = k == i - j - 1
+                        cout = cin[i] if last else cin[j]
+                        layers = [nn.Conv2d(cin[j], cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout)]
+                        if not last:
+                            layers.append(nn.ReLU(True))
+                        convs.append(nn.Sequential(*layers))
+                    row.append(nn.Sequential(*convs))
+            fuse_layers.append(nn.ModuleList(row))
+        return nn.ModuleList(fuse_layers)
+
+    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.num_branches == 1:
+            return [self.branches[0](x[0])]
+        x = [branch(xi) for branch, xi in zip(self.branches, x)]
+        fused = []
+        for i, row in enumerate(self.fuse_layers):
+            y = x[0] if i == 0 else row[0](x[0])
+            for j in range(1, self.num_branches):
+                y = y + (x[j] if i == j else row[j](x[j]))
+            fused.append(self.relu(y))
+        return fused
+
+
+class PoseHighResolutionNet(nn.Module):
+    def __init__(self, cfg: PoseHRNetConfig):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(64, 64, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(Bottleneck, 64, 4)
+
+        pre = [256]
+        for n, stage in enumerate(cfg.stages, start=1):
+            channels = [c * BLOCKS[stage.block].expansion for c in stage.num_channels]
+            setattr(self, f"transition{n}", self._make_transition_layer(pre, channels))
+            last = n == len(cfg.stages)
+            modules, pre = self._make_stage(stage, channels, multi_scale_output=not last)
+            setattr(self, f"stage{n + 1}", modules)
+        self.branch_counts = [s.num_branches for s in cfg.stages]
+        k = cfg.final_conv_kernel
+        self.final_layer = nn.Conv2d(pre[0], cfg.num_joints, k, 1, 1 if k == 3 else 0)
+
+    def _make_transition_layer(self, pre, cur):
+        layers = []
+        for i in range(len(cur)):
+            if i < len(pre):
+                layers.append(None if cur[i] == pre[i] else nn.Sequential(
+                    nn.Conv2d(pre[i], cur[i], 3, 1, 1, bias=False),
+                    nn.BatchNorm2d(cur[i]),
+                    nn.ReLU(inplace=True),
+                ))
+            else:  # a new, lower-resolution branch grown from the lowest existing one
+                convs = []
+                for j in range(i + 1 - len(pre)):
+                    cout = cur[i] if j == i - len(pre) else pre[-1]
+                    convs.append(nn.Sequential(
+                        nn.Conv2d(pre[-1], cout, 3, 2, 1, bias=False),
+                        nn.BatchNorm2d(cout),
+                        nn.ReLU(inplace=True),
+                    ))
+                layers.append(nn.Sequential(*convs))
+        return nn.ModuleList(layers)
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion, momentum=BN_MOMENTUM),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _make_stage(self, stage: StageConfig, num_inchannels, multi_scale_output=True):
+        modules = []
+        for i in range(stage.num_modules):
+            # only the last module of the last stage drops the multi-scale outputs
+            multi = multi_scale_output or i != stage.num_modules - 1
+            modules.append(HighResolutionModule(stage, num_inchannels, multi))
+            num_inchannels = modules[-1].num_inchannels
+        return nn.Sequential(*modules), num_inchannels
+
+    def forward(self, x):
+        x = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        y_list = [self.layer1(x)]
+        for n, branches in enumerate(self.branch_counts, start=1):
+            transition = getattr(self, f"transition{n}")
+            x_list = []
+            for i in range(branches):
+                # as the official forward: every transition reads the lowest-resolution output
+                x_list.append(y_list[i] if transition[i] is None else transition[i](y_list[-1]))
+            y_list = getattr(self, f"stage{n + 1}")(x_list)
+        return self.final_layer(y_list[0])
+
+
+def build(cfg: PoseHRNetConfig) -> PoseHighResolutionNet:
+    return PoseHighResolutionNet(cfg).eval()
+
+
+def _detect_stage(sd: StateDict, n: int) -> StageConfig:
+    p = f"stage{n}."
+    modules = count_indices(sd, p, ".branches.0.0.conv1.weight")
+    branches = count_indices(sd, f"{p}0.branches.", ".0.conv1.weight")
+    if modules == 0 or branches == 0:
+        raise ValueError(f"no modules found under '{p}'")
+    blocks = tuple(count_indices(sd, f"{p}0.branches.{b}.", ".conv1.weight") for b in range(branches))
+    channels = tuple(sd[f"{p}0.branches.{b}.0.conv1.weight"].shape[0] for b in range(branches))
+    block = "BOTTLENECK" if has(sd, f"{p}0.branches.0.0.conv3.weight") else "BASIC"
+    return StageConfig(modules, block, blocks, channels)
+
+
+def detect(sd: StateDict) -> PoseHRNetConfig:
+    final = sd["final_layer.weight"]
+    return PoseHRNetConfig(
+        stages=tuple(_detect_stage(sd, n) for n in (2, 3, 4)),
+        num_joints=final.shape[0],
+        final_conv_kernel=final.shape[2],
+    )
+
+
+FAMILY = Family(
+    name="pose_hrnet",
+    title="HRNet PoseHighResolutionNet",
+    signature=("conv1.weight", "transition1.0.0.weight", "stage2.0.branches.0.0.conv1.weight",
+               "final_layer.weight"),
+    config_type=PoseHRNetConfig,
+    detect=detect,
+    build=build,
+    color="rgb",
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    presets={f"pose_hrnet_w{w}": PoseHRNetConfig(standard_stages(w)) for w in (18, 32, 48)},
+)

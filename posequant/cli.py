@@ -1,0 +1,157 @@
+"""The ``posequant`` command: each subcommand gathers options, calls one library function, prints.
+
+User mistakes (:class:`PosequantError`) are caught here, once, and printed as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+import posequant
+from posequant.errors import PosequantError
+from posequant.fileio import write_text_atomic
+from posequant.metadata import parse_size
+
+
+class PosequantGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PosequantError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except PosequantError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _triple(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not three comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if len(vals) != 3:
+        raise click.BadParameter(f"needs 3 comma-separated values, got {len(vals)}")
+    return vals
+
+
+def _batch(ctx, param, value):
+    if value in (None, "dynamic"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use 'dynamic' or a positive number") from None
+    if n < 1:
+        raise click.BadParameter(f"{value!r}: use 'dynamic' or a positive number")
+    return n
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+        click.echo(f"wrote {path}")
+
+
+def _progress(msg: str) -> None:
+    click.echo(f"  {msg}", err=True)
+
+
+@click.group(cls=PosequantGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(posequant.__version__, "--version", prog_name="posequant")
+def main():
+    """Trained PyTorch pose models to fast, verified INT8 deployments."""
+
+
+arch_option = click.option(
+    "--arch", metavar="FAMILY|FILE.py:fn|pkg.mod:fn",
+    help="Architecture: detected from the weights by default; a family name to insist on one, or "
+         "a builder function returning an nn.Module for custom models.")
+trust_option = click.option(
+    "--trust-pickle", is_flag=True,
+    help="Allow checkpoints holding pickled Python objects (runs code from the file: trusted files only).")
+
+
+@main.command("inspect")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@arch_option
+@trust_option
+@click.option("--json", "json_out", metavar="OUT", help="Also write the findings as JSON.")
+def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
+    """Show which architecture a checkpoint holds and how many parameters it has."""
+    from exporter import inspect_checkpoint
+    from exporter.report import format_inspect
+
+    info = inspect_checkpoint(checkpoint, arch=arch, trust_pickle=trust_pickle)
+    click.echo(format_inspect(info))
+    _write_json(json_out, info.to_dict())
+
+
+@main.command("export-pose")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="ONNX file to write [default: beside the checkpoint].")
+@arch_option
+@click.option("--input-size", callback=_size, metavar="HxW",
+              help="Input height x width, e.g. 256x192 [default: 256x256 for 16 joints (MPII), 256x192 for 17 (COCO)].")
+@click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False),
+              help="Keypoint set (names, flip pairs) [default: from the joint count].")
+@click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False),
+              help="Channel order the model was trained on [default: the family's].")
+@click.option("--mean", callback=_triple, metavar="R,G,B", help="Per-channel mean, 0-1 (or 0-255) units.")
+@click.option("--std", callback=_triple, metavar="R,G,B", help="Per-channel std, 0-1 (or 0-255) units.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--batch", callback=_batch, default="dynamic", show_default=True, metavar="dynamic|N",
+              help="Batch dimension: dynamic, or fixed to N.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
+@trust_option
+@click.option("--data", type=click.Path(path_type=Path), metavar="ROOT",
+              help="Also verify on real person crops from this dataset (MPII, COCO or an image folder).")
+@click.option("--data-samples", type=click.IntRange(1), default=8, show_default=True, help="Crops to verify on.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True,
+              help="Tolerance: max abs diff relative to the output's max.")
+@click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
+def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean, std, opset, batch,
+                    no_simplify, trust_pickle, data, data_samples, rtol, no_verify, json_out):
+    """Export a pose checkpoint to a simplified, verified ONNX model with its metadata."""
+    from exporter import export_pose
+    from exporter.report import format_export
+
+    result = export_pose(
+        checkpoint, output, arch=arch, input_size=input_size, keypoints=keypoints, color=color,
+        mean=mean, std=std, opset=opset, batch=batch, simplify=not no_simplify,
+        trust_pickle=trust_pickle, verify_model=not no_verify, data=data, data_samples=data_samples,
+        rtol=rtol, progress=_progress)
+    click.echo(format_export(result))
+    _write_json(json_out, result.to_dict())
+
+
+@main.command("demo")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
+              show_default=True, help="Folder for the demo's files.")
+@click.option("--shared", type=click.Path(file_okay=False, path_type=Path),
+              help="A shared/ folder with the trained ultralight-simplepose model and coco-mini data.")
+def demo_cmd(out_dir, shared):
+    """Run the main job on a built-in default (the trained model when --shared has it)."""
+    from posequant.demo import run_demo
+
+    run_demo(out_dir, shared, echo=click.echo, progress=_progress)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

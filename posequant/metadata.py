@@ -1,0 +1,129 @@
+"""The metadata a posequant ONNX model carries (``metadata_props``), so later stages never ask again.
+
+Written by ``exporter`` and read by ``calibration`` and ``benchmarks``. Values are plain strings:
+sizes as ``HxW``, lists as JSON. ``mean``/``std`` are per input channel *in the model's colour
+order* and in 0-1 units: the model input is ``(pixels[..., colour order] / 255 - mean) / std``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import MetadataError
+from .keypoints import KeypointSet
+
+SCHEMA_VERSION = "1"
+
+
+def format_size(hw: tuple[int, int]) -> str:
+    return f"{hw[0]}x{hw[1]}"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"256x192"`` -> ``(256, 192)``: height first, as in the config files of the pose repos."""
+    parts = str(text).lower().replace("*", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise MetadataError(f"size {text!r} is not HxW (height x width), e.g. 256x192") from None
+    if h <= 0 or w <= 0:
+        raise MetadataError(f"size {text!r} must be positive, e.g. 256x192")
+    return h, w
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    family: str
+    keypoints: str
+    joint_names: tuple[str, ...]
+    flip_pairs: tuple[tuple[int, int], ...]
+    skeleton: tuple[tuple[int, int], ...]
+    input_size: tuple[int, int]  # (H, W)
+    heatmap_size: tuple[int, int]  # (H, W)
+    color: str  # "rgb" or "bgr": channel order the model expects
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    arch_config: dict[str, Any] = field(default_factory=dict)
+    source_checkpoint: str = ""
+    source_sha256: str = ""
+    posequant_version: str = ""
+    precision: str = "fp32"
+
+    @property
+    def num_joints(self) -> int:
+        return len(self.joint_names)
+
+    @property
+    def keypoint_set(self) -> KeypointSet:
+        return KeypointSet(self.keypoints, self.joint_names, self.flip_pairs, self.skeleton)
+
+    def with_(self, **changes: Any) -> "ModelMeta":
+        return replace(self, **changes)
+
+    def to_props(self) -> dict[str, str]:
+        d = asdict(self)
+        props = {
+            "posequant_schema": SCHEMA_VERSION,
+            "num_joints": str(self.num_joints),
+            "input_size": format_size(self.input_size),
+            "heatmap_size": format_size(self.heatmap_size),
+        }
+        for key, value in d.items():
+            if key in props:
+                continue
+            props[key] = value if isinstance(value, str) else json.dumps(value)
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], where: str = "model") -> "ModelMeta":
+        if "posequant_schema" not in props:
+            raise MetadataError(
+                f"{where} has no posequant metadata: export it with `posequant export-pose`, "
+                "or give --input-size, --keypoints and --color"
+            )
+        try:
+            return cls(
+                family=props["family"],
+                keypoints=props["keypoints"],
+                joint_names=tuple(json.loads(props["joint_names"])),
+                flip_pairs=tuple(tuple(p) for p in json.loads(props["flip_pairs"])),
+                skeleton=tuple(tuple(p) for p in json.loads(props["skeleton"])),
+                input_size=parse_size(props["input_size"]),
+                heatmap_size=parse_size(props["heatmap_size"]),
+                color=props["color"],
+                mean=tuple(json.loads(props["mean"])),
+                std=tuple(json.loads(props["std"])),
+                arch_config=json.loads(props.get("arch_config", "{}")),
+                source_checkpoint=props.get("source_checkpoint", ""),
+                source_sha256=props.get("source_sha256", ""),
+                posequant_version=props.get("posequant_version", ""),
+                precision=props.get("precision", "fp32"),
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise MetadataError(f"{where} has damaged posequant metadata ({e}): re-export it") from None
+
+
+def read_meta(model: Any) -> ModelMeta:
+    """Metadata of an ONNX model given as a path or an ``onnx.ModelProto``."""
+    import onnx
+
+    where = str(model)
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=False)
+    else:
+        where = "model"
+    props = {p.key: p.value for p in model.metadata_props}
+    return ModelMeta.from_props(props, where)
+
+
+def write_meta(model: Any, meta: ModelMeta) -> None:
+    """Stamp ``meta`` into an ``onnx.ModelProto`` (replacing any earlier posequant keys)."""
+    props = meta.to_props()
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    for key, value in keep + sorted(props.items()):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
