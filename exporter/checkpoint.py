@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,22 +68,22 @@ def _looks_like_checkpoint(head: bytes) -> bool:
 def _read(path: Path, trust_pickle: bool) -> Any:
     head = path.open("rb").read(8)
     try:
-        if _is_torchscript(path):
-            return torch.jit.load(str(path), map_location="cpu")
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
-            raise CheckpointError(
-                f"{path} holds pickled Python objects (e.g. a whole model), which are not loaded by "
-                "default because unpickling runs code; if you trust the file, add --trust-pickle") from None
-        if not _looks_like_checkpoint(head):
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint: expected a file saved with torch.save") from None
-        raise CheckpointError(f"{path} is corrupt ({e}): re-download or re-save it") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
+            if _is_torchscript(path):
+                return torch.jit.load(str(path), map_location="cpu")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # torch raises RuntimeError, EOFError, zip and pickle errors for damage
         if not _looks_like_checkpoint(head):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint: expected a file saved with torch.save") from None
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is truncated or corrupt ({reason}): re-download or re-save it") from None
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (e.g. a whole model), which are not loaded by "
+                "default because unpickling runs code; if you trust the file, add --trust-pickle") from None
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")), reason)
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason[:120]}): re-download or re-save it") from None
 
 
 def _is_state_dict(obj: Any) -> bool:

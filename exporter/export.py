@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ def _normalisation(values, name: str):
     return tuple(v / 255 for v in vals) if any(v > 1.0 for v in vals) else vals
 
 
-def _probe_output(module: torch.nn.Module, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+def probe_output(module: torch.nn.Module, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
     """Joint count and heatmap size, by running the model once."""
     with torch.inference_mode():
         try:
@@ -183,15 +184,16 @@ def export_pose(
 
     joints = pose.num_joints
     if joints is None:
-        joints, _ = _probe_output(pose.module, input_size or (256, 192))
+        joints, _ = probe_output(pose.module, input_size or (256, 192))
     size = tuple(input_size) if input_size else DEFAULT_INPUT_SIZE.get(joints, (256, 256))
-    out_joints, heatmap_size = _probe_output(pose.module, size)
+    out_joints, heatmap_size = probe_output(pose.module, size)
     kps = keypoint_set_for(out_joints, keypoints)
     meta = ModelMeta(
         family=pose.family, keypoints=kps.name, joint_names=kps.joint_names,
         flip_pairs=kps.flip_pairs, skeleton=kps.skeleton, input_size=size,
         heatmap_size=heatmap_size, color=(color or pose.color).lower(),
-        mean=mean or pose.mean, std=std or pose.std, arch_config=pose.arch_config,
+        mean=mean or pose.mean, std=std or pose.std,
+        arch_config=json.loads(json.dumps(pose.arch_config)),  # as it will read back from the file
         source_checkpoint=checkpoint.name, source_sha256=ckpt.sha256,
         posequant_version=posequant.__version__,
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_checkpoint
-from .export import DEFAULT_INPUT_SIZE
+from .export import DEFAULT_INPUT_SIZE, probe_output
 from .model import resolve_model
 
 
@@ -37,7 +37,7 @@ class CheckpointInfo:
 def inspect_checkpoint(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> CheckpointInfo:
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     pose = resolve_model(ckpt, arch)
-    joints = pose.num_joints
+    joints = pose.num_joints or probe_output(pose.module, (256, 192))[0]
     return CheckpointInfo(
         path=ckpt.path, sha256=ckpt.sha256, container=ckpt.container,
         stripped_prefix=ckpt.stripped_prefix, family=pose.family, name=pose.name,

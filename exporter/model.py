@@ -81,7 +81,7 @@ def _suggest(name: str, choices) -> str:
 def resolve_model(ckpt: Checkpoint, arch: str | None = None) -> PoseModel:
     """Build the model the checkpoint belongs to and load its weights strictly."""
     where = str(ckpt.path)
-    if arch and ":" in arch:
+    if arch and (":" in arch or arch.endswith(".py") or "/" in arch):
         module = build_custom(arch)
         load_strict(module, ckpt.state_dict, where)
         return PoseModel(LastHeatmaps(module).eval(), "custom", type(module).__name__,

@@ -218,8 +218,11 @@ class PoseHighResolutionNet(nn.Module):
             transition = getattr(self, f"transition{n}")
             x_list = []
             for i in range(branches):
-                # as the official forward: every transition reads the lowest-resolution output
-                x_list.append(y_list[i] if transition[i] is None else transition[i](y_list[-1]))
+                # The official forward feeds every transition the lowest-resolution output; that only
+                # runs when the changed branches are new ones, where it equals this (and this also
+                # runs stage configs that change an existing branch's width).
+                src = y_list[i] if i < len(y_list) else y_list[-1]
+                x_list.append(src if transition[i] is None else transition[i](src))
             y_list = getattr(self, f"stage{n + 1}")(x_list)
         return self.final_layer(y_list[0])
 
