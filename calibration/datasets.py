@@ -6,7 +6,7 @@ Three layouts, detected from the folder:
   ``lib/dataset/mpii.py`` does (centre moved down 15 * scale, scale x 1.25, then -1).
 - COCO (``annotations/person_keypoints_{split}2017.json`` + ``{split}2017/``): one person per
   ground-truth box, cleaned and turned into centre/scale as ``lib/dataset/coco.py`` does.
-- A plain folder of images (calibration only): one whole-image "person" per image.
+- A plain folder of images (calibration only, top level only): one whole-image "person" per image.
 
 Centres are 0-based pixels; scales are box sizes in units of 200 px (``pixel_std``).
 """
@@ -26,9 +26,8 @@ import numpy as np
 from posequant.errors import DataError
 from posequant.keypoints import COCO, MPII, KeypointSet
 
-from .preprocess import read_image
+from .preprocess import PIXEL_STD, default_workers, read_image
 
-PIXEL_STD = 200.0
 FORMATS = ("mpii", "coco", "folder")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 COCO_PADDING = 1.25  # HRNet's _xywh2cs enlarges every box by a quarter
@@ -108,6 +107,7 @@ def open_dataset(
     """Read the dataset at ``root``; ``input_size`` is the model input (H, W)."""
     if purpose not in ("eval", "calib"):
         raise ValueError(f"purpose must be 'eval' or 'calib', not {purpose!r}")
+    assert len(input_size) == 2 and min(input_size) > 0, f"input_size must be (H, W), got {input_size}"
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist: check the path")
@@ -207,16 +207,19 @@ def _mpii_splits(root: Path) -> list[str]:
 
 
 def _coco_splits(root: Path) -> list[str]:
+    """Splits with both annotations and images: the annotation zip ships train and val, often
+    without the train images, and calibration must then fall back to val."""
     prefix, suffix = "person_keypoints_", "2017.json"
     names = (p.name for p in (root / "annotations").glob(f"{prefix}*{suffix}"))
-    return sorted(n[len(prefix):-len(suffix)] for n in names)
+    splits = (n[len(prefix):-len(suffix)] for n in names)
+    return sorted(s for s in splits if _coco_image_dir(root, s) is not None)
 
 
 def _choose_split(root: Path, fmt: str, available: list[str], split: str | None, purpose: str) -> str:
     if split is not None:
         wanted = split[:-4] if fmt == "coco" and split.endswith("2017") else split
         if wanted not in available:
-            raise DataError(f"{root} has no split {split!r}: choose one of {', '.join(available)}")
+            raise DataError(f"{root} has no split {split!r} with both annotations and images: choose one of {', '.join(available)}")
         return wanted
     for candidate in DEFAULT_SPLITS[(fmt, purpose)]:
         if candidate in available:
@@ -335,6 +338,7 @@ def _load_coco(root: Path, split: str, input_size: tuple[int, int], skip_missing
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise DataError(f"{ann_file}: no {key!r} list: it is not a COCO keypoints file")
     image_dir = _coco_image_dir(root, split)
+    assert image_dir is not None  # _coco_splits lists only splits with images
     person_ids = _coco_person_category_ids(data["categories"], ann_file)
     anns_by_image: dict[Any, list[int]] = defaultdict(list)
     for i, ann in enumerate(data["annotations"]):
@@ -352,11 +356,11 @@ def _load_coco(root: Path, split: str, input_size: tuple[int, int], skip_missing
     return PoseDataset(root, "coco", split, COCO, people, skipped, coco_json=ann_file)
 
 
-def _coco_image_dir(root: Path, split: str) -> Path:
+def _coco_image_dir(root: Path, split: str) -> Path | None:
     for candidate in (root / f"{split}2017", root / "images" / f"{split}2017"):  # ours, HRNet's
         if candidate.is_dir():
             return candidate
-    raise DataError(f"COCO images for {split} not found: expected {root / f'{split}2017'} (or {root / 'images' / f'{split}2017'})")
+    return None
 
 
 def _coco_person_category_ids(categories: list[Any], ann_file: Path) -> set[Any]:
@@ -411,10 +415,10 @@ def _clean_coco_box(entry: _Entry, width: float, height: float) -> tuple[float, 
 
 
 def _image_files(root: Path) -> list[Path]:
+    # Top level only: a damaged MPII/COCO tree must not pass for a folder of unannotated images.
     return sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        p for p in root.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
     )
 
 
@@ -444,7 +448,7 @@ def _image_sizes(paths: list[Path]) -> list[tuple[int, int] | None]:
         except DataError:
             return None
 
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=default_workers()) as pool:
         return list(pool.map(size, paths))
 
 

@@ -46,6 +46,7 @@ def get_affine_transform(
     """2x3 matrix mapping the box (``center``, ``scale`` x 200 px) onto an output of ``output_wh`` = (W, H)."""
     if np.ndim(scale) == 0:
         scale = [scale, scale]
+    center = np.asarray(center, dtype=np.float64)
     scale_px = np.asarray(scale, dtype=np.float64) * PIXEL_STD
     shift = np.asarray(shift, dtype=np.float32)
     dst_w, dst_h = output_wh[0], output_wh[1]
@@ -127,7 +128,8 @@ def normalize(crops_bgr: np.ndarray, meta: ModelMeta) -> np.ndarray:
         raise MetadataError(f"model colour order {meta.color!r} is neither 'rgb' nor 'bgr': re-export the model")
     assert crops_bgr.ndim == 4 and crops_bgr.shape[-1] == 3, f"crops must be N x H x W x 3, got {crops_bgr.shape}"
     pixels = crops_bgr[..., ::-1] if meta.color == "rgb" else crops_bgr
-    x = pixels.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+    x = pixels.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # order="C": contiguous NCHW
+    x /= np.float32(255)
     mean = np.asarray(meta.mean, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(meta.std, dtype=np.float32).reshape(1, 3, 1, 1)
     x -= mean
@@ -171,7 +173,7 @@ def iter_batches(
 
     Decoding and warping run in ``workers`` threads, a few batches ahead of the consumer.
     An image that fails to decode raises DataError, or with ``skip_bad`` its people are left
-    out and the image is recorded in the iterator's ``skipped`` list.
+    out and counted in the iterator's ``skipped`` (images) and ``skipped_people``.
     """
     chosen = list(itertools.islice(people, limit))
     return BatchIterator(chosen, meta, batch_size, workers or default_workers(), flip, skip_bad)
@@ -179,6 +181,9 @@ def iter_batches(
 
 class BatchIterator(Iterator[Batch]):
     """The iterator ``iter_batches`` returns; ``skipped`` lists the images that failed to decode."""
+
+    skipped: list[Path]  # unique, in order of discovery
+    skipped_people: int
 
     def __init__(self, people: list[Person], meta: ModelMeta, batch_size: int, workers: int, flip: bool, skip_bad: bool):
         assert batch_size >= 1 and workers >= 1
@@ -188,7 +193,8 @@ class BatchIterator(Iterator[Batch]):
         self.workers = workers
         self.flip = flip
         self.skip_bad = skip_bad
-        self.skipped: list[Path] = []
+        self.skipped = []
+        self.skipped_people = 0
         self._batches = self._generate()
 
     def __next__(self) -> Batch:
@@ -217,8 +223,7 @@ class BatchIterator(Iterator[Batch]):
     def _submit(self, pool: ThreadPoolExecutor, chunk: list[Person]) -> list[tuple[list[Person], Future]]:
         # One task per image: people of the same image (COCO) share one decode.
         runs = [list(run) for _, run in itertools.groupby(chunk, key=lambda p: p.image)]
-        size = tuple(self.meta.input_size)
-        return [(run, pool.submit(_prepare_image, run, size, self.meta)) for run in runs]
+        return [(run, pool.submit(_prepare_image, run, self.meta)) for run in runs]
 
     def _collect(self, tasks: list[tuple[list[Person], Future]]) -> Iterator[Batch]:
         people, inputs = [], []
@@ -228,7 +233,9 @@ class BatchIterator(Iterator[Batch]):
             except DataError:
                 if not self.skip_bad:
                     raise
-                self.skipped.append(run[0].image)
+                self.skipped_people += len(run)
+                if run[0].image not in self.skipped:  # a batch boundary may split an image's people
+                    self.skipped.append(run[0].image)
                 continue
             people.extend(run)
         if not people:
@@ -240,10 +247,10 @@ class BatchIterator(Iterator[Batch]):
         yield Batch(x, people, centers, scales, flipped)
 
 
-def _prepare_image(people: list[Person], input_size: tuple[int, int], meta: ModelMeta) -> np.ndarray:
+def _prepare_image(people: list[Person], meta: ModelMeta) -> np.ndarray:
     """Decode one image, crop each of its people and normalise: K x 3 x H x W float32 (runs in a worker)."""
     image = read_image(people[0].image)
-    crops = np.stack([crop_person(image, p.center, p.scale, input_size)[0] for p in people])
+    crops = np.stack([crop_person(image, p.center, p.scale, meta.input_size)[0] for p in people])
     return normalize(crops, meta)
 
 

@@ -195,8 +195,9 @@ def test_bad_image_raises_or_is_skipped(people: list[Person]) -> None:
         list(iter_batches(people, make_meta(), batch_size=2, workers=2))
     batches = iter_batches(people, make_meta(), batch_size=2, workers=2, skip_bad=True)
     kept = [p.index for b in batches for p in b.people]
-    # people 1 and 2 fall in different batches, so the image is counted twice
-    assert kept == [0, 3, 4, 5, 6] and batches.skipped == [people[1].image, people[2].image]
+    # people 1 and 2 fall in different batches; the image is listed once
+    assert kept == [0, 3, 4, 5, 6] and batches.skipped == [people[1].image]
+    assert batches.skipped_people == 2 and len(batches) == 4
 
 
 # ---- flip test ------------------------------------------------------------------------------------
