@@ -24,6 +24,10 @@ def save_variant(model: torch.nn.Module, path, variant: str):
         torch.save({f"module.{k}": v for k, v in sd.items()}, path)
     elif variant == "model_module_prefix":
         torch.save({"state_dict": {f"model.module.{k}": v for k, v in sd.items()}}, path)
+    elif variant == "legacy_format":  # pre-1.6 torch.save, as the 2018-2019 official releases
+        state = {"epoch": 140, "arch": "pose", "state_dict": {f"module.{k}": v for k, v in sd.items()},
+                 "optimizer": torch.optim.Adam(model.parameters()).state_dict()}
+        torch.save(state, path, _use_new_zipfile_serialization=False)
     elif variant == "torchscript":
         torch.jit.trace(model, torch.zeros(1, 3, 64, 64), check_trace=False).save(str(path))
     else:
@@ -31,7 +35,7 @@ def save_variant(model: torch.nn.Module, path, variant: str):
 
 
 VARIANTS = ["plain", "wrapped_state_dict", "wrapped_best_state_dict", "wrapped_model", "module_prefix",
-            "model_module_prefix", "torchscript"]
+            "model_module_prefix", "legacy_format", "torchscript"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
