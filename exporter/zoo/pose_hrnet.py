@@ -12,33 +12,10 @@ import torch
 from torch import nn
 
 from ._common import BN_MOMENTUM, IMAGENET_MEAN, IMAGENET_STD, Family, StateDict, count_indices, has
-from .pose_resnet import Bottleneck as _ResNetBottleneck
 
+# The official pose_hrnet.py defines the same two blocks as pose_resnet.py (same names and shapes).
+from .pose_resnet import BasicBlock, Bottleneck, make_res_layer
 
-def conv3x3(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
-        self.downsample = downsample
-
-    def forward(self, x):
-        residual = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + residual)
-
-
-Bottleneck = _ResNetBottleneck  # identical definition in both official repos
 BLOCKS = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
 
 
@@ -191,16 +168,8 @@ class PoseHighResolutionNet(nn.Module):
         return nn.ModuleList(layers)
 
     def _make_layer(self, block, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion, momentum=BN_MOMENTUM),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        layer, self.inplanes = make_res_layer(block, self.inplanes, planes, blocks, stride)
+        return layer
 
     def _make_stage(self, stage: StageConfig, num_inchannels, multi_scale_output=True):
         modules = []

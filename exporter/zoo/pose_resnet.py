@@ -57,6 +57,20 @@ class Bottleneck(nn.Module):
         return self.relu(out + residual)
 
 
+def make_res_layer(block, inplanes, planes, blocks, stride=1):
+    """A ResNet stage (``_make_layer`` of the official code); returns it and its output channels."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
+            nn.BatchNorm2d(planes * block.expansion, momentum=BN_MOMENTUM),
+        )
+    layers = [block(inplanes, planes, stride, downsample)]
+    inplanes = planes * block.expansion
+    layers += [block(inplanes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers), inplanes
+
+
 RESNET_SPEC = {
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
@@ -102,16 +116,8 @@ class PoseResNet(nn.Module):
         self.final_layer = nn.Conv2d(cfg.deconv_filters[-1], cfg.num_joints, k, 1, 1 if k == 3 else 0)
 
     def _make_layer(self, block, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion, momentum=BN_MOMENTUM),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        layer, self.inplanes = make_res_layer(block, self.inplanes, planes, blocks, stride)
+        return layer
 
     def _make_deconv_layer(self, filters, kernels):
         layers = []
