@@ -141,6 +141,61 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
     _write_json(json_out, result.to_dict())
 
 
+@main.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), metavar="ROOT", help="MPII or COCO dataset root.")
+@click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
+@click.option("--format", "fmt", type=click.Choice(["mpii", "coco"]), help="Dataset layout [default: detected].")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
+@click.option("--backend", type=click.Choice(["torch", "ort", "openvino"]), default="ort", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--limit", type=click.IntRange(1), help="Only the first N people.")
+@click.option("--skip-missing", is_flag=True, help="Go on when annotated images are missing.")
+@arch_option
+@click.option("--input-size", callback=_size, metavar="HxW", help="For a checkpoint MODEL (see export-pose).")
+@click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False))
+@click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False))
+@trust_option
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
+@click.option("--save-preds", metavar="OUT.mat", help="Save MPII predictions (HRNet's pred.mat layout).")
+def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_missing, arch, input_size,
+             keypoints, color, trust_pickle, json_out, save_preds):
+    """Evaluate an ONNX model or a checkpoint: PCKh (MPII) or AP and PCK@0.2 (COCO)."""
+    from benchmarks.evaluate import evaluate
+    from benchmarks.predictions import save_mpii_preds
+    from benchmarks.report import format_eval
+
+    export_options = dict(arch=arch, input_size=input_size, keypoints=keypoints, color=color,
+                          trust_pickle=trust_pickle)
+    result = evaluate(model, data, split=split, format=fmt, flip=flip, backend=backend, device=device,
+                      batch=batch, limit=limit, skip_missing=skip_missing, export_options=export_options,
+                      progress=_progress, progress_bar=sys.stderr.isatty())
+    click.echo(format_eval(result))
+    if save_preds:
+        if result.format != "mpii":
+            raise PosequantError("--save-preds writes MPII predictions; this dataset is COCO")
+        save_mpii_preds(save_preds, result.preds)
+        click.echo(f"wrote {save_preds}")
+    _write_json(json_out, result.to_dict())
+
+
+@main.command("eval-preds")
+@click.argument("preds", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--gt", required=True, type=click.Path(path_type=Path), help="gt_valid.mat (official head boxes).")
+@click.option("--zero-based", is_flag=True, help="Predictions made by Python code (0-based pixels).")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the table as JSON.")
+def eval_preds_cmd(preds, gt, zero_based, json_out):
+    """Score saved MPII predictions (.mat, .h5, .npy, .json) with the official PCKh protocol."""
+    from benchmarks.predictions import eval_mpii_preds
+    from benchmarks.report import format_metrics
+
+    result = eval_mpii_preds(preds, gt, zero_based=zero_based)
+    click.echo(format_metrics(result.table))
+    _write_json(json_out, {"metrics": result.table, "predictions": str(preds), "gt": str(gt),
+                           "zero_based": zero_based})
+
+
 @main.command("demo")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Folder for the demo's files.")

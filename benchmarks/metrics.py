@@ -1,0 +1,351 @@
+"""Pose metrics as pure functions of arrays: MPII PCKh, COCO keypoint AP, PCK and OKS.
+
+PCKh follows the official MPII protocol as the Simple Baselines / HRNet code implements it
+(``lib/dataset/mpii.py::evaluate``, a port of the MATLAB evaluation), with two documented
+departures: the "@0.1" figure is the true 0.1 threshold, and degenerate input (zero head box,
+joints nobody labelled) gives finite numbers instead of division-by-zero NaN. COCO AP is
+pycocotools' ``COCOeval`` itself. The only file these functions touch is the COCO ground-truth
+json that ``COCOeval`` needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from posequant.errors import DataError
+from posequant.keypoints import COCO, COCO_SIGMAS, keypoint_set_for
+
+# ---- MPII PCKh -------------------------------------------------------------------------------
+
+SC_BIAS = 0.6  # head size = 0.6 x head-box diagonal, as the official code
+PCKH_THRESHOLDS = (0.5, 0.1)
+# The official curve thresholds; OFFICIAL_RNG[11] is 0.11, which the official code reports as "@0.1".
+OFFICIAL_RNG = np.arange(0, 0.5 + 0.01, 0.01)
+# ``dataset_joints`` of gt_valid.mat, in the order the table and the mean mask rely on.
+MPII_GT_JOINTS = (
+    "rank", "rkne", "rhip", "lhip", "lkne", "lank", "pelv", "thor",
+    "neck", "head", "rwri", "relb", "rsho", "lsho", "lelb", "lwri",
+)
+# Table rows: the official code averages a row's two PCKh values unweighted.
+PCKH_ROWS = {
+    "Head": (9,), "Shoulder": (12, 13), "Elbow": (11, 14), "Wrist": (10, 15),
+    "Hip": (2, 3), "Knee": (1, 4), "Ankle": (0, 5),
+}
+MEAN_EXCLUDED = (6, 7)  # pelvis and thorax (official ``PCKh.mask[6:8]``); upper neck stays in
+
+
+@dataclass(frozen=True)
+class PCKhResult:
+    """PCKh in percent: ``table["PCKh@0.5"] == {"Head": .., ..., "Ankle": .., "Mean": ..}``."""
+
+    table: dict[str, dict[str, float]]
+    per_joint: dict[str, np.ndarray]  # same keys; (16,) percent, NaN where no joint was evaluable
+    joint_count: np.ndarray  # (16,) evaluable joints: labelled, and the person's head box non-zero
+
+    def __getitem__(self, key: str) -> dict[str, float]:
+        return self.table[key]
+
+
+@dataclass(frozen=True)
+class PCKhCurve:
+    """PCKh (percent) at each threshold: ``per_joint`` is T x 16, ``mean`` the official Mean."""
+
+    thresholds: np.ndarray
+    per_joint: np.ndarray
+    mean: np.ndarray
+
+
+def mpii_pckh(
+    preds: np.ndarray,
+    gt: Mapping[str, Any],
+    *,
+    one_based: bool,
+    thresholds: Sequence[float] = PCKH_THRESHOLDS,
+) -> PCKhResult:
+    """PCKh of ``preds`` (N x 16 x 2 image coordinates) against ``load_mpii_gt``'s dict.
+
+    ``one_based`` says which pixel convention ``preds`` use: False for coordinates computed in
+    Python (0-based), which get +1.0 as the official code does before comparing with the 1-based
+    ``pos_gt_src``; True for MATLAB-convention predictions (e.g. an official ``pred.mat``).
+
+    Per joint, over the people where it is labelled: correct when
+    ``norm(pred - gt) / (0.6 * norm(headbox[1] - headbox[0])) <= threshold`` (a distance exactly
+    at the threshold counts as correct). The table rows average left and right; "Mean" weights
+    every joint by its labelled count and leaves out pelvis and thorax (upper neck included).
+
+    Departures from the official code, all on input it mishandles:
+    - ``PCKh@0.1`` is at threshold 0.1. The official "Mean@0.1" reads ``pckAll[11]`` of
+      ``arange(0, 0.51, 0.01)``, which is the 0.11 bin (see :func:`pckh_curve`).
+    - A person whose head box has zero size cannot be scaled; the official code divides by zero.
+      Here all their joints are not evaluable, exactly like unlabelled joints.
+    - A joint labelled in no person has PCKh NaN (0/0, as official) but no weight in the Mean,
+      which official code would turn into NaN.
+    """
+    scaled, evaluable = _scaled_errors(preds, gt, one_based)
+    count = evaluable.sum(axis=1)
+    per_joint, table = {}, {}
+    for threshold in thresholds:
+        key = f"PCKh@{threshold:g}"
+        per_joint[key] = _joint_pckh(scaled, evaluable, threshold)
+        table[key] = _pckh_table(per_joint[key], count)
+    return PCKhResult(table=table, per_joint=per_joint, joint_count=count)
+
+
+def pckh_curve(
+    preds: np.ndarray, gt: Mapping[str, Any], *, one_based: bool, thresholds: np.ndarray = OFFICIAL_RNG
+) -> PCKhCurve:
+    """PCKh at every threshold of the official ``rng = np.arange(0, 0.5 + 0.01, 0.01)``.
+
+    Row ``i`` is the official ``pckAll[i]``; row 11 is the 0.11 bin, which the official code
+    labels "Mean@0.1". Our ``PCKh@0.1`` equals row 10 (exactly 0.1).
+    """
+    scaled, evaluable = _scaled_errors(preds, gt, one_based)
+    count = evaluable.sum(axis=1)
+    per_joint = np.stack([_joint_pckh(scaled, evaluable, t) for t in thresholds])
+    mean = np.array([_official_mean(row, count) for row in per_joint])
+    return PCKhCurve(thresholds=np.asarray(thresholds, dtype=np.float64), per_joint=per_joint, mean=mean)
+
+
+def _scaled_errors(preds: np.ndarray, gt: Mapping[str, Any], one_based: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Errors in head sizes (16 x N, official layout) and which of them count (16 x N bool)."""
+    _check_gt_joints(gt)
+    pos_gt = np.asarray(gt["pos_gt_src"], dtype=np.float64)
+    num_joints, _, num_people = pos_gt.shape
+    preds = check_predictions(preds, num_joints)
+    if len(preds) != num_people:
+        raise DataError(f"{len(preds)} predictions for {num_people} ground-truth people: "
+                        "predict every person of the split, in the annotation file's order")
+    if not one_based:
+        preds = preds + 1.0  # in the predictions' own dtype (float32 usually), as official
+    pos_pred = np.transpose(preds, (1, 2, 0)).astype(np.float64)
+    boxes = np.asarray(gt["headboxes_src"], dtype=np.float64)
+    head_sizes = np.linalg.norm(boxes[1] - boxes[0], axis=0) * SC_BIAS
+    evaluable = (np.asarray(gt["jnt_missing"]) == 0) & (head_sizes > 0)
+    errors = np.linalg.norm(pos_pred - pos_gt, axis=1)
+    # Joints that do not count get inf: no 0/0 warnings, never below a threshold.
+    scaled = np.full(errors.shape, np.inf)
+    np.divide(errors, head_sizes, out=scaled, where=evaluable)
+    return scaled, evaluable
+
+
+def _check_gt_joints(gt: Mapping[str, Any]) -> None:
+    # A reordered file would silently mis-group the table and the Mean mask.
+    if "dataset_joints" not in gt:
+        return
+    names = tuple(str(np.ravel(n)[0]) for n in np.ravel(gt["dataset_joints"]))
+    if names != MPII_GT_JOINTS:
+        raise DataError(f"MPII ground truth lists joints {', '.join(names)}; expected the official order "
+                        f"{', '.join(MPII_GT_JOINTS)}: use the official gt_valid.mat")
+
+
+def _joint_pckh(scaled: np.ndarray, evaluable: np.ndarray, threshold: float) -> np.ndarray:
+    correct = (scaled <= threshold) & evaluable
+    count = evaluable.sum(axis=1)
+    with np.errstate(invalid="ignore"):  # 0/0 -> NaN for joints nobody labelled, as official
+        return 100.0 * correct.sum(axis=1) / count
+
+
+def _official_mean(per_joint: np.ndarray, count: np.ndarray) -> float:
+    """``np.sum(PCKh * jnt_ratio)`` over joints other than pelvis and thorax, as official."""
+    included = count > 0
+    included[list(MEAN_EXCLUDED)] = False
+    if not included.any():
+        return float("nan")
+    ratio = count[included] / np.sum(count[included]).astype(np.float64)
+    return float(np.sum(per_joint[included] * ratio))
+
+
+def _pckh_table(per_joint: np.ndarray, count: np.ndarray) -> dict[str, float]:
+    # mean of two == official 0.5 * (a + b), bit for bit
+    table = {name: float(np.mean(per_joint[list(joints)])) for name, joints in PCKH_ROWS.items()}
+    table["Mean"] = _official_mean(per_joint, count)
+    return table
+
+
+def check_predictions(preds: Any, num_joints: int, source: str = "predictions") -> np.ndarray:
+    """``preds`` as an N x J x 2 numeric array; DataError naming the first NaN/inf person and joint."""
+    array = np.asarray(preds)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise DataError(f"{source} hold {array.dtype} values, not numbers: save plain x, y coordinates")
+    if array.ndim != 3 or array.shape[1:] != (num_joints, 2):
+        raise DataError(f"{source} have shape {array.shape}, expected (N, {num_joints}, 2): one x, y per joint and person")
+    bad = np.argwhere(~np.isfinite(array))
+    if len(bad):
+        person, joint, _ = bad[0]
+        name = keypoint_set_for(num_joints).joint_names[joint]
+        raise DataError(f"{source}: person {person}, joint {joint} ({name}) is {array[person, joint].tolist()} "
+                        f"({len(bad)} non-finite values in all): the model or the saved file is broken; regenerate them")
+    return array
+
+
+# ---- PCK and OKS -----------------------------------------------------------------------------
+
+
+def box_size(bboxes_xywh: np.ndarray) -> np.ndarray:
+    """PCK's normaliser: ``max(w, h)`` of each x, y, w, h box (N x 4 -> N)."""
+    boxes = np.asarray(bboxes_xywh, dtype=np.float64).reshape(-1, 4)
+    return np.maximum(boxes[:, 2], boxes[:, 3])
+
+
+def pck(
+    preds: np.ndarray,
+    gt: np.ndarray,
+    visible: np.ndarray,
+    norm: np.ndarray,
+    *,
+    threshold: float = 0.2,
+    joint_names: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """PCK in percent per joint and "Mean": correct when ``norm(pred - gt) <= threshold * norm``.
+
+    ``preds``/``gt`` are N x J x 2, ``visible`` N x J (non-zero = labelled), ``norm`` N: for PCK@0.2
+    of the box size, pass :func:`box_size` of the ground-truth boxes (``max(w, h)``). Only visible
+    joints count; a person with ``norm`` 0 has none that count. "Mean" pools all counted joints
+    (each joint weighted by its count). Joints never counted are NaN.
+    """
+    preds = check_predictions(preds, np.shape(gt)[1]).astype(np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    norm = np.asarray(norm, dtype=np.float64).reshape(-1)
+    if not (len(preds) == len(gt) == len(visible) == len(norm)):
+        raise DataError(f"PCK needs one entry per person: {len(preds)} predictions, {len(gt)} ground truths, "
+                        f"{len(visible)} visibilities, {len(norm)} norms")
+    counted = (np.asarray(visible) > 0) & (norm > 0)[:, None]
+    distance = np.linalg.norm(preds - gt, axis=2)
+    correct = (distance <= threshold * norm[:, None]) & counted
+    names = joint_names or keypoint_set_for(gt.shape[1]).joint_names
+    with np.errstate(invalid="ignore"):
+        per_joint = 100.0 * correct.sum(axis=0) / counted.sum(axis=0)
+    result = {name: float(v) for name, v in zip(names, per_joint)}
+    total = counted.sum()
+    result["Mean"] = float(100.0 * correct.sum() / total) if total else float("nan")
+    return result
+
+
+def oks(
+    preds: np.ndarray, gt: np.ndarray, visible: np.ndarray, area: np.ndarray, sigmas: Sequence[float] = COCO_SIGMAS
+) -> np.ndarray:
+    """Object keypoint similarity of each pred with its own ground truth (N), as pycocotools.
+
+    ``exp(-d^2 / (2 * area * (2 sigma)^2))`` averaged over the visible joints; NaN for a person
+    with none visible (pycocotools then measures to the box instead, which is not modelled here).
+    """
+    preds = np.asarray(preds, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    variances = (2 * np.asarray(sigmas, dtype=np.float64)) ** 2
+    d2 = np.sum((preds - gt) ** 2, axis=2)
+    e = d2 / variances / (np.asarray(area, dtype=np.float64)[:, None] + np.spacing(1)) / 2
+    vis = np.asarray(visible) > 0
+    with np.errstate(invalid="ignore"):
+        return np.sum(np.exp(-e) * vis, axis=1) / vis.sum(axis=1)
+
+
+# ---- COCO keypoint AP ------------------------------------------------------------------------
+
+COCO_STATS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+IN_VIS_THRE = 0.2  # HRNet's TEST.IN_VIS_THRE: joints below it do not score the person
+
+
+@dataclass(frozen=True)
+class CocoKeypointAP:
+    """pycocotools' ten keypoint stats (0-1; -1 where no ground truth is in the area range)."""
+
+    metrics: dict[str, float]
+    summary: str  # what pycocotools printed (its summary table included)
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+
+def coco_results(
+    image_ids: Sequence[Any],
+    coords: np.ndarray,
+    maxvals: np.ndarray,
+    box_scores: Sequence[float] | None = None,
+    *,
+    in_vis_thre: float = IN_VIS_THRE,
+    category_id: int = 1,
+) -> list[dict]:
+    """COCO keypoint result dicts for N people: ``coords`` N x 17 x 2 (image pixels), ``maxvals``
+    N x 17 x 1 (heatmap peaks).
+
+    The person score is HRNet's rescoring: the mean of the maxvals above ``in_vis_thre`` (0 when
+    none is) times the box score (1 for ground-truth boxes). HRNet then runs OKS-NMS per image;
+    with ground-truth boxes every box is a distinct annotated person, so that step is skipped.
+    """
+    coords = check_predictions(coords, COCO.num_joints, "keypoint coordinates").astype(np.float64)
+    scores = np.asarray(maxvals, dtype=np.float64).reshape(len(coords), -1)
+    boxes = np.ones(len(coords)) if box_scores is None else np.asarray(box_scores, dtype=np.float64)
+    if not (len(image_ids) == len(coords) == len(boxes)) or scores.shape[1] != coords.shape[1]:
+        raise DataError(f"COCO results need one image id, {coords.shape[1]} maxvals and one box score per person: "
+                        f"got {len(image_ids)} ids, maxvals {np.shape(maxvals)}, {len(boxes)} box scores")
+    results = []
+    for image_id, xy, s, box_score in zip(image_ids, coords, scores, boxes):
+        confident = s[s > in_vis_thre]
+        keypoint_score = float(confident.mean()) if len(confident) else 0.0
+        results.append({
+            "image_id": image_id.item() if isinstance(image_id, np.generic) else image_id,
+            "category_id": category_id,
+            "keypoints": np.concatenate([xy, s[:, None]], axis=1).reshape(-1).tolist(),
+            "score": keypoint_score * float(box_score),
+        })
+    return results
+
+
+def coco_keypoint_ap(coco_json_path: str | os.PathLike, results: list[dict]) -> CocoKeypointAP:
+    """pycocotools ``COCOeval(iouType="keypoints")`` of ``results`` against a COCO keypoints json.
+
+    Every image of the json is evaluated (people without a result count as missed; images with
+    no people are fine). pycocotools' prints are captured into ``summary``.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    path = Path(coco_json_path)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        coco_gt = _load_coco_gt(COCO, path)
+        _check_results(results, coco_gt, path)
+        # loadRes adds fields to the dicts it is given; keep the caller's untouched.
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+        evaluator = COCOeval(coco_gt, coco_dt, "keypoints")
+        evaluator.params.useSegm = None  # as HRNet's _do_python_keypoint_eval
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {name: float(v) for name, v in zip(COCO_STATS, evaluator.stats)}
+    return CocoKeypointAP(metrics=metrics, summary=log.getvalue())
+
+
+def _load_coco_gt(coco_class: type, path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"COCO annotation file {path} does not exist: pass annotations/person_keypoints_val2017.json")
+    try:
+        return coco_class(str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is not a COCO annotation file ({type(e).__name__}: {e}): fix or regenerate it") from None
+
+
+def _check_results(results: list[dict], coco_gt: Any, path: Path) -> None:
+    # pycocotools would fail on these with a bare assert or an IndexError.
+    if not results:
+        raise DataError("no COCO results to evaluate: predict at least one person")
+    known = set(coco_gt.getImgIds())
+    unknown = sorted({r.get("image_id") for r in results} - known, key=str)
+    if unknown:
+        raise DataError(f"results name {len(unknown)} image ids that {path} lacks (e.g. {unknown[0]!r}): "
+                        "evaluate against the annotation file the people came from")
+    lengths = {len(r.get("keypoints", ())) for r in results}
+    expected = 3 * len(COCO_SIGMAS)
+    if lengths != {expected}:
+        raise DataError(f"COCO results must carry {expected} keypoint numbers (x, y, score per joint), "
+                        f"got lengths {sorted(lengths)}")
+

@@ -1,0 +1,123 @@
+"""Inference backends behind one small interface: ``runner.infer(inputs) -> heatmaps``.
+
+Backends are imported lazily (OpenVINO and CUDA builds are large and optional at run time);
+a backend that is not installed, or a device that is not there, is one clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from posequant.errors import PosequantError
+
+
+class BackendError(PosequantError):
+    """A backend or device that cannot be used here."""
+
+
+class Runner(Protocol):
+    backend: str
+    device: str
+    precision: str
+
+    def infer(self, inputs: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class OrtRunner:
+    path: Path
+    device: str = "cpu"
+    threads: int | None = None
+    backend: str = "ort"
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        # spinning threads steal the cores from whatever runs next in this process
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if self.device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError("--device cuda with --backend ort needs onnxruntime-gpu and a CUDA GPU: "
+                                   "pip install 'posequant[gpu]', or use --device cpu")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def infer(self, inputs: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: inputs})[0]
+
+
+@dataclass
+class OpenVINORunner:
+    path: Path
+    device: str = "cpu"
+    threads: int | None = None
+    precision: str = "fp32"
+    backend: str = "openvino"
+
+    def __post_init__(self):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BackendError("--backend openvino needs the openvino package: pip install openvino") from None
+        if self.device != "cpu":
+            raise BackendError("--backend openvino runs on --device cpu here; use ort or torch for cuda")
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(self.precision, "f32")}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+
+    def infer(self, inputs: np.ndarray) -> np.ndarray:
+        return self.compiled(inputs)[0]
+
+
+@dataclass
+class TorchRunner:
+    module: object  # torch.nn.Module returning heatmaps
+    device: str = "cpu"
+    threads: int | None = None
+    precision: str = "fp32"
+    backend: str = "torch"
+
+    def __post_init__(self):
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        self.dtype = dtype
+        self.module = self.module.to(self.device, dtype).eval()
+
+    def infer(self, inputs: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(inputs).to(self.device, self.dtype)
+            return self.module(x).float().cpu().numpy()
+
+
+ONNX_RUNNERS: dict[str, Callable[..., Runner]] = {"ort": OrtRunner, "openvino": OpenVINORunner}
+BACKENDS = ("torch", "ort", "openvino")
+
+
+def make_runner(backend: str, *, onnx_path: Path | None = None, module=None, device: str = "cpu",
+                threads: int | None = None, precision: str = "fp32") -> Runner:
+    if backend == "torch":
+        if module is None:
+            raise BackendError("--backend torch needs a PyTorch checkpoint as MODEL, not an .onnx file")
+        return TorchRunner(module, device, threads, precision)
+    if backend not in ONNX_RUNNERS:
+        raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    return ONNX_RUNNERS[backend](Path(onnx_path), device, threads, precision=precision)
