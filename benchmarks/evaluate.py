@@ -46,7 +46,7 @@ class EvalResult:
                 "people_per_s": self.people_per_s, "skipped_images": self.skipped}
 
 
-def _load_model(model: Path, backend: str, export_options: dict, tmp: Path, progress):
+def _load_model(model: Path, export_options: dict, tmp: Path, progress):
     """(onnx path, meta, torch module or None): a checkpoint is exported (and verified) first."""
     if model.suffix.lower() == ".onnx":
         if not model.is_file():
@@ -106,7 +106,7 @@ def evaluate(
     """Evaluate an .onnx model (its metadata drives preprocessing) or a checkpoint on MPII or COCO."""
     model, data = Path(model), Path(data)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path, meta, module = _load_model(model, backend, export_options or {}, Path(tmp), progress)
+        onnx_path, meta, module = _load_model(model, export_options or {}, Path(tmp), progress)
         ds = open_dataset(data, input_size=meta.input_size, format=format, split=split, skip_missing=skip_missing)
         _check_match(meta, ds)
         if flip and not meta.flip_pairs:

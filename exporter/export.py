@@ -18,7 +18,7 @@ import posequant
 from posequant.errors import ExportError, PosequantError, VerificationError
 from posequant.fileio import atomic_path, check_writable
 from posequant.keypoints import keypoint_set_for
-from posequant.metadata import ModelMeta
+from posequant.metadata import ModelMeta, write_meta
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .model import PoseModel, resolve_model
@@ -207,8 +207,6 @@ def export_pose(
         t = time.perf_counter()
         model = _simplify(model)
         timings["simplify_s"] = time.perf_counter() - t
-    from posequant.metadata import write_meta
-
     write_meta(model, meta)
     model.producer_name, model.producer_version = "posequant", posequant.__version__
     model.doc_string = f"{pose.name} pose model exported by posequant from {checkpoint.name}"
