@@ -66,8 +66,8 @@ def _check_match(meta: ModelMeta, ds) -> None:
                         f"{ds.format.upper()} with {ds.keypoints.num_joints}: evaluate on a matching dataset")
 
 
-def score(meta: ModelMeta, ds, preds: np.ndarray, maxvals: np.ndarray) -> dict[str, Any]:
-    """The dataset's standard metrics for these predictions."""
+def score(meta: ModelMeta, ds, people, preds: np.ndarray, maxvals: np.ndarray) -> dict[str, Any]:
+    """The dataset's standard metrics for the predictions of ``people`` (a prefix of ``ds.people``)."""
     if ds.format == "mpii":
         gt_path = ds.root / "annot" / f"gt_{ds.split}.mat"
         gt = load_mpii_gt(gt_path)
@@ -76,7 +76,6 @@ def score(meta: ModelMeta, ds, preds: np.ndarray, maxvals: np.ndarray) -> dict[s
             raise DataError(f"{gt_path} has {n_gt} people but {ds.split}.json gave {len(preds)} "
                             "(images skipped?): PCKh needs every annotated person")
         return dict(mpii_pckh(preds, gt, one_based=False).table)
-    people = ds.people
     ap = coco_keypoint_ap(ds.coco_json, coco_results([p.image_id for p in people], preds, maxvals))
     gt = np.stack([p.joints for p in people])
     vis = np.stack([p.joints_vis for p in people])
@@ -129,8 +128,7 @@ def evaluate(
             maxvals.append(m)
         seconds = time.perf_counter() - t0
     preds, maxv = np.concatenate(coords), np.concatenate(maxvals)
-    if limit:  # score only the people that were run
-        ds.people = people
-    metrics = score(meta, ds, preds, maxv) if not (limit and ds.format == "mpii") else {}
+    # PCKh needs every person of gt_valid.mat, so a --limit run on MPII has no metrics
+    metrics = {} if (limit and ds.format == "mpii") else score(meta, ds, people, preds, maxv)
     return EvalResult(str(model), str(data), ds.format, ds.split, len(preds), backend, device, flip, batch,
                       metrics, preds, maxv, seconds, [str(p) for p in ds.skipped])
