@@ -17,6 +17,12 @@ from posequant.metadata import ModelMeta, read_meta
 from .metrics import box_size, coco_keypoint_ap, coco_results, mpii_pckh, pck
 from .runners import make_runner
 
+MPII_PER_PERSON = ("jnt_missing", "pos_gt_src", "headboxes_src")  # last axis: one column per person
+
+
+class ModelOutputError(PosequantError):
+    """The model produced output that cannot be scored (NaN or inf heatmaps)."""
+
 
 @dataclass
 class EvalResult:
@@ -34,6 +40,9 @@ class EvalResult:
     maxvals: np.ndarray  # N x J x 1
     seconds: float
     skipped: list[str] = field(default_factory=list)
+    # True when the metrics cover only part of the split (--limit, skipped images): scored
+    # against just those people (MPII) or just their images (COCO), not the whole split.
+    partial: bool = False
 
     @property
     def people_per_s(self) -> float:
@@ -43,7 +52,7 @@ class EvalResult:
         return {"model": self.model, "dataset": self.dataset, "format": self.format, "split": self.split,
                 "people": self.people, "backend": self.backend, "device": self.device, "flip": self.flip,
                 "batch": self.batch, "metrics": self.metrics, "seconds": self.seconds,
-                "people_per_s": self.people_per_s, "skipped_images": self.skipped}
+                "people_per_s": self.people_per_s, "skipped_images": self.skipped, "partial": self.partial}
 
 
 def _load_model(model: Path, export_options: dict, tmp: Path, progress):
@@ -66,17 +75,37 @@ def _check_match(meta: ModelMeta, ds) -> None:
                         f"{ds.format.upper()} with {ds.keypoints.num_joints}: evaluate on a matching dataset")
 
 
-def score(meta: ModelMeta, ds, people, preds: np.ndarray, maxvals: np.ndarray) -> dict[str, Any]:
-    """The dataset's standard metrics for the predictions of ``people`` (a prefix of ``ds.people``)."""
+def mpii_ground_truth(ds) -> dict[str, Any]:
+    """``gt_{split}.mat`` of an MPII dataset, checked against the annotation file (one column per record)."""
+    gt_path = ds.root / "annot" / f"gt_{ds.split}.mat"
+    if not gt_path.is_file():
+        raise DataError(f"{gt_path} does not exist: PCKh of the {ds.split!r} split needs the official "
+                        "ground truth (annot/gt_valid.mat ships with the MPII annotations)")
+    gt = load_mpii_gt(gt_path)
+    n_gt = np.shape(gt["pos_gt_src"])[-1]
+    if ds.listed is not None and n_gt != ds.listed:
+        raise DataError(f"{gt_path} has {n_gt} people but annot/{ds.split}.json lists {ds.listed}: "
+                        "they must come from the same release, one gt column per json record")
+    return gt
+
+
+def score(meta: ModelMeta, ds, people, preds: np.ndarray, maxvals: np.ndarray, *,
+          gt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dataset's standard metrics for the predictions of ``people`` (any subset of ``ds.people``).
+
+    Scored against those people only: MPII takes their columns of ``gt_{split}.mat`` (``gt``,
+    loaded when not given), COCO only their images, unless they are all of ``ds.people``.
+    """
     if ds.format == "mpii":
-        gt_path = ds.root / "annot" / f"gt_{ds.split}.mat"
-        gt = load_mpii_gt(gt_path)
-        n_gt = np.shape(gt["pos_gt_src"])[-1]
-        if n_gt != len(preds):
-            raise DataError(f"{gt_path} has {n_gt} people but {ds.split}.json gave {len(preds)} "
-                            "(images skipped?): PCKh needs every annotated person")
-        return dict(mpii_pckh(preds, gt, one_based=False).table)
-    ap = coco_keypoint_ap(ds.coco_json, coco_results([p.image_id for p in people], preds, maxvals))
+        gt = mpii_ground_truth(ds) if gt is None else gt
+        columns = [p.index for p in people]
+        subset = {k: (np.asarray(gt[k])[..., columns] if k in MPII_PER_PERSON else v) for k, v in gt.items()}
+        return dict(mpii_pckh(preds, subset, one_based=False).table)
+    image_ids = [p.image_id for p in people]
+    # Unpredicted people count as missed: a partial run is scored on its own images only.
+    whole = len(people) == len(ds.people) and not ds.skipped
+    ap = coco_keypoint_ap(ds.coco_json, coco_results(image_ids, preds, maxvals),
+                          image_ids=None if whole else image_ids)
     gt = np.stack([p.joints for p in people])
     vis = np.stack([p.joints_vis for p in people])
     norm = box_size(np.stack([p.bbox for p in people]))
@@ -110,25 +139,42 @@ def evaluate(
         _check_match(meta, ds)
         if flip and not meta.flip_pairs:
             raise PosequantError(f"{model} has no flip pairs ({meta.keypoints} keypoints): use --no-flip")
+        gt = mpii_ground_truth(ds) if ds.format == "mpii" else None  # a bad gt file fails before inference
         runner = make_runner(backend, onnx_path=onnx_path, module=module, device=device, threads=threads)
         people = ds.people[:limit] if limit else ds.people
-        batches = iter_batches(people, meta, batch_size=batch, flip=flip)
+        # --skip-missing also goes on past images that exist but do not decode
+        batches = iter_batches(people, meta, batch_size=batch, flip=flip, skip_bad=skip_missing)
+        shown = batches
         if progress_bar:
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=len(batches), unit="batch", desc="eval", leave=False)
-        coords, maxvals = [], []
+            shown = tqdm(batches, total=len(batches), unit="batch", desc="eval", leave=False)
+        done, coords, maxvals = [], [], []
         t0 = time.perf_counter()
-        for b in batches:
+        for b in shown:
             heatmaps = runner.infer(b.inputs)
             if flip:
                 heatmaps = average_flip(heatmaps, runner.infer(b.inputs_flipped), meta.flip_pairs)
+            _check_finite(heatmaps, b.people, model)
             c, m = decode_heatmaps(heatmaps, b.centers, b.scales)
+            done.extend(b.people)
             coords.append(c)
             maxvals.append(m)
         seconds = time.perf_counter() - t0
+    if not done:
+        raise DataError(f"none of the {len(people)} people's images in {data} could be read: check the dataset")
     preds, maxv = np.concatenate(coords), np.concatenate(maxvals)
-    # PCKh needs every person of gt_valid.mat, so a --limit run on MPII has no metrics
-    metrics = {} if (limit and ds.format == "mpii") else score(meta, ds, people, preds, maxv)
+    skipped = [str(p) for p in ds.skipped + batches.skipped]
+    metrics = score(meta, ds, done, preds, maxv, gt=gt)
+    partial = len(done) < len(ds.people) or bool(skipped)
     return EvalResult(str(model), str(data), ds.format, ds.split, len(preds), backend, device, flip, batch,
-                      metrics, preds, maxv, seconds, [str(p) for p in ds.skipped])
+                      metrics, preds, maxv, seconds, skipped, partial)
+
+
+def _check_finite(heatmaps: np.ndarray, people, model: Path) -> None:
+    # NaN heatmaps decode to finite joints at (0, 0) with NaN scores: garbage metrics, no error.
+    bad = ~np.isfinite(heatmaps).reshape(len(heatmaps), -1).all(axis=1)
+    if bad.any():
+        first = people[int(np.argmax(bad))]
+        raise ModelOutputError(f"{model} output NaN or inf heatmaps for {int(bad.sum())} of {len(people)} people "
+                               f"in a batch (first: {first.image}): the model is broken (check its export or quantization)")

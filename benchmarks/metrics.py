@@ -300,11 +300,14 @@ def coco_results(
     return results
 
 
-def coco_keypoint_ap(coco_json_path: str | os.PathLike, results: list[dict]) -> CocoKeypointAP:
+def coco_keypoint_ap(
+    coco_json_path: str | os.PathLike, results: list[dict], *, image_ids: Sequence[Any] | None = None
+) -> CocoKeypointAP:
     """pycocotools ``COCOeval(iouType="keypoints")`` of ``results`` against a COCO keypoints json.
 
-    Every image of the json is evaluated (people without a result count as missed; images with
-    no people are fine). pycocotools' prints are captured into ``summary``.
+    Every image of the json is evaluated, or only ``image_ids`` (with all their annotations) when
+    given: people without a result count as missed, so a run over part of the people must name
+    its images. Images with no people are fine. pycocotools' prints are captured into ``summary``.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -314,10 +317,14 @@ def coco_keypoint_ap(coco_json_path: str | os.PathLike, results: list[dict]) -> 
     with contextlib.redirect_stdout(log):
         coco_gt = _load_coco_gt(COCO, path)
         _check_results(results, coco_gt, path)
+        if image_ids is not None:
+            _check_image_ids(image_ids, results, coco_gt, path)
         # loadRes adds fields to the dicts it is given; keep the caller's untouched.
         coco_dt = coco_gt.loadRes(copy.deepcopy(results))
         evaluator = COCOeval(coco_gt, coco_dt, "keypoints")
         evaluator.params.useSegm = None  # as HRNet's _do_python_keypoint_eval
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(set(image_ids))
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -349,3 +356,15 @@ def _check_results(results: list[dict], coco_gt: Any, path: Path) -> None:
         raise DataError(f"COCO results must carry {expected} keypoint numbers (x, y, score per joint), "
                         f"got lengths {sorted(lengths)}")
 
+
+def _check_image_ids(image_ids: Sequence[Any], results: list[dict], coco_gt: Any, path: Path) -> None:
+    chosen = set(image_ids)
+    unknown = sorted(chosen - set(coco_gt.getImgIds()), key=str)
+    if unknown:
+        raise DataError(f"image_ids name {len(unknown)} images that {path} lacks (e.g. {unknown[0]!r}): "
+                        "evaluate against the annotation file the people came from")
+    # A result outside the chosen images would be dropped without a word.
+    outside = sorted({r["image_id"] for r in results} - chosen, key=str)
+    if outside:
+        raise DataError(f"results for {len(outside)} images outside image_ids (e.g. {outside[0]!r}): "
+                        "pass the image ids of every evaluated person")

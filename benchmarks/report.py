@@ -26,5 +26,8 @@ def format_eval(result) -> str:
             f"({result.device}), flip {'on' if result.flip else 'off'}, batch {result.batch}, "
             f"{result.people_per_s:.1f} people/s")
     if result.skipped:
-        head += f", {len(result.skipped)} missing image(s) skipped"
-    return head + "\n" + (format_metrics(result.metrics) if result.metrics else "(no metrics: --limit on MPII)")
+        head += f", {len(result.skipped)} missing or unreadable image(s) skipped"
+    if result.partial:
+        scope = "their images" if result.format == "coco" else "their ground truth"
+        head += f"\n(part of the split: scored on these {result.people} people and {scope} only)"
+    return head + "\n" + format_metrics(result.metrics)

@@ -78,6 +78,7 @@ class PoseDataset:
     people: list[Person]
     skipped: list[Path] = field(default_factory=list)
     coco_json: Path | None = None
+    listed: int | None = None  # MPII: records in annot/{split}.json, one per column of gt_{split}.mat
 
     def __len__(self) -> int:
         return len(self.people)
@@ -297,7 +298,7 @@ def _load_mpii(root: Path, split: str, skip_missing: bool) -> PoseDataset:
         for i, r in enumerate(records)
     ]
     people, skipped = _drop_missing(people, ann_file, skip_missing)
-    return PoseDataset(root, "mpii", split, MPII, people, skipped)
+    return PoseDataset(root, "mpii", split, MPII, people, skipped, listed=len(records))
 
 
 def _mpii_person(entry: _Entry, image_dir: Path, index: int, *, need_joints: bool) -> Person:
@@ -326,6 +327,18 @@ def _check_mpii_gt_shapes(gt: dict[str, np.ndarray], path: Path) -> None:
     for name, shape in expected.items():
         if gt[name].shape != shape:
             raise DataError(f"{path}: {name!r} has shape {gt[name].shape}, expected {shape}; the file is damaged")
+    for name in ("jnt_missing", "pos_gt_src", "headboxes_src"):
+        if not np.issubdtype(gt[name].dtype, np.number):
+            raise DataError(f"{path}: {name!r} holds {gt[name].dtype} values, not numbers; the file is damaged")
+    # A NaN head box or labelled joint would silently drop out of PCKh: name the first one.
+    labelled = np.broadcast_to((missing == 0)[:, None, :], gt["pos_gt_src"].shape)
+    checks = {"headboxes_src": np.isfinite(gt["headboxes_src"]),
+              "pos_gt_src": np.isfinite(gt["pos_gt_src"]) | ~labelled}
+    for name, finite in checks.items():
+        if not finite.all():
+            person = int(np.argwhere(~finite)[0][-1])
+            raise DataError(f"{path}: person {person}, field {name!r}: not a finite number; "
+                            "the file is damaged: use the official gt_valid.mat")
 
 
 # ---- COCO --------------------------------------------------------------------------------------

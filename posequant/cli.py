@@ -13,7 +13,7 @@ import click
 
 import posequant
 from posequant.errors import PosequantError
-from posequant.fileio import write_text_atomic
+from posequant.fileio import check_writable, write_text_atomic
 from posequant.metadata import parse_size
 
 
@@ -166,6 +166,11 @@ def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_
     from benchmarks.predictions import save_mpii_preds
     from benchmarks.report import format_eval
 
+    for out in (json_out, save_preds):  # fail before the run, not after it
+        if out:
+            check_writable(out)
+    if save_preds and limit:
+        raise PosequantError("--save-preds writes every person of the split (as gt_valid.mat has them): leave out --limit")
     export_options = dict(arch=arch, input_size=input_size, keypoints=keypoints, color=color,
                           trust_pickle=trust_pickle)
     result = evaluate(model, data, split=split, format=fmt, flip=flip, backend=backend, device=device,
@@ -175,6 +180,9 @@ def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_
     if save_preds:
         if result.format != "mpii":
             raise PosequantError("--save-preds writes MPII predictions; this dataset is COCO")
+        if result.partial:
+            raise PosequantError(f"--save-preds needs every person of the split; {len(result.skipped)} image(s) "
+                                 "were skipped: restore them to save predictions")
         save_mpii_preds(save_preds, result.preds)
         click.echo(f"wrote {save_preds}")
     _write_json(json_out, result.to_dict())
@@ -190,6 +198,8 @@ def eval_preds_cmd(preds, gt, zero_based, json_out):
     from benchmarks.predictions import eval_mpii_preds
     from benchmarks.report import format_metrics
 
+    if json_out:
+        check_writable(json_out)
     result = eval_mpii_preds(preds, gt, zero_based=zero_based)
     click.echo(format_metrics(result.table))
     _write_json(json_out, {"metrics": result.table, "predictions": str(preds), "gt": str(gt),

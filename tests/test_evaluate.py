@@ -6,6 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks.evaluate import evaluate
+from benchmarks.metrics import coco_keypoint_ap, coco_results
+from calibration import open_dataset
 from conftest import COCO_MINI, MPII_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
 from exporter import export_pose
 from posequant.cli import main
@@ -32,6 +34,27 @@ def test_backends_agree_on_trained_model(trained_onnx):
     for be, res in results.items():
         assert res.metrics["AP"] == pytest.approx(ref["AP"], abs=2e-3), be
         assert res.metrics["PCK@0.2"]["Mean"] == pytest.approx(ref["PCK@0.2"]["Mean"], abs=0.2), be
+
+
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+def test_limited_coco_run_is_scored_on_its_own_images(trained_onnx, tmp_path):
+    ds = open_dataset(COCO_MINI, input_size=(256, 192))
+    first = list(dict.fromkeys(p.image_id for p in ds.people))[:6]
+    n = sum(p.image_id in first for p in ds.people)
+    assert {p.image_id for p in ds.people[:n]} == set(first)  # --limit n covers whole images
+    res = evaluate(trained_onnx, COCO_MINI, flip=False, limit=n)
+    assert res.people == n and res.partial and res.to_dict()["partial"] is True
+    # reference: pycocotools on a file holding just those images and all their annotations
+    data = json.loads(ds.coco_json.read_text())
+    data["images"] = [im for im in data["images"] if im["id"] in first]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in first]
+    (tmp_path / "subset.json").write_text(json.dumps(data))
+    results = coco_results([p.image_id for p in ds.people[:n]], res.preds, res.maxvals)
+    expected = coco_keypoint_ap(tmp_path / "subset.json", results)
+    for key in ("AP", "AP50", "AP75", "AR"):
+        assert res.metrics[key] == pytest.approx(expected[key], abs=1e-12), key
+    # scored against the whole file instead, the people never predicted count as missed
+    assert coco_keypoint_ap(ds.coco_json, results)["AR"] < expected["AR"] / 2
 
 
 @needs_shared(TRAINED_CKPT, COCO_MINI)

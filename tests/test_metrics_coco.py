@@ -91,6 +91,17 @@ def test_a_missed_person_halves_recall(coco_json):
     assert result["AP"] == pytest.approx(51 / 101)  # precision 1 at the recall points 0 .. 0.5
 
 
+def test_image_ids_score_only_those_images(coco_json):
+    # person 2 unpredicted: missed over the whole file, out of scope with image_ids=[1]
+    assert coco_keypoint_ap(coco_json, results_for([1]))["AR"] == pytest.approx(0.5)
+    only = coco_keypoint_ap(coco_json, results_for([1]), image_ids=[1, 1])
+    assert only["AP"] == pytest.approx(1.0) and only["AR"] == pytest.approx(1.0)
+    with pytest.raises(DataError, match=r"image_ids name 1 images .* lacks \(e\.g\. 99\)"):
+        coco_keypoint_ap(coco_json, results_for([1]), image_ids=[1, 99])
+    with pytest.raises(DataError, match=r"results for 1 images outside image_ids \(e\.g\. 2\)"):
+        coco_keypoint_ap(coco_json, results_for([1, 2]), image_ids=[1])
+
+
 def test_results_are_not_modified(coco_json):
     results = results_for([1, 2])
     before = copy.deepcopy(results)
