@@ -1,0 +1,111 @@
+"""Small facts about, and exact fix-ups of, QDQ ONNX graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+             "DynamicQuantizeLinear", "QLinearAdd"}
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in QUANT_OPS for n in model.graph.node)
+
+
+class _Consts:
+    """Constant tensors of a graph (initializers and Constant nodes), readable and writable by name."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.inits = {i.name: i for i in graph.initializer}
+        self.nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        if name in self.nodes:
+            return numpy_helper.to_array(self.nodes[name].attribute[0].t)
+        return None
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(value, name)
+        if name in self.inits:
+            self.inits[name].CopyFrom(tensor)
+        else:
+            self.nodes[name].attribute[0].t.CopyFrom(tensor)
+
+
+def make_ort_friendly(model: onnx.ModelProto) -> dict[str, int]:
+    """Rewrite a QDQ model so that ONNX Runtime's CPU fusions apply; the computed values do not change.
+
+    - int8 activations become uint8 with the zero point moved by 128 (the same dequantized
+      values): ORT fuses DQ -> Conv/Add -> Q into QLinearConv/QLinearAdd only when input and
+      output types agree, and NNCF gives ReLU outputs uint8 but other activations int8.
+    - float Conv biases become int32 with scale x_scale * w_scale behind a DequantizeLinear,
+      the form ORT's QLinearConv takes (rounding of at most half a bias step).
+    """
+    g = model.graph
+    consts = _Consts(g)
+    producers = {o: n for n in g.node for o in n.output}
+    moved = set()
+    for node in g.node:
+        # activations: Q nodes, and the DQ nodes that read them (weights are DQ of constants)
+        is_activation = node.op_type == "QuantizeLinear" or (
+            node.op_type == "DequantizeLinear" and node.input[0] in producers
+            and producers[node.input[0]].op_type == "QuantizeLinear")
+        if not is_activation or len(node.input) < 3 or node.input[2] in moved:
+            continue
+        zp = consts.get(node.input[2])
+        if zp is not None and zp.dtype == np.int8:
+            consts.set(node.input[2], (zp.astype(np.int16) + 128).astype(np.uint8))
+            moved.add(node.input[2])
+    biases = 0
+    new_nodes = []
+    for node in g.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or node.input[2] not in consts.inits:
+            continue
+        dq_x, dq_w = producers.get(node.input[0]), producers.get(node.input[1])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+            continue
+        x_scale, w_scale = consts.get(dq_x.input[1]), consts.get(dq_w.input[1])
+        if x_scale is None or w_scale is None or x_scale.size != 1:
+            continue
+        bias = consts.get(node.input[2]).astype(np.float64)
+        scale = np.broadcast_to(x_scale.astype(np.float64).reshape(()) * w_scale.astype(np.float64).reshape(-1), bias.shape)
+        q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = f"{node.name or node.output[0]}_bias"  # one bias may feed several convs (phase convolutions)
+        names = (f"{base}_quantized", f"{base}_scale", f"{base}_zero_point", f"{base}_dequantized")
+        g.initializer.extend([numpy_helper.from_array(q, names[0]),
+                              numpy_helper.from_array(scale.astype(np.float32), names[1]),
+                              numpy_helper.from_array(np.zeros(bias.shape, np.int32), names[2])])
+        new_nodes.append(onnx.helper.make_node("DequantizeLinear", list(names[:3]), [names[3]],
+                                               name=f"{base}_DequantizeLinear", axis=0))
+        node.input[2] = names[3]
+        biases += 1
+    for i, dq in enumerate(new_nodes):
+        g.node.insert(i, dq)
+    _drop_unused_initializers(g)
+    del g.value_info[:]  # stale element types after the zero-point move; ORT re-infers them
+    return {"zero_points_to_uint8": len(moved), "int32_biases": biases}
+
+
+def _drop_unused_initializers(g: onnx.GraphProto) -> None:
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def int8_deconvolutions(model: onnx.ModelProto) -> dict[str, str]:
+    """Per backend, how the model's deconvolutions run: 'int8', 'float' or 'none' (no ConvTranspose)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    deconvs = [n for n in model.graph.node if n.op_type == "ConvTranspose"]
+    if not deconvs:
+        rewritten = any(n.op_type == "DepthToSpace" for n in model.graph.node)
+        return {"ort": "int8 (phase convolutions)" if rewritten else "none",
+                "openvino": "int8 (phase convolutions)" if rewritten else "none"}
+    quantized = all(n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear" for n in deconvs)
+    return {"ort": "float (ORT has no int8 ConvTranspose on CPU)",
+            "openvino": "int8" if quantized else "float"}

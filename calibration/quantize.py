@@ -1,0 +1,397 @@
+"""``quantize``: a float pose ONNX model to a static INT8 (QDQ) model calibrated on real person crops.
+
+Steps: prepare the float graph (fold BatchNorm into ConvTranspose; optionally rewrite stride-2
+deconvolutions into phase convolutions, checked exact), calibrate and quantize (NNCF by default,
+ONNX Runtime's quantize_static on request), shape the QDQ graph for the target runtime, and with a
+validation set keep the most harmful nodes in float until the accuracy budget holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx
+
+import posequant
+from posequant.errors import DataError, MetadataError, PosequantError, VerificationError
+from posequant.fileio import check_writable, write_bytes_atomic
+from posequant.metadata import ModelMeta, read_meta, write_meta
+
+from .deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
+from .qdq import int8_deconvolutions, is_quantized, make_ort_friendly
+from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
+
+ENGINES = ("nncf", "ort")
+METHODS = ("auto", "minmax", "percentile", "entropy")
+TARGETS = ("ort", "openvino")
+# Rewriting deconvolutions into phase convolutions pays where the runtime has no int8 ConvTranspose
+# (ORT CPU) and not where it has one (OpenVINO); measured in scripts/bench_quantize.py.
+REWRITE_BY_TARGET = {"ort": True, "openvino": False}
+REWRITE_RTOL = 1e-5
+QUANTIZABLE = ("Conv", "ConvTranspose", "Add", "MatMul", "Gemm")
+
+
+class QuantizeError(PosequantError):
+    """The model cannot be quantized as asked."""
+
+
+class BudgetError(PosequantError):
+    """The accuracy budget could not be met: exit 1, like a failed verification."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, result: "QuantizeResult"):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class Evaluation:
+    metric: str  # "AP" (COCO) or "PCKh@0.5" (MPII): the dataset's main metric
+    float_value: float  # points: AP x 100, PCKh in percent
+    int8_value: float
+    float_metrics: dict[str, Any]
+    int8_metrics: dict[str, Any]
+    people: int
+
+    @property
+    def drop(self) -> float:
+        return self.float_value - self.int8_value
+
+
+@dataclass
+class QuantizeResult:
+    input: Path
+    output: Path | None
+    meta: ModelMeta
+    settings: dict[str, Any]
+    calibration: dict[str, Any]
+    rewritten_deconvs: list[str]
+    folded_batchnorms: list[str]
+    rewrite_max_rel_diff: float | None
+    kept_float: list[str]
+    deconvs: dict[str, str]  # backend -> how deconvolutions run
+    float_bytes: int
+    int8_bytes: int
+    evaluation: Evaluation | None = None
+    budget_steps: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    model: onnx.ModelProto | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("settings", "calibration", "rewritten_deconvs", "folded_batchnorms",
+                                              "rewrite_max_rel_diff", "kept_float", "deconvs", "float_bytes",
+                                              "int8_bytes", "budget_steps", "seconds")}
+        out.update(input=str(self.input), output=str(self.output) if self.output else None,
+                   keypoints=self.meta.keypoints, input_size=list(self.meta.input_size))
+        if self.evaluation:
+            e = self.evaluation
+            out["evaluation"] = {"metric": e.metric, "float": e.float_value, "int8": e.int8_value, "drop": e.drop,
+                                 "people": e.people, "float_metrics": e.float_metrics, "int8_metrics": e.int8_metrics}
+        return out
+
+
+def _load(model_path: Path) -> onnx.ModelProto:
+    if not model_path.is_file():
+        raise QuantizeError(f"model {model_path} not found: check the path")
+    try:
+        model = onnx.load(str(model_path))
+    except Exception as e:  # onnx raises DecodeError, OSError, ... for what is not an ONNX file
+        raise QuantizeError(f"{model_path} is not an ONNX model ({type(e).__name__}): give the .onnx from export-pose") from None
+    if is_quantized(model):
+        raise QuantizeError(f"{model_path} is already quantized (it has QuantizeLinear/DequantizeLinear nodes): "
+                            "give the float model")
+    return model
+
+
+def model_meta(model: onnx.ModelProto, where: str, *, input_size=None, keypoints=None, color=None) -> ModelMeta:
+    """The model's posequant metadata, or one built from the options for a model without it."""
+    try:
+        meta = read_meta(model)
+    except MetadataError:
+        if not (input_size and keypoints and color):
+            raise MetadataError(f"{where} has no posequant metadata: export it with `posequant export-pose`, or give "
+                                "--input-size, --keypoints and --color") from None
+        return _meta_from_options(model, input_size, keypoints, color)
+    changes = {k: v for k, v in (("input_size", input_size), ("color", color)) if v}
+    return meta.with_(**changes) if changes else meta
+
+
+def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color: str) -> ModelMeta:
+    from exporter.zoo._common import IMAGENET_MEAN, IMAGENET_STD
+    from posequant.keypoints import keypoint_set_for
+
+    dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or not dims[1]:
+        raise MetadataError("the model's output is not N x joints x H x W heatmaps: export it with `posequant export-pose`")
+    kps = keypoint_set_for(dims[1], keypoints)
+    heatmap = (dims[2] or input_size[0] // 4, dims[3] or input_size[1] // 4)
+    return ModelMeta(family="custom", keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
+                     skeleton=kps.skeleton, input_size=tuple(input_size), heatmap_size=heatmap, color=color.lower(),
+                     mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD), posequant_version=posequant.__version__)
+
+
+def prepare_float(model: onnx.ModelProto, *, rewrite: bool, input_size: tuple[int, int]) -> tuple[onnx.ModelProto, list, list, float | None]:
+    """Fold BatchNorm into ConvTranspose and (``rewrite``) turn deconvolutions into phase convolutions.
+
+    Returns (prepared model, folded, rewritten, max relative difference to the original).
+    """
+    prepared = copy.deepcopy(model)
+    folded = fold_deconv_batchnorm(prepared)
+    rewritten = rewrite_deconvs(prepared)[0] if rewrite else []
+    diff = None
+    if folded or rewritten:
+        channels = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value or 3
+        diff = max_relative_diff(model, prepared, (1, channels, *input_size))
+        if diff > REWRITE_RTOL:
+            raise VerificationError(f"the prepared float graph differs from the original by {diff:.2e} (relative), "
+                                    f"more than {REWRITE_RTOL:g}: report this model; --no-rewrite-deconv avoids it")
+    return prepared, folded, rewritten, diff
+
+
+def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str, method: str, per_channel: bool,
+                   target: str, ignored: Iterable[str], tmp: Path) -> onnx.ModelProto:
+    ignored = sorted(ignored)
+    if engine == "nncf":
+        q = _nncf(model, calib, method=method, per_channel=per_channel, target=target, ignored=ignored)
+    else:
+        q = _ort(model, calib, method=method, per_channel=per_channel, ignored=ignored, tmp=tmp)
+    if target == "ort":
+        make_ort_friendly(q)
+    return q
+
+
+def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, ignored) -> onnx.ModelProto:
+    import logging
+
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    if method == "entropy":
+        raise QuantizeError("--method entropy is ONNX Runtime's calibrator: add --engine ort, or use minmax/percentile")
+    advanced: dict[str, Any] = {}
+    if target == "ort":
+        # ORT's QLinearConv takes one activation scale per tensor (so does TensorRT)
+        advanced["activations_quantization_params"] = QuantizationParameters(per_channel=False)
+    if not per_channel:
+        advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
+    if method == "minmax":
+        advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.MINMAX
+    elif method == "percentile":
+        advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.QUANTILE
+    dataset = nncf.Dataset(calib.crops, lambda x: {calib.crops.input_name: x})
+    return nncf.quantize(model, dataset, subset_size=len(calib.crops),
+                         ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False),
+                         advanced_parameters=AdvancedQuantizationParameters(**advanced))
+
+
+def _ort(model, calib: CalibrationSet, *, method, per_channel, ignored, tmp: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src, dst = tmp / "prepared.onnx", tmp / "quantized.onnx"
+    onnx.save(model, str(src))
+    methods = {"auto": CalibrationMethod.MinMax, "minmax": CalibrationMethod.MinMax,
+               "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
+    quantize_static(str(src), str(dst), OrtCalibrationReader(calib.crops), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=methods[method], nodes_to_exclude=list(ignored))
+    return onnx.load(str(dst))
+
+
+def quantize(
+    model: str | Path,
+    calib: str | Path,
+    *,
+    output: str | Path | None = None,
+    format: str | None = None,
+    split: str | None = None,
+    num_samples: int = 300,
+    method: str = "auto",
+    per_channel: bool = True,
+    seed: int = 0,
+    target: str = "ort",
+    rewrite_deconv: bool | None = None,
+    engine: str = "nncf",
+    val: str | Path | None = None,
+    val_split: str | None = None,
+    max_drop: float = 0.5,
+    val_flip: bool = False,
+    keep_float: Iterable[str] = (),
+    input_size: tuple[int, int] | None = None,
+    keypoints: str | None = None,
+    color: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Quantize a float pose ONNX model to INT8 QDQ, calibrated on person crops from ``calib``.
+
+    ``target`` picks the graph shape for the runtime ("ort": per-tensor activations, uint8, int32
+    biases, deconvolutions rewritten, runs fused on ORT CPU, TensorRT and OpenVINO; "openvino":
+    NNCF's CPU placement with per-channel activations for depthwise convolutions). With ``val``,
+    nodes are kept in float until the main metric drops by at most ``max_drop`` points.
+    Writes ``output`` (default: ``MODEL.int8.onnx``) unless it is None and ``model`` was given as a proto.
+    """
+    started = time.perf_counter()
+    say = progress or (lambda _m: None)
+    if engine not in ENGINES or method not in METHODS or target not in TARGETS:
+        raise QuantizeError(f"engine/method/target must be one of {ENGINES} / {METHODS} / {TARGETS}")
+    model_path = Path(model)
+    output = Path(output) if output else model_path.with_name(model_path.stem + ".int8.onnx")
+    check_writable(output)
+    float_model = _load(model_path)
+    meta = model_meta(float_model, str(model_path), input_size=input_size, keypoints=keypoints, color=color)
+    val_ds = _open_val(val, meta, val_split) if val else None
+    rewrite = REWRITE_BY_TARGET[target] if rewrite_deconv is None else rewrite_deconv
+
+    say("preparing the float graph")
+    prepared, folded, rewritten, diff = prepare_float(float_model, rewrite=rewrite, input_size=meta.input_size)
+    input_name = float_model.graph.input[0].name
+    calib_set = calibration_set(calib, meta, num_samples=num_samples, seed=seed, format=format, split=split,
+                                input_name=input_name, warn=warn)
+    settings = {"engine": engine, "method": method, "per_channel": per_channel, "target": target,
+                "rewrite_deconv": rewrite, "weights": "int8 symmetric", "activations": "uint8",
+                "seed": seed, "num_samples": num_samples, "max_drop": max_drop if val else None,
+                "val": str(val) if val else None, "val_flip": val_flip}
+    ignored = set(keep_float)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        say(f"calibrating on {len(calib_set.crops)} people ({engine})")
+        q = _quantize_once(prepared, calib_set, engine=engine, method=method, per_channel=per_channel,
+                           target=target, ignored=ignored, tmp=tmp)
+        evaluation, steps = None, []
+        if val_ds is not None:
+            q, ignored, evaluation, steps = _meet_budget(
+                prepared, q, calib_set, val_ds, meta, tmp, max_drop=max_drop, flip=val_flip, ignored=ignored,
+                requant=lambda names: _quantize_once(prepared, calib_set, engine=engine, method=method,
+                                                     per_channel=per_channel, target=target, ignored=names, tmp=tmp),
+                say=say)
+    calibration = calib_set.to_dict()
+    if calib_set.crops.skipped_images and warn:
+        warn(f"{len(calib_set.crops.skipped_images)} calibration images could not be decoded and were skipped")
+    _stamp(q, meta, settings, sorted(ignored))
+    data = q.SerializeToString()
+    result = QuantizeResult(
+        input=model_path, output=output, meta=meta, settings=settings, calibration=calibration,
+        rewritten_deconvs=rewritten, folded_batchnorms=folded, rewrite_max_rel_diff=diff, kept_float=sorted(ignored),
+        deconvs=int8_deconvolutions(q), float_bytes=model_path.stat().st_size, int8_bytes=len(data),
+        evaluation=evaluation, budget_steps=steps, seconds=time.perf_counter() - started, model=q)
+    if evaluation is not None and evaluation.drop > max_drop:
+        raise BudgetError(f"INT8 drops {evaluation.metric} by {evaluation.drop:.2f} points even with "
+                          f"{len(ignored)} nodes in float (budget {max_drop}): nothing written; try "
+                          "--method percentile, more calibration data, or a larger --max-drop", result)
+    write_bytes_atomic(output, data)
+    return result
+
+
+def _stamp(q: onnx.ModelProto, meta: ModelMeta, settings: dict, kept_float: list[str]) -> None:
+    import json
+
+    write_meta(q, meta.with_(precision="int8", posequant_version=posequant.__version__))
+    entry = next((p for p in q.metadata_props if p.key == "quantization"), None) or q.metadata_props.add()
+    entry.key = "quantization"
+    entry.value = json.dumps({**settings, "kept_float": kept_float}, sort_keys=True)
+
+
+def _open_val(val, meta: ModelMeta, split):
+    from calibration.datasets import open_dataset
+
+    ds = open_dataset(val, input_size=meta.input_size, split=split)
+    if ds.keypoints is None:
+        raise DataError(f"--val {val} is a plain image folder: the accuracy budget needs MPII or COCO ground truth")
+    if ds.keypoints.num_joints != meta.num_joints:
+        raise DataError(f"the model predicts {meta.num_joints} joints but --val {val} has {ds.keypoints.num_joints}")
+    if ds.format == "mpii" and not (ds.root / "annot" / f"gt_{ds.split}.mat").is_file():
+        raise DataError(f"--val {val} has no annot/gt_{ds.split}.mat: PCKh needs the official head boxes")
+    return ds
+
+
+# ---- accuracy budget ---------------------------------------------------------------------------
+
+
+def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool) -> dict[str, Any]:
+    from benchmarks.evaluate import evaluate
+
+    onnx.save(model, str(path))
+    return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip).metrics
+
+
+def main_metric(metrics: dict[str, Any]) -> tuple[str, float]:
+    """The dataset's main metric in points: COCO AP x 100, MPII PCKh@0.5 Mean (percent)."""
+    if "AP" in metrics:
+        return "AP", 100.0 * metrics["AP"]
+    return "PCKh@0.5", float(metrics["PCKh@0.5"]["Mean"])
+
+
+def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, flip, ignored, requant, say):
+    say(f"evaluating float and INT8 on {len(val_ds.people)} people")
+    float_metrics = _evaluate(prepared, tmp / "float.onnx", val_ds, flip)
+    name, float_value = main_metric(float_metrics)
+
+    def measure(model):
+        metrics = _evaluate(model, tmp / "int8.onnx", val_ds, flip)
+        return Evaluation(name, float_value, main_metric(metrics)[1], float_metrics, metrics, len(val_ds.people))
+
+    evaluation = measure(q)
+    steps = [{"kept_float": sorted(ignored), "int8": evaluation.int8_value, "drop": evaluation.drop}]
+    say(f"{name}: float {float_value:.2f}, INT8 {evaluation.int8_value:.2f} (drop {evaluation.drop:.2f}, budget {max_drop})")
+    if evaluation.drop <= max_drop:
+        return q, ignored, evaluation, steps
+    ranking = [n for n in rank_harm(prepared, q, calib_set, limit=16) if n not in ignored]
+    chunk = 1
+    while evaluation.drop > max_drop and ranking:
+        ignored = ignored | set(ranking[:chunk])
+        ranking = ranking[chunk:]
+        q = requant(ignored)
+        evaluation = measure(q)
+        steps.append({"kept_float": sorted(ignored), "int8": evaluation.int8_value, "drop": evaluation.drop})
+        say(f"{len(ignored)} nodes in float: INT8 {evaluation.int8_value:.2f} (drop {evaluation.drop:.2f})")
+        chunk *= 2  # 1, 2, 4, ... nodes more per step: few re-quantizations even for deep models
+    return q, ignored, evaluation, steps
+
+
+def rank_harm(prepared: onnx.ModelProto, q: onnx.ModelProto, calib_set: CalibrationSet, *, limit: int = 16) -> list[str]:
+    """Quantized nodes of ``prepared``, most harmful first.
+
+    A node's harm is how much it raises the relative error of the INT8 model against the float one:
+    error at its output minus the largest error at its inputs, on ``limit`` calibration crops.
+    """
+    import onnxruntime as ort
+
+    candidates = [n for n in prepared.graph.node if n.op_type in QUANTIZABLE]
+    tensors = sorted({t for n in candidates for t in (*n.input[:1 if n.op_type != "Add" else 2], n.output[0])})
+    known = {o for n in q.graph.node for o in n.output} | {i.name for i in q.graph.input}
+    tensors = [t for t in tensors if t in known]
+    graph_inputs = {i.name for i in prepared.graph.input}
+    runs = []
+    for model in (prepared, q):
+        m = copy.deepcopy(model)
+        existing = {o.name for o in m.graph.output}
+        m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in existing and t not in graph_inputs)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+        opts.log_severity_level = 3
+        runs.append(ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]))
+    names = [o.name for o in runs[0].get_outputs()]
+    err = {t: 0.0 for t in names}
+    norm = {t: 0.0 for t in names}
+    for i, feed in enumerate(calib_set.crops.feeds()):
+        if i >= limit:
+            break
+        f_out, q_out = (dict(zip(names, s.run(names, feed))) for s in runs)
+        for t in names:
+            err[t] += float(np.sum((f_out[t] - q_out[t]) ** 2))
+            norm[t] += float(np.sum(f_out[t] ** 2))
+    rel = {t: (err[t] / norm[t]) ** 0.5 if norm[t] else 0.0 for t in names}
+    harm = {}
+    for n in candidates:
+        ins = [rel.get(t, 0.0) for t in n.input[:2] if t in rel or t in graph_inputs]
+        harm[n.name] = rel.get(n.output[0], 0.0) - max(ins, default=0.0)
+    return sorted(harm, key=lambda k: -harm[k])
