@@ -71,10 +71,16 @@ class CalibrationSet:
     split: str | None
     available: int  # people in the split before sampling
     seed: int
+    unlisted: tuple[Path, ...] = ()  # images left out when the data was read: missing, or (folders) undecodable
+
+    @property
+    def skipped_images(self) -> list[Path]:
+        """Every image calibration went without: left out when read, or failed to decode when cropped."""
+        return list(dict.fromkeys([*self.unlisted, *self.crops.skipped_images]))
 
     def to_dict(self) -> dict:
         return {"root": str(self.root), "format": self.format, "split": self.split, "available_people": self.available,
-                "people": len(self.crops), "seed": self.seed, "skipped_images": [str(p) for p in self.crops.skipped_images],
+                "people": len(self.crops), "seed": self.seed, "skipped_images": [str(p) for p in self.skipped_images],
                 "skipped_people": self.crops.skipped_people}
 
 
@@ -103,4 +109,4 @@ def calibration_set(root: str | os.PathLike, meta: ModelMeta, *, num_samples: in
         index = np.sort(np.random.default_rng(seed).choice(available, num_samples, replace=False))
         chosen = [ds.people[i] for i in index]
     crops = CalibrationCrops(chosen, meta, input_name)
-    return CalibrationSet(crops, root, ds.format, ds.split, available, seed)
+    return CalibrationSet(crops, root, ds.format, ds.split, available, seed, tuple(ds.skipped))
