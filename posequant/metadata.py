@@ -110,11 +110,11 @@ def read_meta(model: Any) -> ModelMeta:
     """Metadata of an ONNX model given as a path or an ``onnx.ModelProto``."""
     import onnx
 
-    where = str(model)
     if isinstance(model, (str, Path)):
-        model = onnx.load(str(model), load_external_data=False)
+        where = str(model)
+        model = onnx.load(where, load_external_data=False)
     else:
-        where = "model"
+        where = "model"  # not str(model): that prints every weight of the proto (seconds for large models)
     props = {p.key: p.value for p in model.metadata_props}
     return ModelMeta.from_props(props, where)
 
