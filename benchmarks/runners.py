@@ -44,17 +44,35 @@ class OrtRunner:
             opts.intra_op_num_threads = self.threads
         # spinning threads steal the cores from whatever runs next in this process
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        if self.device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError("--device cuda with --backend ort needs onnxruntime-gpu and a CUDA GPU: "
-                                   "pip install 'posequant[gpu]', or use --device cpu")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        self.session = ort.InferenceSession(str(self.path), opts, providers=self._providers(ort))
         self.input_name = self.session.get_inputs()[0].name
+
+    def _providers(self, ort) -> list:
+        if self.device != "cuda":
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError("--device cuda with --backend ort needs onnxruntime-gpu and a CUDA GPU: "
+                               "pip install 'posequant[gpu]', or use --device cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     def infer(self, inputs: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: inputs})[0]
+
+
+@dataclass
+class TensorRTRunner(OrtRunner):
+    """ONNX Runtime's TensorRT execution provider: FP16 for float models, INT8 from a QDQ model's scales."""
+
+    backend: str = "tensorrt"
+
+    def _providers(self, ort) -> list:
+        if self.device != "cuda":
+            raise BackendError("--backend tensorrt runs on --device cuda only")
+        if "TensorrtExecutionProvider" not in ort.get_available_providers():
+            raise BackendError("--backend tensorrt needs onnxruntime-gpu built with TensorRT and the TensorRT "
+                               "libraries: pip install 'posequant[gpu]' tensorrt")
+        options = {"trt_fp16_enable": True, "trt_int8_enable": self.precision == "int8"}
+        return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 @dataclass
@@ -108,8 +126,9 @@ class TorchRunner:
             return self.module(x).float().cpu().numpy()
 
 
-ONNX_RUNNERS: dict[str, Callable[..., Runner]] = {"ort": OrtRunner, "openvino": OpenVINORunner}
-BACKENDS = ("torch", "ort", "openvino")
+ONNX_RUNNERS: dict[str, Callable[..., Runner]] = {"ort": OrtRunner, "openvino": OpenVINORunner,
+                                                  "tensorrt": TensorRTRunner}
+BACKENDS = ("torch", "ort", "openvino", "tensorrt")
 
 
 def make_runner(backend: str, *, onnx_path: Path | None = None, module=None, device: str = "cpu",

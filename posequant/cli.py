@@ -206,6 +206,64 @@ def eval_preds_cmd(preds, gt, zero_based, json_out):
                            "zero_based": zero_based})
 
 
+def _int_list(ctx, param, value):
+    try:
+        items = [int(v) for v in str(value).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not comma-separated numbers, e.g. 1,8") from None
+    if not items or min(items) < 1:
+        raise click.BadParameter(f"{value!r}: give positive numbers, e.g. 1,8")
+    return tuple(items)
+
+
+def _backend_list(ctx, param, value):
+    import difflib
+
+    from benchmarks.runners import BACKENDS
+
+    names = [n for v in value for n in v.replace(" ", "").split(",") if n]
+    for n in names:
+        if n not in BACKENDS:
+            close = difflib.get_close_matches(n, BACKENDS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise click.BadParameter(f"{n!r}{hint}: choose from {', '.join(BACKENDS)}")
+    return tuple(names) or None
+
+
+backend_list_option = click.option(
+    "--backend", "backends", multiple=True, callback=_backend_list, metavar="NAME[,NAME]",
+    help="torch, ort, openvino, tensorrt; repeat or comma-separate [default: every backend of the device].")
+device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+
+
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@device_option
+@backend_list_option
+@click.option("--batch", "batches", callback=_int_list, default="1,8", show_default=True, metavar="N[,N]",
+              help="Batch sizes.")
+@click.option("--threads", type=click.IntRange(1), help="Threads per backend [default: the backend's own].")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed runs per configuration.")
+@click.option("--runs", type=click.IntRange(1), default=50, show_default=True,
+              help="Timed rounds; each round runs every configuration once.")
+@arch_option
+@click.option("--input-size", callback=_size, metavar="HxW", help="For a checkpoint MODEL (see export-pose).")
+@trust_option
+@click.option("--json", "json_out", metavar="OUT", help="Also write the results as JSON.")
+def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, input_size, trust_pickle, json_out):
+    """Latency, throughput and memory of ONNX models (fp32 or INT8) and checkpoints on every backend."""
+    from benchmarks.latency import bench, format_bench
+    from posequant.fileio import check_writable
+
+    if json_out:
+        check_writable(json_out)
+    export_options = dict(arch=arch, input_size=input_size, trust_pickle=trust_pickle)
+    result = bench(models, device=device, backends=backends, batches=batches, threads=threads, warmup=warmup,
+                   runs=runs, export_options=export_options, progress=_progress)
+    click.echo(format_bench(result))
+    _write_json(json_out, result.to_dict())
+
+
 @main.command("demo")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Folder for the demo's files.")

@@ -1,0 +1,121 @@
+"""Facts about the machine a benchmark ran on: CPU model and the flags that decide INT8/BF16 speed,
+threads, GPU, library versions. Read without importing the big libraries where possible."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from typing import Any
+
+# /proc/cpuinfo flags that matter here: VNNI is what makes INT8 convolutions fast on x86
+# (4 int8 multiply-adds per 32-bit lane per instruction), AMX even more; BF16/AMX-BF16 is what
+# OpenVINO's default bf16 precision needs.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor block of /proc/cpuinfo ({} off Linux)."""
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> dict[str, bool]:
+    flags = set(_cpuinfo().get("flags", "").split())
+    return {f: f in flags for f in CPU_FLAGS}
+
+
+def has_int8_dot() -> bool:
+    """VNNI (AVX-512 or AVX) or AMX-INT8: without one of them INT8 runs at about FP32 speed."""
+    f = cpu_flags()
+    return f["avx512_vnni"] or f["avx_vnni"] or f["amx_int8"]
+
+
+def has_bf16() -> bool:
+    f = cpu_flags()
+    return f["avx512_bf16"] or f["amx_bf16"]
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_name() -> str | None:
+    """The first CUDA GPU's name, or None when there is none (torch first, then nvidia-smi)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
+            if out.returncode == 0 and names:
+                return names[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return None
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def openvino_default_precision() -> str | None:
+    """What OpenVINO's CPU plugin runs float models in when no precision hint is given."""
+    try:
+        import openvino as ov
+
+        return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    except Exception:  # not installed, or an older API: a missing fact, not a failure
+        return None
+
+
+def machine_facts(threads: int | None = None) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": usable_cores(),
+        "threads": threads or usable_cores(),
+        "gpu": gpu_name(),
+        "os": f"{platform.system()} {platform.release()}",
+        "versions": library_versions(),
+    }
+    try:
+        import onnxruntime as ort
+
+        facts["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    facts["openvino_default_precision"] = openvino_default_precision()
+    return facts
