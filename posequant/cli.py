@@ -264,6 +264,46 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
     _write_json(json_out, result.to_dict())
 
 
+@main.command("gate")
+@click.option("--float", "float_model", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="F.onnx", help="The float model (posequant export).")
+@click.option("--int8", "int8_model", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="Q.onnx", help="Its quantized version.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), metavar="ROOT", help="MPII or COCO dataset root.")
+@click.option("--max-drop", type=float, default=0.5, show_default=True,
+              help="Largest allowed drop of the main metric, in points (COCO AP x 100, MPII PCKh@0.5).")
+@click.option("--max-joint-drop", type=float, default=2.0, show_default=True,
+              help="Largest allowed drop per joint group (head, shoulder, ... ankle), in points of PCK/PCKh.")
+@click.option("--min-speedup", type=float, default=1.5, show_default=True,
+              help="INT8 must be at least this many times faster than float (median, batch 1).")
+@device_option
+@click.option("--backend", type=click.Choice(["ort", "openvino", "tensorrt"]), default="ort", show_default=True,
+              help="Backend both models are evaluated and timed on.")
+@click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
+@click.option("--limit", type=click.IntRange(1), help="Only the first N people (a quick look, not a release gate).")
+@click.option("--threads", type=click.IntRange(1), help="Threads per backend [default: the backend's own].")
+@click.option("--runs", type=click.IntRange(1), default=30, show_default=True, help="Timed rounds.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Write report.md, report.json and disagreements.png here.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
+def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedup, device, backend, split, flip,
+             limit, threads, runs, report_dir, json_out):
+    """Pass (exit 0) or fail (exit 1) an INT8 model against its float original: accuracy and speed."""
+    from benchmarks.gate import gate
+    from benchmarks.gate_report import format_gate
+    from posequant.fileio import check_writable
+
+    if json_out:
+        check_writable(json_out)
+    result = gate(float_model, int8_model, data, max_drop=max_drop, max_joint_drop=max_joint_drop,
+                  min_speedup=min_speedup, device=device, backend=backend, split=split, flip=flip, limit=limit,
+                  threads=threads, runs=runs, report_dir=report_dir, progress=_progress)
+    click.echo(format_gate(result))
+    _write_json(json_out, result.to_dict())
+    sys.exit(0 if result.passed else 1)
+
+
 @main.command("demo")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Folder for the demo's files.")

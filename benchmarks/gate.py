@@ -1,0 +1,284 @@
+"""``gate``: is an INT8 model good enough to ship in place of its float original?
+
+Both models are evaluated on the same people with the same pipeline and timed in one interleaved
+benchmark. The INT8 model passes when its main metric (COCO AP, MPII PCKh@0.5) drops by at most
+``max_drop`` points, each joint group (head, shoulders, ..., ankles) by at most ``max_joint_drop``
+points, and it is at least ``min_speedup`` times faster on the chosen backend. The result is an
+object; only the CLI turns it into an exit code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from calibration import open_dataset
+from posequant.errors import PosequantError
+from posequant.metadata import ModelMeta, read_meta
+
+from .evaluate import EvalResult, ModelOutputError, evaluate
+from .latency import BenchResult, bench, check_backend, onnx_precision
+from .metrics import box_size, pck
+
+# COCO joints pooled into the groups MPII's PCKh table reports, so both read alike.
+COCO_GROUPS = {
+    "Head": ("nose", "left_eye", "right_eye", "left_ear", "right_ear"),
+    "Shoulder": ("left_shoulder", "right_shoulder"),
+    "Elbow": ("left_elbow", "right_elbow"),
+    "Wrist": ("left_wrist", "right_wrist"),
+    "Hip": ("left_hip", "right_hip"),
+    "Knee": ("left_knee", "right_knee"),
+    "Ankle": ("left_ankle", "right_ankle"),
+}
+MPII_GROUPS = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle")
+
+
+class GateInputError(PosequantError):
+    """The two models cannot be compared (wrong kind, different inputs or keypoints)."""
+
+
+class BrokenInt8Error(PosequantError):
+    """The INT8 model's output cannot even be scored (NaN/inf heatmaps): the gate fails."""
+
+    exit_code = 1
+
+
+@dataclass
+class Check:
+    name: str
+    value: float | None  # drop in points (float - INT8), or the speedup
+    limit: float
+    passed: bool
+    kind: str  # "drop" (value <= limit) or "speedup" (value >= limit)
+    float_value: float | None = None  # the metric in points, or the median latency in ms
+    int8_value: float | None = None
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"{self.name}: not measured"
+        if self.kind == "speedup":
+            return f"{self.name} {self.value:.2f}x (needs >= {self.limit:g}x)"
+        return f"{self.name} dropped {self.value:.2f} points (budget {self.limit:g})"
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str]  # one line per failed check; empty when passed
+    checks: list[Check]
+    float_model: str
+    int8_model: str
+    data: str
+    dataset: str  # e.g. "COCO val"
+    people: int
+    backend: str
+    device: str
+    flip: bool
+    main_metric: str  # "AP" (x100) or "PCKh@0.5"
+    scores: dict[str, dict[str, float]]  # metric -> {"float", "int8", "delta"} in points; delta = INT8 - float
+    groups: dict[str, dict[str, float]]  # per joint group (checked): COCO PCK@0.2, MPII PCKh@0.5; same layout
+    joints: dict[str, dict[str, float]]  # per joint (COCO PCK@0.2; MPII: the groups again), same layout
+    speedup: float | None
+    latency: BenchResult | None
+    float_eval: EvalResult = field(repr=False)
+    int8_eval: EvalResult = field(repr=False)
+    disagreements: list[dict[str, Any]] = field(default_factory=list)  # people where the two differ most
+    report_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed, "reasons": self.reasons,
+            "checks": [vars(c) for c in self.checks],
+            "float_model": self.float_model, "int8_model": self.int8_model, "data": self.data,
+            "dataset": self.dataset, "people": self.people, "backend": self.backend, "device": self.device,
+            "flip": self.flip, "main_metric": self.main_metric, "scores": self.scores, "groups": self.groups,
+            "joints": self.joints,
+            "speedup": self.speedup,
+            "float_metrics": self.float_eval.metrics, "int8_metrics": self.int8_eval.metrics,
+            "latency": self.latency.to_dict() if self.latency else None,
+            "disagreements": self.disagreements, "report_files": self.report_files,
+        }
+
+
+# ---- input checks ------------------------------------------------------------------------------
+
+
+def _check_models(float_model: Path, int8_model: Path) -> tuple[ModelMeta, ModelMeta]:
+    for opt, path in (("--float", float_model), ("--int8", int8_model)):
+        if not path.is_file():
+            raise GateInputError(f"{opt} {path} not found: check the path")
+        if path.suffix.lower() != ".onnx":
+            raise GateInputError(f"{opt} {path} is not an .onnx file: export checkpoints with "
+                                 "`posequant export-pose` first")
+    if onnx_precision(float_model) == "int8":
+        raise GateInputError(f"--float {float_model} is an INT8 model (it has quantization nodes): give the "
+                             "float export as --float and the quantized model as --int8")
+    if onnx_precision(int8_model) != "int8":
+        raise GateInputError(f"--int8 {int8_model} has no quantization nodes (QuantizeLinear/DequantizeLinear): "
+                             "it is a float model; give the quantized model as --int8")
+    fmeta, qmeta = read_meta(float_model), read_meta(int8_model)
+    if fmeta.input_size != qmeta.input_size:
+        raise GateInputError(f"the models take different input sizes ({_hw(fmeta)} float, {_hw(qmeta)} INT8): "
+                             "quantize the same float export you gate against")
+    if (fmeta.keypoints, fmeta.joint_names) != (qmeta.keypoints, qmeta.joint_names):
+        raise GateInputError(f"the models predict different keypoint sets ({fmeta.keypoints}, {fmeta.num_joints} "
+                             f"joints float; {qmeta.keypoints}, {qmeta.num_joints} INT8): gate a model against "
+                             "its own quantized version")
+    return fmeta, qmeta
+
+
+def _hw(meta: ModelMeta) -> str:
+    return f"{meta.input_size[0]}x{meta.input_size[1]}"
+
+
+# ---- scores ------------------------------------------------------------------------------------
+
+
+def _delta(f: float, q: float) -> dict[str, float]:
+    return {"float": f, "int8": q, "delta": q - f}
+
+
+def _coco_groups(meta: ModelMeta, people, preds: np.ndarray) -> dict[str, tuple[float, int]]:
+    """PCK@0.2 of each joint group, pooled over its labelled joints, and how many joints that is."""
+    gt = np.stack([p.joints for p in people])
+    vis = np.stack([p.joints_vis for p in people])
+    norm = box_size(np.stack([p.bbox for p in people]))
+    index = {n: i for i, n in enumerate(meta.joint_names)}
+    out = {}
+    for group, names in COCO_GROUPS.items():
+        idx = [index[n] for n in names if n in index]
+        if idx:
+            value = pck(preds[:, idx], gt[:, idx], vis[:, idx], norm, threshold=0.2,
+                        joint_names=[meta.joint_names[i] for i in idx])["Mean"]
+            out[group] = (value, int(((vis[:, idx] > 0) & (norm > 0)[:, None]).sum()))
+    return out
+
+
+def _scores(meta: ModelMeta, fmt: str, people, fe: EvalResult, qe: EvalResult):
+    """(main metric name, {metric: delta}, {group: delta}, {joint: delta}), all in points."""
+    if not fe.metrics or not qe.metrics:
+        raise GateInputError("no metrics: MPII PCKh needs every annotated person, so drop --limit")
+    if fmt == "mpii":
+        f, q = fe.metrics["PCKh@0.5"], qe.metrics["PCKh@0.5"]
+        main = "PCKh@0.5"
+        scores = {main: _delta(f["Mean"], q["Mean"]),
+                  "PCKh@0.1": _delta(fe.metrics["PCKh@0.1"]["Mean"], qe.metrics["PCKh@0.1"]["Mean"])}
+        groups = {g: _delta(f[g], q[g]) for g in MPII_GROUPS if g in f}
+        return main, scores, groups, {g: d for g, d in groups.items()}
+    main = "AP"
+    scores = {k: _delta(100 * fe.metrics[k], 100 * qe.metrics[k]) for k in ("AP", "AP50", "AP75", "AR")}
+    fp, qp = fe.metrics["PCK@0.2"], qe.metrics["PCK@0.2"]
+    scores["PCK@0.2"] = _delta(fp["Mean"], qp["Mean"])
+    fg, qg = _coco_groups(meta, people, fe.preds), _coco_groups(meta, people, qe.preds)
+    # "joints": how many labelled joints the group pools (one joint is 100 / joints points)
+    groups = {g: {**_delta(fg[g][0], qg[g][0]), "joints": fg[g][1]} for g in fg}
+    joints = {j: _delta(fp[j], qp[j]) for j in meta.joint_names if j in fp}
+    return main, scores, groups, joints
+
+
+def _drop_check(name: str, d: dict[str, float], budget: float) -> Check:
+    drop = -d["delta"]
+    return Check(name, drop, budget, drop <= budget, "drop", d["float"], d["int8"])
+
+
+def labelled(person, num_joints: int) -> np.ndarray:
+    """Which joints the ground truth labels (all of them when it has no visibility flags)."""
+    if person.joints_vis is None:
+        return np.ones(num_joints, bool)
+    return np.asarray(person.joints_vis) > 0
+
+
+def disagreement(people, float_preds: np.ndarray, int8_preds: np.ndarray) -> np.ndarray:
+    """Per person: mean distance between the two models' labelled joints, as a fraction of the person's size.
+
+    Unlabelled joints (occluded, out of the picture) are left out: both models guess there.
+    """
+    size = np.array([max(p.scale) * 200.0 for p in people])
+    dist = np.linalg.norm(float_preds - int8_preds, axis=2)
+    mask = np.stack([labelled(p, dist.shape[1]) for p in people])
+    mean = (dist * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
+    return mean / np.maximum(size, 1e-6)
+
+
+# ---- the gate ----------------------------------------------------------------------------------
+
+
+def gate(
+    float_model: str | Path,
+    int8_model: str | Path,
+    data: str | Path,
+    *,
+    max_drop: float = 0.5,
+    max_joint_drop: float = 2.0,
+    min_speedup: float = 1.5,
+    device: str = "cpu",
+    backend: str = "ort",
+    flip: bool = True,
+    split: str | None = None,
+    limit: int | None = None,
+    batch: int = 8,
+    threads: int | None = None,
+    warmup: int = 5,
+    runs: int = 30,
+    report_dir: str | Path | None = None,
+    worst: int = 6,
+    progress: Callable[[str], None] | None = None,
+) -> GateResult:
+    """Evaluate and time ``int8_model`` against ``float_model`` on ``data`` (MPII or COCO).
+
+    Drops are in points: COCO AP x 100, MPII PCKh@0.5, and per joint group PCK@0.2 (COCO) or
+    PCKh@0.5 (MPII). The speedup is the float model's median batch-1 latency over the INT8 model's,
+    both on ``backend`` (float at fp32; fp16 on TensorRT). Bad input raises :class:`PosequantError`.
+    """
+    say = progress or (lambda msg: None)
+    float_model, int8_model, data = Path(float_model), Path(int8_model), Path(data)
+    fmeta, _ = _check_models(float_model, int8_model)
+    check_backend(backend, device)
+    if report_dir is not None:
+        from .gate_report import prepare_report_dir
+
+        report_dir = prepare_report_dir(report_dir)
+
+    common = dict(split=split, flip=flip, backend=backend, device=device, batch=batch, limit=limit, threads=threads)
+    say(f"evaluating the float model {float_model.name}")
+    fe = evaluate(float_model, data, **common)
+    say(f"evaluating the INT8 model {int8_model.name}")
+    try:
+        qe = evaluate(int8_model, data, **common)
+    except ModelOutputError as e:
+        raise BrokenInt8Error(f"gate FAIL: {e}") from None
+    ds = open_dataset(data, input_size=fmeta.input_size, format=fe.format, split=fe.split)
+    people = ds.people[:limit] if limit else ds.people
+    assert len(people) == fe.people == qe.people, "both evaluations must cover the same people"
+    main, scores, groups, joints = _scores(fmeta, fe.format, people, fe, qe)
+
+    say(f"timing both on {backend} ({device})")
+    latency = bench([float_model, int8_model], device=device, backends=[backend], batches=(1,), threads=threads,
+                    warmup=warmup, runs=runs)
+    frow = latency.row(float_model, backend, "fp32") or latency.row(float_model, backend, "fp16")  # fp16: TensorRT
+    qrow = latency.row(int8_model, backend, "int8")
+    speedup = frow.p50_ms / qrow.p50_ms if frow and qrow else None
+
+    unit = f"{main} (x100)" if main == "AP" else main
+    checks = [_drop_check(unit, scores[main], max_drop)]
+    checks += [_drop_check(f"joint group {g}", d, max_joint_drop) for g, d in groups.items() if np.isfinite(d["delta"])]
+    checks.append(Check(f"speedup on {backend} ({device}, batch 1)", speedup, min_speedup,
+                        speedup is not None and speedup >= min_speedup, "speedup",
+                        frow.p50_ms if frow else None, qrow.p50_ms if qrow else None))
+    reasons = [c.describe() for c in checks if not c.passed]
+
+    d = disagreement(people, fe.preds, qe.preds)
+    order = np.argsort(-d, kind="stable")[:worst]
+    worst_people = [{"index": int(i), "image": str(people[i].image), "disagreement": float(d[i])} for i in order]
+    result = GateResult(
+        not reasons, reasons, checks, str(float_model), str(int8_model), str(data), f"{fe.format.upper()} {fe.split}",
+        fe.people, backend, device, flip, main, scores, groups, joints, speedup, latency, fe, qe, worst_people)
+    if report_dir is not None:
+        from .gate_report import write_report
+
+        say(f"writing the report to {report_dir}")
+        result.report_files = write_report(result, report_dir, fmeta, [people[i] for i in order])
+    return result

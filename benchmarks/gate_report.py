@@ -1,0 +1,201 @@
+"""The gate's report folder (report.md, report.json, disagreements.png) and its terminal summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from calibration import crop_person, read_image
+from posequant.errors import DataError, PosequantError
+from posequant.fileio import write_bytes_atomic, write_text_atomic
+from posequant.metadata import ModelMeta
+from posequant.table import format_table
+
+from .gate import labelled
+
+PANEL_HEIGHT = 256
+FLOAT_BGR, INT8_BGR = (80, 200, 0), (0, 140, 255)  # green, orange
+
+
+def prepare_report_dir(path: str | Path) -> Path:
+    """Create the report folder now, so a bad path fails before minutes of evaluation."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PosequantError(f"cannot create the report folder {path} ({e.strerror}): "
+                             "choose another --report") from None
+    if not path.is_dir():
+        raise PosequantError(f"--report {path} is a file: give a folder")
+    return path
+
+
+# ---- terminal ----------------------------------------------------------------------------------
+
+
+def _check_rows(result) -> list[list[str]]:
+    rows = []
+    for c in result.checks:
+        if c.kind == "speedup":
+            vals = [f"{v:.2f} ms" if v is not None else "-" for v in (c.float_value, c.int8_value)]
+            change = f"{c.value:.2f}x" if c.value is not None else "-"
+            budget = f">= {c.limit:g}x"
+        else:
+            vals = [f"{c.float_value:.2f}", f"{c.int8_value:.2f}"]
+            change, budget = f"{-c.value:+.2f}", f"drop <= {c.limit:g}"
+        rows.append([c.name, *vals, change, budget, "pass" if c.passed else "FAIL"])
+    return rows
+
+
+CHECK_HEADERS = ["check", "float", "INT8", "change", "budget", "result"]
+
+
+def format_gate(result) -> str:
+    head = (f"gate: {'PASS' if result.passed else 'FAIL'}  ({result.dataset}, {result.people} people, flip "
+            f"{'on' if result.flip else 'off'}; {result.backend} on {result.device})")
+    lines = [head, format_table(CHECK_HEADERS, _check_rows(result))]
+    lines += [f"  failed: {r}" for r in result.reasons]
+    if result.latency:
+        lines += [f"  warning: {w}" for w in result.latency.warnings]
+    if result.report_files:
+        lines.append(f"report: {result.report_files[0]}")
+    return "\n".join(lines)
+
+
+# ---- report.md ---------------------------------------------------------------------------------
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _delta_rows(table: dict[str, dict[str, float]]) -> list[list[str]]:
+    return [[k, f"{d['float']:.2f}", f"{d['int8']:.2f}", f"{d['delta']:+.2f}"]
+            + ([d["joints"]] if "joints" in d else []) for k, d in table.items()]
+
+
+def format_markdown(result, png: str | None) -> str:
+    verdict = "PASS" if result.passed else "FAIL"
+    md = [f"# INT8 gate: {verdict}", "",
+          f"- float model: `{result.float_model}`", f"- INT8 model: `{result.int8_model}`",
+          f"- data: `{result.data}` ({result.dataset}, {result.people} people, flip test "
+          f"{'on' if result.flip else 'off'}); evaluated and timed on {result.backend} ({result.device})", ""]
+    if result.reasons:
+        md += ["Failed:", ""] + [f"- {r}" for r in result.reasons] + [""]
+    md += ["## Checks", "", _md_table(CHECK_HEADERS, _check_rows(result)), "",
+           "Changes are INT8 minus float, in points (COCO AP x 100, PCK/PCKh in percent).", "",
+           "## Metrics", "", _md_table(["metric", "float", "INT8", "change"], _delta_rows(result.scores)), "",
+           "## Per-joint deltas", "", _md_table(["joint group", "float", "INT8", "change"] + (
+               ["labelled joints"] if any("joints" in d for d in result.groups.values()) else []),
+               _delta_rows(result.groups))]
+    if result.joints != result.groups:
+        md += ["", _md_table(["joint", "float", "INT8", "change"], _delta_rows(result.joints))]
+    if result.latency:
+        md += ["", "## Latency", "", _latency_markdown(result.latency)]
+    md += ["", "## Where the models disagree most", ""]
+    if png:
+        md += [f"![float (left) and INT8 (right) skeletons]({png})", ""]
+    md.append("Skeletons over the labelled joints; white crosses are the ground truth.\n")
+    md.append(_md_table(["#", "image", "mean distance of labelled joints (% of person size)"],
+                        [[i + 1, f"`{Path(p['image']).name}`", f"{100 * p['disagreement']:.2f}"]
+                         for i, p in enumerate(result.disagreements)]))
+    return "\n".join(md) + "\n"
+
+
+def _latency_markdown(latency) -> str:
+    rows = [[Path(r.model).name, r.backend, r.precision, r.batch, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
+             f"{r.p99_ms:.2f}", f"{r.throughput:.1f}", "-" if r.speedup is None else f"{r.speedup:.2f}x"]
+            for r in latency.rows]
+    m = latency.machine
+    flags = ", ".join(k for k, v in m["cpu_flags"].items() if v) or "none"
+    lines = [_md_table(["model", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
+                        "vs ORT fp32"], rows), "",
+             f"{latency.settings['runs']} interleaved rounds; {m['cpu']} (flags: {flags}), {m['threads']} threads"
+             + (f", GPU {m['gpu']}" if m.get("gpu") else "") + "; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items())]
+    lines += [f"- skipped {s['backend']}: {s['reason']}" for s in latency.skipped]
+    lines += [f"- warning: {w}" for w in latency.warnings]
+    return "\n".join(lines)
+
+
+# ---- disagreements.png -------------------------------------------------------------------------
+
+
+def _label(img: np.ndarray, text: str, color) -> None:
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+    cv2.rectangle(img, (0, 0), (w + 8, h + base + 6), (0, 0, 0), -1)
+    cv2.putText(img, text, (4, h + 3), cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
+
+
+def _to_crop(points: np.ndarray, trans: np.ndarray) -> np.ndarray:
+    return np.round(np.c_[points, np.ones(len(points))] @ trans.T).astype(int)  # image pixels -> crop pixels
+
+
+def _panel(crop: np.ndarray, trans: np.ndarray, joints: np.ndarray, person, skeleton, color, text: str) -> np.ndarray:
+    """The predicted skeleton over the labelled joints, with the ground truth as white crosses."""
+    img = crop.copy()
+    show = labelled(person, len(joints))
+    pts = _to_crop(joints, trans)
+    for a, b in skeleton:
+        if show[a] and show[b]:
+            cv2.line(img, tuple(pts[a]), tuple(pts[b]), color, 2, cv2.LINE_AA)
+    for p in pts[show]:
+        cv2.circle(img, tuple(p), 3, color, -1, cv2.LINE_AA)
+        cv2.circle(img, tuple(p), 3, (0, 0, 0), 1, cv2.LINE_AA)
+    if person.joints is not None:
+        for p in _to_crop(np.asarray(person.joints), trans)[show]:
+            cv2.drawMarker(img, tuple(p), (255, 255, 255), cv2.MARKER_CROSS, 7, 1, cv2.LINE_AA)
+    _label(img, text, color)
+    return img
+
+
+def draw_disagreements(meta: ModelMeta, people, float_preds: np.ndarray, int8_preds: np.ndarray,
+                       scores: Sequence[float]) -> np.ndarray | None:
+    """One row per person: the float skeleton (left) and the INT8 one (right) on the same crop.
+
+    Only labelled joints are drawn (elsewhere both models guess); white crosses are the ground truth.
+    """
+    h = PANEL_HEIGHT
+    w = int(round(h * meta.input_size[1] / meta.input_size[0]))
+    rows = []
+    for person, fp, qp, score in zip(people, float_preds, int8_preds, scores):
+        try:
+            image = read_image(person.image)
+        except DataError:
+            continue
+        crop, trans = crop_person(image, person.center, person.scale, (h, w))
+        gap = np.full((h, 6, 3), 255, np.uint8)
+        rows.append(np.hstack([_panel(crop, trans, fp, person, meta.skeleton, FLOAT_BGR, "float"), gap,
+                               _panel(crop, trans, qp, person, meta.skeleton, INT8_BGR, f"INT8 {100 * score:.1f}%")]))
+    if not rows:
+        return None
+    sep = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
+    return np.vstack([x for r in rows for x in (r, sep)][:-1])
+
+
+# ---- the folder --------------------------------------------------------------------------------
+
+
+def write_report(result, folder: Path, meta: ModelMeta, people) -> list[str]:
+    """Write disagreements.png (when the images can be read), report.md and report.json; their paths."""
+    idx = [p["index"] for p in result.disagreements]
+    picture = draw_disagreements(meta, people, result.float_eval.preds[idx], result.int8_eval.preds[idx],
+                                 [p["disagreement"] for p in result.disagreements])
+    files = [folder / "report.md", folder / "report.json"]
+    png = None
+    if picture is not None:
+        ok, buf = cv2.imencode(".png", picture)
+        if ok:
+            png = "disagreements.png"
+            write_bytes_atomic(folder / png, buf.tobytes())
+            files.append(folder / png)
+    result.report_files = [str(f) for f in files]
+    write_text_atomic(folder / "report.md", format_markdown(result, png))
+    write_text_atomic(folder / "report.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return result.report_files
