@@ -1,0 +1,191 @@
+"""Issue 5's performance goals: INT8 vs float latency ratios, one interleaved run per model.
+
+    .venv/bin/python scripts/bench_goals.py [--threads 2] [--runs 50] [--json out.json]
+        [--int8 NAME=Q.onnx ...] [--quantizer pkg.mod:fn] [--keep DIR] [--device cpu|cuda]
+
+Models: pose_resnet_50 at 256x256 (16 joints) and HRNet-W32 at 256x192 from the zoo with seeded
+random weights and BatchNorm statistics, and the trained ultralight-simplepose model when
+--shared has it. Each is timed at batch 1 on ONNX Runtime FP32 and INT8 and OpenVINO f32, bf16
+(when the CPU has it) and INT8, all of one model interleaved round by round, medians compared
+with ORT FP32. INT8 models come from --int8, else from ``make_int8`` (or the --quantizer hook).
+
+Goals (same conditions): pose_resnet_50 best INT8 >= 4.0x ORT FP32 and ORT INT8 >= 2.5x;
+HRNet-W32 best INT8 >= 3.5x; the trained model's INT8 faster than its float on every backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from benchmarks.latency import bench
+from exporter import export_pose
+from exporter.zoo import PRESETS, pose_hrnet, pose_resnet
+from posequant.demo import randomise
+from posequant.table import format_table
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = {  # name: (builder, config, input size)
+    "pose_resnet_50": (pose_resnet.build, pose_resnet.PoseResNetConfig(depth=50, num_joints=16), (256, 256)),
+    "pose_hrnet_w32": (pose_hrnet.build, PRESETS["pose_hrnet_w32"][1], (256, 192)),
+}
+TRAINED = "ultralight"
+GOALS = {  # name: [(what, row key, at least)]; keys are (backend, precision) or "best_int8"
+    "pose_resnet_50": [("best INT8 >= 4.0x", "best_int8", 4.0), ("ORT INT8 >= 2.5x", ("ort", "int8"), 2.5)],
+    "pose_hrnet_w32": [("best INT8 >= 3.5x", "best_int8", 3.5)],
+}
+COLUMNS = [("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("ort", "int8"), ("openvino", "int8")]
+
+
+def calibration_inputs(float_onnx: Path, calib: Path | None, samples: int = 32) -> list[np.ndarray]:
+    """Real person crops preprocessed as the model's metadata says, or seeded random crops."""
+    from calibration import iter_batches, open_dataset
+    from posequant.metadata import read_meta
+
+    meta = read_meta(float_onnx)
+    if calib is not None and calib.is_dir():
+        ds = open_dataset(calib, input_size=meta.input_size, purpose="calib")
+        return [b.inputs for b in iter_batches(ds.people, meta, batch_size=1, limit=samples)]
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((1, 3, *meta.input_size), dtype=np.float32) for _ in range(samples)]
+
+
+def make_int8(float_onnx: Path, out: Path, calib: Path | None = None) -> Path:
+    """Plain ONNX Runtime static quantization (QDQ, per-channel weights): the baseline to beat.
+
+    Switch this to posequant's own quantizer once it exists (or pass --quantizer pkg.mod:fn).
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, inputs):
+            self.it = iter({"input": x} for x in inputs)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(float_onnx), str(out), Reader(calibration_inputs(float_onnx, calib)),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
+
+
+def load_quantizer(spec: str | None) -> Callable[[Path, Path, Path | None], Path]:
+    if not spec:
+        return make_int8
+    module, _, fn = spec.partition(":")
+    sys.path.insert(0, str(REPO))
+    return getattr(importlib.import_module(module), fn)
+
+
+def export_models(names: list[str], shared: Path, out: Path) -> dict[str, Path]:
+    float_models = {}
+    for name in names:
+        if name == TRAINED:
+            trained = shared / "models/ultralight-simplepose"
+            if not trained.is_dir():
+                print(f"skipping {TRAINED}: {trained} not found", file=sys.stderr)
+                continue
+            res = export_pose(trained / "ultralight_simplepose_coco_256x192.pth", out / f"{name}.onnx",
+                              arch=f"{trained / 'ultralight_simplepose.py'}:build_model", input_size=(256, 192),
+                              keypoints="coco", color="rgb", verify_model=False)
+        else:
+            build, cfg, size = ZOO[name]
+            torch.manual_seed(0)
+            ckpt = out / f"{name}.pth"
+            torch.save(randomise(build(cfg)).state_dict(), ckpt)
+            res = export_pose(ckpt, out / f"{name}.onnx", input_size=size, verify_model=False)
+        float_models[name] = res.output
+    return float_models
+
+
+def ratios(result, float_path: Path, int8_path: Path) -> dict:
+    """p50 per (backend, precision) and each over ORT FP32."""
+    p50 = {}
+    for r in result.rows:
+        if r.model in (str(float_path), str(int8_path)) and r.batch == 1:
+            p50[(r.backend, r.precision)] = r.p50_ms
+    base = p50.get(("ort", "fp32"))
+    ratio = {k: base / v for k, v in p50.items()} if base else {}
+    int8 = [ratio[k] for k in ratio if k[1] == "int8"]
+    return {"p50_ms": p50, "ratio": ratio, "best_int8": max(int8) if int8 else None}
+
+
+def check_goals(name: str, r: dict) -> list[tuple[str, bool]]:
+    if name == TRAINED:  # INT8 faster than the fastest float precision on every backend it runs on
+        out = []
+        for be in ("ort", "openvino", "tensorrt"):
+            floats = [v for (b, p), v in r["p50_ms"].items() if b == be and p != "int8"]
+            q = r["p50_ms"].get((be, "int8"))
+            if floats and q:
+                out.append((f"{be} INT8 < float", q < min(floats)))
+        return out
+    def value(key):
+        return r["best_int8"] if key == "best_int8" else r["ratio"].get(key)
+
+    return [(what, (value(key) or 0) >= need) for what, key, need in GOALS.get(name, [])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    ap.add_argument("--models", default=",".join([*ZOO, TRAINED]), help="comma-separated subset")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--int8", action="append", default=[], metavar="NAME=Q.onnx", help="use this INT8 model")
+    ap.add_argument("--quantizer", metavar="pkg.mod:fn", help="fn(float_onnx, out, calib) -> out; default make_int8")
+    ap.add_argument("--calib", type=Path, help="calibration data [default: --shared's coco-mini, else random]")
+    ap.add_argument("--keep", type=Path, help="keep the exported and quantized models in this folder")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    names = [n for n in args.models.split(",") if n]
+    given = dict(s.split("=", 1) for s in args.int8)
+    quantize = load_quantizer(args.quantizer)
+    calib = args.calib or args.shared / "data/coco-mini"
+    backends = ["ort", "openvino"] if args.device == "cpu" else ["ort", "tensorrt"]
+    cols = COLUMNS if args.device == "cpu" else [("ort", "fp32"), ("tensorrt", "fp16"), ("ort", "int8"),
+                                                  ("tensorrt", "int8")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.keep or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        summary, tables, payload = [], [], {}
+        for name, float_path in export_models(names, args.shared, out).items():
+            int8_path = Path(given[name]) if name in given else quantize(float_path, out / f"{name}_int8.onnx", calib)
+            print(f"timing {name}: {args.runs} interleaved rounds", file=sys.stderr)
+            result = bench([float_path, int8_path], device=args.device, backends=backends, batches=(1,),
+                           threads=args.threads, warmup=args.warmup, runs=args.runs)
+            r = ratios(result, float_path, int8_path)
+            goals = check_goals(name, r)
+            summary.append([name] + [f"{r['p50_ms'][k]:.1f} ({r['ratio'][k]:.2f}x)" if k in r["p50_ms"] else "-"
+                                     for k in cols]
+                           + [", ".join(f"{w} {'ok' if ok else 'MISSED'}" for w, ok in goals) or "-"])
+            tables.append(result)
+            payload[name] = {"p50_ms": {f"{b} {p}": v for (b, p), v in r["p50_ms"].items()},
+                             "ratio_vs_ort_fp32": {f"{b} {p}": v for (b, p), v in r["ratio"].items()},
+                             "best_int8": r["best_int8"], "goals": dict(goals), "bench": result.to_dict()}
+    m = tables[0].machine if tables else {}
+    if m:
+        print(f"{m['cpu']}; {args.threads} threads; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+        print(f"command: {' '.join(sys.argv)}")
+    headers = ["model"] + [f"{b} {p} ms" for b, p in cols] + ["goals"]
+    print(format_table(headers, summary))
+    for result in tables:
+        for w in result.warnings:
+            print(f"warning: {w}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": m, "models": payload}, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
