@@ -219,9 +219,18 @@ def _ort(model, calib: CalibrationSet, *, method, per_channel, ignored, tmp: Pat
     onnx.save(model, str(src))
     methods = {"auto": CalibrationMethod.MinMax, "minmax": CalibrationMethod.MinMax,
                "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
-    quantize_static(str(src), str(dst), OrtCalibrationReader(calib.crops), quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=methods[method], nodes_to_exclude=list(ignored))
+    # quantize_static logs advice ("consider pre-processing") on the root logger; with no handler there,
+    # logging would install a stderr one for the rest of the process. A null handler keeps it quiet.
+    import logging
+
+    quiet = logging.NullHandler()
+    logging.getLogger().addHandler(quiet)
+    try:
+        quantize_static(str(src), str(dst), OrtCalibrationReader(calib.crops), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method], nodes_to_exclude=list(ignored))
+    finally:
+        logging.getLogger().removeHandler(quiet)
     return onnx.load(str(dst))
 
 
