@@ -304,16 +304,132 @@ def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedu
     sys.exit(0 if result.passed else 1)
 
 
+def _warn(msg: str) -> None:
+    click.echo(f"warning: {msg}", err=True)
+
+
+def _next_commands(result) -> str:
+    """What to run on the INT8 model next: evaluate it, then gate it against the float model."""
+    import shlex
+
+    c = result.calibration
+    data = result.settings["val"] or (c["root"] if c["format"] in ("mpii", "coco") else "VAL_ROOT")
+    q = shlex.quote
+    return (f"next: posequant eval {q(str(result.output))} --data {q(str(data))}\n"
+            f"      posequant gate --float {q(str(result.input))} --int8 {q(str(result.output))} --data {q(str(data))}")
+
+
+@main.command("quantize")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", required=True, type=click.Path(path_type=Path), metavar="ROOT",
+              help="Calibration data: MPII, COCO (person crops as evaluation makes them) or a folder of images.")
+@click.option("--format", "fmt", type=click.Choice(["mpii", "coco", "folder"]), help="Layout of --calib [default: detected].")
+@click.option("--split", help="Calibration split [default: MPII train, COCO train, else the one there is].")
+@click.option("--num-samples", type=click.IntRange(1), default=300, show_default=True,
+              help="People drawn (with --seed) for calibration; all of them when there are fewer.")
+@click.option("--method", type=click.Choice(["auto", "minmax", "entropy", "percentile"]), default="auto",
+              show_default=True, help="Activation range estimation (entropy needs --engine ort).")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the calibration people.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="INT8 ONNX file to write [default: MODEL.int8.onnx].")
+@click.option("--target", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="Runtime the QDQ graph is shaped for.")
+@click.option("--rewrite-deconv/--no-rewrite-deconv", default=None,
+              help="Rewrite stride-s ConvTranspose as exact phase convolutions [default: the dense (group 1) ones, "
+                   "where measured faster on --target].")
+@click.option("--engine", type=click.Choice(["nncf", "ort"]), default="nncf", show_default=True,
+              help="Quantizer: NNCF, or ONNX Runtime's quantize_static.")
+@click.option("--val", type=click.Path(path_type=Path), metavar="ROOT",
+              help="MPII or COCO data with ground truth: evaluate float and INT8, keep nodes in float until within --max-drop.")
+@click.option("--val-split", help="Validation split [default: MPII valid, COCO val].")
+@click.option("--max-drop", type=float, default=0.5, show_default=True,
+              help="Largest allowed drop with --val, in points of the main metric (COCO AP x 100, MPII PCKh@0.5 Mean).")
+@click.option("--flip/--no-flip", default=False, show_default=True, help="Flip test in the --val evaluation.")
+@click.option("--keep-float", multiple=True, metavar="NODE", help="Leave this node in float (repeatable).")
+@click.option("--input-size", callback=_size, metavar="HxW", help="For a model without posequant metadata.")
+@click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False),
+              help="For a model without posequant metadata.")
+@click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False),
+              help="For a model without posequant metadata.")
+@click.option("--report", metavar="OUT.md", help="Also write a Markdown report.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
+def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, seed, output, target, rewrite_deconv,
+                 engine, val, val_split, max_drop, flip, keep_float, input_size, keypoints, color, report, json_out):
+    """Static INT8 (QDQ) quantization calibrated on real person crops, with an optional accuracy budget."""
+    from calibration.qreport import format_quantize, quantize_report_markdown
+    from calibration.quantize import BudgetError, quantize
+
+    for out in (report, json_out):  # fail before the run, not after it
+        if out:
+            check_writable(out)
+    failure = None
+    try:
+        result = quantize(
+            model, calib, output=output, format=fmt, split=split, num_samples=num_samples, method=method,
+            per_channel=per_channel, seed=seed, target=target, rewrite_deconv=rewrite_deconv, engine=engine,
+            val=val, val_split=val_split, max_drop=max_drop, val_flip=flip, keep_float=keep_float,
+            input_size=input_size, keypoints=keypoints, color=color, progress=_progress, warn=_warn)
+    except BudgetError as e:  # the summary and the report explain the failure; the model is not written
+        result, failure = e.result, e
+    click.echo(format_quantize(result))
+    if report:
+        write_text_atomic(report, quantize_report_markdown(result))
+        click.echo(f"wrote {report}")
+    payload = result.to_dict()
+    if failure:
+        payload.update(output=None, error=str(failure))
+    _write_json(json_out, payload)
+    if failure:
+        raise failure
+    click.echo(_next_commands(result))
+
+
+@main.command("pipeline")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", required=True, type=click.Path(path_type=Path), metavar="ROOT",
+              help="Calibration data: MPII, COCO (its train split) or a folder of images.")
+@click.option("--val", required=True, type=click.Path(path_type=Path), metavar="ROOT",
+              help="MPII or COCO data with ground truth for the gate (its val split).")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("pipeline-out"),
+              show_default=True, help="Folder for every file the pipeline writes.")
+@arch_option
+@click.option("--input-size", callback=_size, metavar="HxW", help="Input height x width (see export-pose).")
+@click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False), help="See export-pose.")
+@click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False), help="See export-pose.")
+@trust_option
+@click.option("--num-samples", type=click.IntRange(1), default=300, show_default=True, help="Calibration people.")
+@click.option("--target", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="Runtime the INT8 graph is shaped for, and the backend the gate evaluates and times on.")
+@click.option("--max-drop", type=float, default=0.5, show_default=True, help="See gate.")
+@click.option("--max-joint-drop", type=float, default=2.0, show_default=True, help="See gate.")
+@click.option("--min-speedup", type=float, default=1.5, show_default=True, help="See gate.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test in the gate's evaluation.")
+@click.option("--runs", type=click.IntRange(1), default=30, show_default=True, help="Timed rounds in the gate.")
+def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, color, trust_pickle, num_samples,
+                 target, max_drop, max_joint_drop, min_speedup, flip, runs):
+    """Export, quantize and gate a checkpoint in one go; exit 1 when the INT8 model fails the gate."""
+    from benchmarks.pipeline import GateBudget, format_pipeline, run_pipeline
+
+    result = run_pipeline(checkpoint, calib, val, out_dir, arch=arch, input_size=input_size, keypoints=keypoints,
+                          color=color, trust_pickle=trust_pickle, num_samples=num_samples, target=target,
+                          budget=GateBudget(max_drop, max_joint_drop, min_speedup), flip=flip, runs=runs,
+                          progress=_progress)
+    click.echo(format_pipeline(result))
+    sys.exit(0 if result.passed else 1)
+
+
 @main.command("demo")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Folder for the demo's files.")
 @click.option("--shared", type=click.Path(file_okay=False, path_type=Path),
               help="A shared/ folder with the trained ultralight-simplepose model and coco-mini data.")
 def demo_cmd(out_dir, shared):
-    """Run the main job on a built-in default (the trained model when --shared has it)."""
+    """Run the pipeline on a built-in default (the trained model when --shared has it); exit 1 on a failed gate."""
     from posequant.demo import run_demo
 
-    run_demo(out_dir, shared, echo=click.echo, progress=_progress)
+    result = run_demo(out_dir, shared, echo=click.echo, progress=_progress)
+    sys.exit(0 if result.passed else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,213 @@
+"""Human-readable text for quantize results: a terminal summary and a Markdown report.
+
+The JSON form is ``QuantizeResult.to_dict()``; both texts below are built from the same fields.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from posequant.metadata import format_size
+from posequant.table import format_table
+
+
+def budget_met(result) -> bool | None:
+    """True/False when an accuracy budget was checked (``--val``), None otherwise."""
+    e, max_drop = result.evaluation, result.settings.get("max_drop")
+    if e is None or max_drop is None:
+        return None
+    return e.drop <= max_drop
+
+
+def summary_rows(evaluation) -> list[tuple[str, float, float]]:
+    """(metric, float, INT8) in points: COCO AP, AP50, AP75, AR (x 100) and PCK@0.2 Mean; MPII PCKh@0.5 and @0.1 Mean."""
+    f, q = evaluation.float_metrics, evaluation.int8_metrics
+    if "AP" in f:
+        rows = [(k, 100.0 * f[k], 100.0 * q[k]) for k in ("AP", "AP50", "AP75", "AR")]
+        keys = ("PCK@0.2",)
+    else:
+        rows, keys = [], ("PCKh@0.5", "PCKh@0.1")
+    return rows + [(f"{k} Mean", f[k]["Mean"], q[k]["Mean"]) for k in keys if k in f]
+
+
+def joint_rows(evaluation) -> tuple[str, list[tuple[str, float, float]]]:
+    """Per joint (COCO: PCK@0.2 of each keypoint) or per joint group (MPII: PCKh@0.5), float and INT8."""
+    f, q = evaluation.float_metrics, evaluation.int8_metrics
+    key = "PCK@0.2" if "PCK@0.2" in f else "PCKh@0.5"
+    return key, [(name, value, q[key][name]) for name, value in f[key].items()]
+
+
+def _num(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _drop(a: float, b: float) -> str:
+    return _num(a - b if a is not None and b is not None else None)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _rewrite(value: bool | str) -> str:
+    """The rewrite setting: True (every deconvolution), "dense" (group-1 ones only) or False."""
+    return {True: "on", False: "off", "dense": "on for dense (group 1) deconvolutions"}.get(value, str(value))
+
+
+def _settings_line(s: dict[str, Any]) -> str:
+    granularity = "per-channel" if s["per_channel"] else "per-tensor"
+    return (f"engine {s['engine']}, method {s['method']}, weights {s['weights']} {granularity}, activations "
+            f"{s['activations']}, target {s['target']}, deconvolution rewrite {_rewrite(s['rewrite_deconv'])}, "
+            f"seed {s['seed']}" + (f", bias correction {s['bias_correction']}" if s.get("bias_correction") else ""))
+
+
+def _calibration_line(c: dict[str, Any]) -> str:
+    where = c["format"].upper() + (f" {c['split']}" if c.get("split") else "")
+    line = f"{c['people']} of {c['available_people']} people from {where} ({c['root']}), seed {c['seed']}"
+    if c["skipped_images"]:
+        line += f"; {len(c['skipped_images'])} image(s) skipped (missing or undecodable)"
+    return line
+
+
+def _prepared_line(result) -> str:
+    parts = []
+    if result.folded_batchnorms:
+        parts.append(f"{len(result.folded_batchnorms)} BatchNorm folded into ConvTranspose")
+    if result.rewritten_deconvs:
+        parts.append(f"{len(result.rewritten_deconvs)} ConvTranspose rewritten as phase convolutions")
+    if result.rewrite_max_rel_diff is not None:
+        parts.append(f"max rel diff {result.rewrite_max_rel_diff:.1e}")
+    return ", ".join(parts) if parts else "no ConvTranspose changes"
+
+
+def _outcome(result) -> str:
+    met = budget_met(result)
+    if met is False:
+        e = result.evaluation
+        return (f"FAIL: {e.metric} drop {e.drop:.2f} exceeds the budget {result.settings['max_drop']} with "
+                f"{len(result.kept_float)} node(s) in float; nothing written")
+    return f"wrote {result.output}"
+
+
+def format_quantize(result) -> str:
+    """The terminal summary of a quantize run."""
+    m = result.meta
+    lines = [
+        f"{result.input} -> {result.output}{' (not written)' if budget_met(result) is False else ''}: "
+        f"{_bytes(result.float_bytes)} float, {_bytes(result.int8_bytes)} INT8, {result.seconds:.1f} s",
+        f"  model        {m.keypoints} {m.num_joints} joints, input {format_size(m.input_size)} {m.color.upper()}",
+        f"  settings     {_settings_line(result.settings)}",
+        f"  calibration  {_calibration_line(result.calibration)}",
+        f"  graph        {_prepared_line(result)}",
+        "  deconvs      " + "; ".join(f"{backend}: {how}" for backend, how in result.deconvs.items()),
+        "  in float     " + _short_list(result.kept_float),
+    ]
+    e = result.evaluation
+    if e is None:
+        lines.append("accuracy not measured (give --val ROOT to measure it and enforce --max-drop)")
+    else:
+        flip = "on" if result.settings.get("val_flip") else "off"
+        lines.append(f"accuracy on {e.people} people of {result.settings['val']} (flip {flip}), "
+                     f"budget {result.settings['max_drop']} points of {e.metric}:")
+        lines.append(format_table(["metric", "float", "INT8", "drop"],
+                                  [[k, _num(a), _num(b), _drop(a, b)] for k, a, b in summary_rows(e)]))
+        if len(result.budget_steps) > 1:
+            lines.append("budget steps")
+            lines.append(format_table(["step", "nodes in float", "INT8", "drop"], _step_rows(result.budget_steps)))
+    lines.append(_outcome(result))
+    return "\n".join(lines)
+
+
+def _short_list(names: list[str], shown: int = 4) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - shown} more (see --report)" if len(names) > shown else ""
+    return f"{len(names)} node(s): " + ", ".join(names[:shown]) + more
+
+
+def _step_rows(steps: list[dict[str, Any]]) -> list[list[str]]:
+    return [[str(i), str(len(s["kept_float"])), _num(s["int8"]), f"{s['drop']:.2f}"] for i, s in enumerate(steps)]
+
+
+# ---- Markdown ----------------------------------------------------------------------------------
+
+
+def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _code_list(names: list[str] | tuple[str, ...]) -> str:
+    return ", ".join(f"`{n}`" for n in names) if names else "none"
+
+
+def quantize_report_markdown(result) -> str:
+    """The Markdown report of a quantize run: calibration, settings, sizes, accuracy, float nodes, deconvolutions."""
+    s, c, m = result.settings, result.calibration, result.meta
+    out = [f"# INT8 quantization of `{result.input.name}`", "", f"**{_outcome(result)}**", ""]
+
+    out += ["## Calibration set", "", _md_table(["", ""], [
+        ["data", f"`{c['root']}`"],
+        ["format / split", f"{c['format']} / {c['split'] or '-'}"],
+        ["people", f"{c['people']} of {c['available_people']} available (drawn with seed {c['seed']})"],
+        ["skipped images", f"{len(c['skipped_images'])}: " + _code_list(c["skipped_images"])
+         if c["skipped_images"] else "none"],
+        ["people in skipped images", c["skipped_people"]],
+    ]), ""]
+
+    out += ["## Settings", "", _md_table(["setting", "value"], [
+        ["engine", s["engine"]], ["method", s["method"]], ["weights", s["weights"] + (
+            ", per-channel" if s["per_channel"] else ", per-tensor")],
+        ["activations", s["activations"]], ["target runtime", s["target"]],
+        ["deconvolution rewrite", _rewrite(s["rewrite_deconv"])],
+        ["bias correction", s.get("bias_correction") or "-"],
+        ["calibration samples asked", s["num_samples"]], ["seed", s["seed"]],
+        ["validation", f"`{s['val']}`, flip {'on' if s['val_flip'] else 'off'}" if s["val"] else "none"],
+        ["max drop", f"{s['max_drop']} points" if s["max_drop"] is not None else "-"],
+    ]), ""]
+
+    out += ["## Model", "", _md_table(["", "float", "INT8"], [
+        ["file", f"`{result.input}`", f"`{result.output}`" if budget_met(result) is not False else "not written"],
+        ["size", _bytes(result.float_bytes), _bytes(result.int8_bytes)],
+    ]), "",
+        f"{m.keypoints} {m.num_joints} joints, input {format_size(m.input_size)} {m.color.upper()}, heatmaps "
+        f"{format_size(m.heatmap_size)}.", "",
+        f"Float graph prepared before quantization: {_prepared_line(result)}.", "",
+        f"- BatchNorm folded into: {_code_list(result.folded_batchnorms)}",
+        f"- rewritten as phase convolutions + DepthToSpace: {_code_list(result.rewritten_deconvs)}", ""]
+
+    out += ["## Deconvolutions in int8", "",
+            _md_table(["backend", "deconvolutions run"], [[b, how] for b, how in result.deconvs.items()]), ""]
+
+    out += _accuracy_md(result)
+
+    out += ["## Nodes kept in float", ""]
+    out += [f"- `{n}`" for n in result.kept_float] if result.kept_float else ["none"]
+    out.append("")
+
+    if result.budget_steps:
+        out += ["## Budget steps", "", _md_table(["step", "nodes in float", "INT8", "drop", "added to float"], [
+            [i, len(step["kept_float"]), _num(step["int8"]), f"{step['drop']:.2f}", _code_list(sorted(
+                set(step["kept_float"]) - set(result.budget_steps[i - 1]["kept_float"] if i else ())))]
+            for i, step in enumerate(result.budget_steps)]), ""]
+    return "\n".join(out)
+
+
+def _accuracy_md(result) -> list[str]:
+    e = result.evaluation
+    if e is None:
+        return ["## Accuracy", "", "Not measured: give `--val ROOT` to measure it and enforce `--max-drop`.", ""]
+    s = result.settings
+    out = ["## Accuracy", "",
+           f"{e.people} people of `{s['val']}`, flip {'on' if s['val_flip'] else 'off'}; budget {s['max_drop']} "
+           f"points of {e.metric}: float {e.float_value:.2f}, INT8 {e.int8_value:.2f}, drop {e.drop:.2f} "
+           f"({'met' if budget_met(result) else 'not met'}).", "",
+           _md_table(["metric", "float", "INT8", "drop"],
+                     [[k, _num(a), _num(b), _drop(a, b)] for k, a, b in summary_rows(e)]), ""]
+    key, rows = joint_rows(e)
+    what = "joint" if key == "PCK@0.2" else "joint group"
+    out += [f"### {key} per {what}", "",
+            _md_table([what, "float", "INT8", "drop"], [[k, _num(a), _num(b), _drop(a, b)] for k, a, b in rows]), ""]
+    return out
