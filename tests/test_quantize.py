@@ -1,0 +1,460 @@
+"""quantize: the exact deconvolution rewrite, INT8 accuracy of the trained model, determinism, the
+accuracy-budget loop, plain-folder calibration and every bad input of issue 4 (through the CLI)."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from benchmarks.evaluate import evaluate
+from calibration.deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
+from calibration.qdq import is_quantized
+from calibration.quantize import REWRITE_BY_TARGET, quantize
+from conftest import COCO_MINI, MPII_CALIB, MPII_MINI, SMALL, TRAINED_ARCH, TRAINED_CKPT, needs_shared, small_model
+from exporter import export_pose
+from exporter.zoo import pose_resnet
+from posequant.cli import main
+from posequant.demo import randomise
+from posequant.metadata import read_meta
+
+# The accuracy claimed for the trained model (coco-mini val, no flip): drop in AP points and PCK@0.2 points.
+CLAIMED_AP_DROP = 3.0
+CLAIMED_PCK_DROP = 1.5
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(res, code=2) -> str:
+    assert res.exit_code == code, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+def onnx_files(folder):
+    """Everything quantize may have left in ``folder`` besides its input: outputs and temporary files."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".onnx", ".tmp", ".md", ".json"))
+
+
+def export_torch(module, shape) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    torch.onnx.export(module.eval(), (torch.zeros(shape),), buf, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["out"], do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def weighted_inputs_quantized(model: onnx.ModelProto, name: str) -> bool:
+    """Whether node ``name`` of a QDQ model reads its weight through a DequantizeLinear (runs in int8)."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.name == name)
+    return producers.get(node.input[1]) == "DequantizeLinear"
+
+
+# ---- the deconvolution rewrite -------------------------------------------------------------------
+
+# (in, out, kernel, stride, padding, output_padding, groups, bias): the official pose_resnet kernels
+# 4/3/2, depthwise and grouped ones, strides 3 and 4, a kernel wider than twice the stride
+DECONVS = [
+    (8, 6, 4, 2, 1, 0, 1, False),
+    (8, 6, 3, 2, 1, 1, 1, False),
+    (8, 6, 2, 2, 0, 0, 1, True),
+    (8, 8, 4, 2, 1, 0, 8, False),
+    (8, 4, 4, 2, 1, 0, 2, True),
+    (4, 4, 3, 3, 0, 0, 1, True),
+    (4, 6, 6, 4, 1, 0, 1, False),
+    (4, 4, 5, 2, 2, 1, 1, False),
+]
+
+
+def deconv_bn(cin, cout, k, s, p, op, groups, bias, seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(cin, cout, k, s, p, op, groups=groups, bias=bias),
+        torch.nn.BatchNorm2d(cout), torch.nn.ReLU())
+    return randomise(net, seed)
+
+
+@pytest.mark.parametrize("cfg", DECONVS, ids=lambda c: "in{}-out{}-k{}-s{}-p{}-op{}-g{}-b{:d}".format(*c))
+def test_deconv_rewrite_is_exact_on_random_inputs(cfg):
+    shape = (2, cfg[0], 5, 7)  # non-square, odd sizes
+    net = deconv_bn(*cfg)
+    model = export_torch(net, shape)
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 1  # left after ConvTranspose
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    assert len(fold_deconv_batchnorm(prepared)) == 1
+    rewritten, skipped = rewrite_deconvs(prepared)
+    assert len(rewritten) == 1 and not skipped
+    ops = [n.op_type for n in prepared.graph.node]
+    assert "ConvTranspose" not in ops and "BatchNormalization" not in ops
+    assert ops.count("Conv") == cfg[3] ** 2 and "DepthToSpace" in ops
+    onnx.checker.check_model(prepared, full_check=True)
+    assert max_relative_diff(model, prepared, shape, runs=3) <= 1e-5
+    # and against PyTorch itself, on a fresh input
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(prepared.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert got.shape == ref.shape == (2, cfg[1], 5 * cfg[3], 7 * cfg[3])
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("cfg,why", [
+    ((4, 4, 3, 2, 0, 0, 1, False), "not exactly stride x input"),  # output 2n+1
+    ((4, 4, 3, 1, 1, 0, 1, False), "strides"),  # stride 1: nothing to gain
+])
+def test_deconv_that_cannot_be_rewritten_is_reported(cfg, why):
+    shape = (1, 4, 6, 6)
+    model = export_torch(deconv_bn(*cfg), shape)
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    fold_deconv_batchnorm(prepared)
+    rewritten, skipped = rewrite_deconvs(prepared)
+    assert rewritten == [] and len(skipped) == 1
+    assert why in next(iter(skipped.values()))
+    assert [n.op_type for n in prepared.graph.node].count("ConvTranspose") == 1
+    assert max_relative_diff(model, prepared, shape) <= 1e-5  # the BatchNorm fold alone is exact too
+
+
+@pytest.mark.parametrize("kernel,bias", [(4, False), (3, False), (2, True)])
+def test_deconv_rewrite_is_exact_on_pose_resnet(tmp_path, kernel, bias):
+    base, size = SMALL["pose_resnet"]
+    cfg = pose_resnet.PoseResNetConfig(depth=base.depth, num_joints=base.num_joints, deconv_filters=base.deconv_filters,
+                                       deconv_kernels=(kernel,) * 3, deconv_with_bias=bias)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.pth"
+    torch.save(randomise(pose_resnet.build(cfg), 0).state_dict(), ckpt)
+    out = tmp_path / "m.onnx"
+    export_pose(ckpt, out, input_size=size, verify_model=False)
+    model = onnx.load(str(out))
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    fold_deconv_batchnorm(prepared)  # the exporter folds pose_resnet's BatchNorms itself; ultralight's it leaves
+    assert "BatchNormalization" not in [n.op_type for n in prepared.graph.node]
+    rewritten, skipped = rewrite_deconvs(prepared)
+    assert len(rewritten) == 3 and not skipped
+    assert "ConvTranspose" not in [n.op_type for n in prepared.graph.node]
+    assert max_relative_diff(model, prepared, (2, 3, *size), runs=3) <= 1e-5
+
+
+# ---- a small random MPII model, calibrated on a plain folder of images ----------------------------
+
+
+@pytest.fixture(scope="module")
+def small_mpii(tmp_path_factory):
+    """pose_resnet (16 joints, 64x64) with random weights, exported with export_pose."""
+    d = tmp_path_factory.mktemp("small")
+    ckpt = d / "pose_resnet.pth"
+    torch.save(small_model("pose_resnet").state_dict(), ckpt)
+    out = d / "pose_resnet.onnx"
+    export_pose(ckpt, out, input_size=SMALL["pose_resnet"][1], verify_model=False)
+    return out
+
+
+@pytest.fixture
+def model_copy(small_mpii, tmp_path):
+    """The small model alone in a fresh folder, so that a test can see everything written beside it."""
+    path = tmp_path / "model.onnx"
+    shutil.copy(small_mpii, path)
+    return path
+
+
+def crop_of(meta):
+    from calibration import iter_batches, open_dataset
+
+    ds = open_dataset(MPII_CALIB, input_size=meta.input_size)
+    return next(iter(iter_batches(ds, meta, batch_size=1, limit=1))).inputs
+
+
+@needs_shared(MPII_CALIB)
+def test_plain_folder_calibration(model_copy, tmp_path):
+    out, js, md = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "q.md"
+    res = invoke("quantize", model_copy, "--calib", MPII_CALIB, "-o", out, "--json", js, "--report", md)
+    assert res.exit_code == 0, res.output
+    # 7 images, fewer than the default 300: one warning line, and all of them used
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "fewer than --num-samples 300" in warnings[0], res.stderr
+    assert f"posequant eval {out}" in res.stdout and "posequant gate" in res.stdout  # the next command
+
+    data = json.loads(js.read_text())
+    c = data["calibration"]
+    assert (c["format"], c["split"], c["people"], c["available_people"], c["skipped_images"]) == ("folder", None, 7, 7, [])
+    assert data["settings"]["target"] == "ort" and "evaluation" not in data
+    assert len(data["rewritten_deconvs"]) == (3 if REWRITE_BY_TARGET["ort"] else 0)
+    assert data["rewrite_max_rel_diff"] <= 1e-5
+    assert data["int8_bytes"] < data["float_bytes"] / 3
+
+    q = onnx.load(str(out))
+    assert is_quantized(q)
+    if REWRITE_BY_TARGET["ort"]:  # pose_resnet's deconvolutions are dense: rewritten, and int8 on ORT
+        assert data["deconvs"]["ort"].startswith("int8") and "ConvTranspose" not in [n.op_type for n in q.graph.node]
+    meta = read_meta(q)
+    assert meta.precision == "int8" and meta.num_joints == 16 and meta.input_size == (64, 64)
+    stamped = json.loads(next(p.value for p in q.metadata_props if p.key == "quantization"))
+    assert stamped["seed"] == 0 and stamped["kept_float"] == []
+    # the INT8 model computes nearly what the float one does on a real crop
+    x = crop_of(meta)
+    f, i = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for p in (model_copy, out))
+    assert np.abs(f - i).max() <= 0.2 * np.abs(f).max()
+    assert np.corrcoef(f.ravel(), i.ravel())[0, 1] > 0.95
+
+    report = md.read_text()
+    for section in ("## Calibration set", "## Settings", "## Model", "## Deconvolutions in int8", "## Accuracy",
+                    "## Nodes kept in float"):
+        assert section in report
+    assert "| people | 7 of 7 available (drawn with seed 0) |" in report
+    assert "Not measured" in report
+
+
+@needs_shared(MPII_CALIB)
+@pytest.mark.parametrize("target", ["ort", "openvino"])
+def test_no_rewrite_keeps_deconvolutions(model_copy, tmp_path, target):
+    out, js = tmp_path / "q.onnx", tmp_path / "q.json"
+    res = invoke("quantize", model_copy, "--calib", MPII_CALIB, "-o", out, "--json", js, "--num-samples", 4,
+                 "--target", target, "--no-rewrite-deconv")
+    assert res.exit_code == 0, res.output
+    data = json.loads(js.read_text())
+    assert data["rewritten_deconvs"] == [] and data["settings"]["rewrite_deconv"] is False
+    assert data["calibration"]["people"] == 4 and "warning" not in res.stderr
+    assert data["deconvs"]["ort"].startswith("float")  # ORT has no int8 ConvTranspose on CPU
+    q = onnx.load(str(out))
+    deconvs = [n.name for n in q.graph.node if n.op_type == "ConvTranspose"]
+    assert len(deconvs) == 3
+    if target == "openvino":  # NNCF's OpenVINO placement quantizes their inputs and weights: int8 there
+        assert data["deconvs"]["openvino"] == "int8"
+        assert all(weighted_inputs_quantized(q, name) for name in deconvs)
+
+
+@needs_shared(MPII_CALIB)
+@pytest.mark.parametrize("engine", ["nncf", "ort"])
+def test_keep_float_leaves_nodes_in_float(model_copy, tmp_path, engine):
+    """The mechanism the budget loop uses: named nodes stay float in the written model, the rest is int8."""
+    final = next(n.name for n in reversed(onnx.load(str(model_copy)).graph.node) if n.op_type == "Conv")
+    out, js = tmp_path / "q.onnx", tmp_path / "q.json"
+    res = invoke("quantize", model_copy, "--calib", MPII_CALIB, "-o", out, "--json", js, "--num-samples", 4,
+                 "--engine", engine, "--keep-float", final)
+    assert res.exit_code == 0, res.output
+    assert json.loads(js.read_text())["kept_float"] == [final] and final in res.stdout
+    q = onnx.load(str(out))
+    assert not weighted_inputs_quantized(q, final)
+    others = [n.name for n in q.graph.node if n.op_type == "Conv" and n.name != final]
+    assert others and all(weighted_inputs_quantized(q, name) for name in others)
+    stamped = json.loads(next(p.value for p in q.metadata_props if p.key == "quantization"))
+    assert stamped["kept_float"] == [final]
+
+
+@needs_shared(MPII_CALIB, MPII_MINI)
+def test_mpii_validation_reports_pckh_per_joint_group(model_copy, tmp_path):
+    out, js, md = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "q.md"
+    res = invoke("quantize", model_copy, "--calib", MPII_CALIB, "-o", out, "--json", js, "--report", md,
+                 "--num-samples", 4, "--engine", "ort", "--val", MPII_MINI, "--max-drop", 100)
+    assert res.exit_code == 0, res.output  # random weights: the budget is not the point here
+    e = json.loads(js.read_text())["evaluation"]
+    assert e["metric"] == "PCKh@0.5" and e["people"] == 5
+    assert e["float"] == e["float_metrics"]["PCKh@0.5"]["Mean"] and e["int8"] == e["int8_metrics"]["PCKh@0.5"]["Mean"]
+    report = md.read_text()
+    assert "### PCKh@0.5 per joint group" in report and "points of PCKh@0.5" in report
+    for group in ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean"):
+        assert f"| {group} |" in report
+    assert "PCKh@0.5 Mean" in res.stdout and "PCKh@0.1 Mean" in res.stdout
+    assert f"--data {MPII_MINI}" in res.stdout  # the next command evaluates on the validation data
+
+
+# ---- bad input, through the CLI ------------------------------------------------------------------
+
+
+def _corrupt_folder(d, good: int):
+    d.mkdir()
+    for src in sorted(MPII_CALIB.iterdir())[:good]:
+        shutil.copy(src, d / src.name)
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 10)
+    return d
+
+
+@needs_shared(MPII_CALIB)
+def test_undecodable_images_are_skipped_counted_and_reported(model_copy, tmp_path):
+    calib = _corrupt_folder(tmp_path / "calib", good=3)
+    out, js, md = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "q.md"
+    res = invoke("quantize", model_copy, "--calib", calib, "-o", out, "--json", js, "--report", md,
+                 "--num-samples", 3, "--engine", "ort")  # the faster engine: the data path is the same
+    assert res.exit_code == 0, res.output
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "1 calibration images" in warnings[0] and "broken.jpg" in warnings[0], res.stderr
+    c = json.loads(js.read_text())["calibration"]
+    assert c["people"] == 3 and c["skipped_images"] == [str(calib / "broken.jpg")]
+    assert "1 image(s) skipped" in res.stdout
+    assert f"| skipped images | 1: `{calib / 'broken.jpg'}` |" in md.read_text()
+    assert out.is_file()
+
+
+@needs_shared(MPII_CALIB)
+def test_only_undecodable_images(model_copy, tmp_path):
+    calib = _corrupt_folder(tmp_path / "calib", good=0)
+    out = tmp_path / "q.onnx"
+    line = one_line_error(invoke("quantize", model_copy, "--calib", calib, "-o", out))
+    assert "can be read" in line or "could be decoded" in line
+    assert onnx_files(tmp_path) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("make,expect", [
+    (lambda d: d / "missing", "does not exist"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "is empty"),
+])
+def test_missing_or_empty_calibration_folder(model_copy, tmp_path, make, expect):
+    calib = make(tmp_path)
+    line = one_line_error(invoke("quantize", model_copy, "--calib", calib, "-o", tmp_path / "q.onnx",
+                                 "--json", tmp_path / "q.json"))
+    assert expect in line and str(calib) in line
+    assert onnx_files(tmp_path) == ["model.onnx"]
+
+
+@needs_shared(MPII_CALIB)
+def test_model_without_metadata(model_copy, tmp_path):
+    bare = onnx.load(str(model_copy))
+    del bare.metadata_props[:]
+    path = tmp_path / "bare.onnx"
+    onnx.save(bare, str(path))
+    out = tmp_path / "q.onnx"
+    line = one_line_error(invoke("quantize", path, "--calib", MPII_CALIB, "-o", out))
+    assert "no posequant metadata" in line
+    assert all(opt in line for opt in ("--input-size", "--keypoints", "--color"))
+    assert not out.exists()
+
+    res = invoke("quantize", path, "--calib", MPII_CALIB, "-o", out, "--num-samples", 4, "--engine", "ort",
+                 "--input-size", "64x64", "--keypoints", "mpii", "--color", "bgr")
+    assert res.exit_code == 0, res.output
+    meta = read_meta(out)
+    assert (meta.keypoints, meta.num_joints, meta.input_size, meta.color, meta.precision) == ("mpii", 16, (64, 64), "bgr", "int8")
+
+
+@needs_shared(MPII_CALIB)
+def test_already_quantized_model(model_copy, tmp_path):
+    q = tmp_path / "q.onnx"
+    assert invoke("quantize", model_copy, "--calib", MPII_CALIB, "-o", q, "--num-samples", 2, "--engine", "ort").exit_code == 0
+    again = tmp_path / "qq.onnx"
+    line = one_line_error(invoke("quantize", q, "--calib", MPII_CALIB, "-o", again))
+    assert "already quantized" in line and "float model" in line
+    assert not again.exists()
+
+
+@needs_shared(MPII_CALIB)
+def test_val_without_ground_truth(model_copy, tmp_path):
+    out = tmp_path / "q.onnx"
+    line = one_line_error(invoke("quantize", model_copy, "--calib", MPII_CALIB, "-o", out, "--val", MPII_CALIB,
+                                 "--report", tmp_path / "q.md"))
+    assert "ground truth" in line and str(MPII_CALIB) in line
+    assert onnx_files(tmp_path) == ["model.onnx"]
+
+
+def test_not_an_onnx_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"not onnx")
+    line = one_line_error(invoke("quantize", path, "--calib", tmp_path))
+    assert "not an ONNX model" in line
+
+
+# ---- the trained model on coco-mini -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "ultralight.onnx"
+    export_pose(TRAINED_CKPT, out, arch=TRAINED_ARCH, input_size=(256, 192), keypoints="coco", color="rgb",
+                verify_model=False)
+    return out
+
+
+@pytest.mark.shared
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+def test_trained_model_within_claimed_budget(trained, tmp_path):
+    out, js, md = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "q.md"
+    res = invoke("quantize", trained, "--calib", COCO_MINI, "--split", "train", "--val", COCO_MINI,
+                 "--val-split", "val", "--no-flip", "--max-drop", CLAIMED_AP_DROP, "-o", out, "--json", js,
+                 "--report", md)
+    assert res.exit_code == 0, res.output
+    data = json.loads(js.read_text())
+    e = data["evaluation"]
+    c = data["calibration"]
+    assert (c["format"], c["split"], c["people"]) == ("coco", "train", 86) and e["people"] == 68
+    f_pck, q_pck = e["float_metrics"]["PCK@0.2"]["Mean"], e["int8_metrics"]["PCK@0.2"]["Mean"]
+    print(f"\ntrained model INT8 ({data['settings']}): AP {e['float']:.2f} -> {e['int8']:.2f} (drop {e['drop']:.2f}), "
+          f"PCK@0.2 {f_pck:.2f} -> {q_pck:.2f} (drop {f_pck - q_pck:.2f}), kept in float {data['kept_float']}")
+    assert e["float"] == pytest.approx(51.93, abs=0.01)  # the float model as README measures it
+    assert e["drop"] <= CLAIMED_AP_DROP
+    assert f_pck - q_pck <= CLAIMED_PCK_DROP
+    # the file written is the model that was measured
+    again = evaluate(out, COCO_MINI, split="val", flip=False).metrics
+    assert 100 * again["AP"] == pytest.approx(e["int8"], abs=1e-6)
+    assert again["PCK@0.2"]["Mean"] == pytest.approx(q_pck, abs=1e-6)
+    report = md.read_text()
+    assert "### PCK@0.2 per joint" in report and "| left_wrist |" in report and "| AP |" in report
+    assert "| format / split | coco / train |" in report
+    assert "AP" in res.stdout and "PCK@0.2 Mean" in res.stdout
+
+
+@pytest.mark.shared
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+def test_same_inputs_and_seed_give_identical_bytes(trained, tmp_path):
+    def run(name, seed):
+        quantize(trained, COCO_MINI, split="train", num_samples=24, seed=seed, output=tmp_path / name)
+        return (tmp_path / name).read_bytes()
+
+    a, b = run("a.onnx", 0), run("b.onnx", 0)
+    assert a == b
+    assert run("c.onnx", 1) != a  # the seed draws other people, hence other ranges
+
+
+@pytest.mark.shared
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+def test_tight_budget_reverts_nodes(trained, tmp_path):
+    """With --max-drop 0 the loop keeps nodes in float step by step; it meets the budget or fails cleanly."""
+    out, js, md = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "q.md"
+    res = invoke("quantize", trained, "--calib", COCO_MINI, "--split", "train", "--num-samples", 32,
+                 "--engine", "ort", "--val", COCO_MINI, "--max-drop", 0, "-o", out, "--json", js, "--report", md)
+    assert res.exit_code in (0, 1), res.output
+    data = json.loads(js.read_text())
+    steps = data["budget_steps"]
+    assert len(steps) >= 2 and steps[0]["kept_float"] == [] and steps[0]["drop"] > 0
+    sizes = [len(s["kept_float"]) for s in steps]
+    assert sizes == sorted(set(sizes))  # every step keeps more nodes in float
+    assert all(set(a["kept_float"]) < set(b["kept_float"]) for a, b in zip(steps, steps[1:]))
+    assert data["kept_float"] == steps[-1]["kept_float"] and data["evaluation"]["drop"] == steps[-1]["drop"]
+    assert "## Budget steps" in md.read_text() and "budget steps" in res.stdout
+    if res.exit_code == 1:  # budget not met: one error line, the report says why, no model
+        line = one_line_error(res, code=1)
+        assert "budget" in line and "nothing written" in line
+        assert data["output"] is None and data["error"] and not out.exists()
+        assert "FAIL" in res.stdout and "not written" in md.read_text()
+    else:
+        assert data["evaluation"]["drop"] <= 0
+        q = onnx.load(str(out))
+        stamped = json.loads(next(p.value for p in q.metadata_props if p.key == "quantization"))
+        assert stamped["kept_float"] == data["kept_float"]
+        weighted = [n.name for n in q.graph.node if n.name in data["kept_float"] and n.op_type in ("Conv", "ConvTranspose")]
+        assert all(not weighted_inputs_quantized(q, name) for name in weighted)
+
+
+@pytest.mark.shared
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+def test_unreachable_budget_fails_with_exit_1_and_writes_the_report(trained, tmp_path):
+    out, js, md = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "q.md"
+    # INT8 cannot beat float by 5 AP points: the loop runs out and the command fails
+    res = invoke("quantize", trained, "--calib", COCO_MINI, "--split", "train", "--num-samples", 16,
+                 "--engine", "ort", "--val", COCO_MINI, "--max-drop", -5, "-o", out, "--json", js, "--report", md)
+    line = one_line_error(res, code=1)
+    assert "budget -5" in line and "nothing written" in line
+    assert not out.exists() and onnx_files(tmp_path) == ["q.json", "q.md"]
+    data = json.loads(js.read_text())
+    assert data["output"] is None and "budget" in data["error"] and len(data["budget_steps"]) >= 2
+    assert data["kept_float"]
+    assert "FAIL" in res.stdout and "posequant gate" not in res.stdout
+    report = md.read_text()
+    assert "FAIL" in report and "not met" in report and "not written" in report
