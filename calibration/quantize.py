@@ -8,7 +8,9 @@ validation set keep the most harmful nodes in float until the accuracy budget ho
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -205,11 +207,13 @@ def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, ignored)
                              advanced_parameters=AdvancedQuantizationParameters(**advanced))
 
     try:
-        return run(fast=False), "full"
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: keep stdout for our summary
+            return run(fast=False), "full"
     except Exception as e:  # noqa: BLE001 - onnxruntime's Fail from inside NNCF's bias correction
         if "definition-site" not in str(e) and "Duplicate" not in str(e):
             raise
-        return run(fast=True), "fast"
+        with contextlib.redirect_stdout(sys.stderr):
+            return run(fast=True), "fast"
 
 
 def _ort(model, calib: CalibrationSet, *, method, per_channel, ignored, tmp: Path) -> onnx.ModelProto:
@@ -287,7 +291,8 @@ def quantize(
     calib_set = calibration_set(calib, meta, num_samples=num_samples, seed=seed, format=format, split=split,
                                 input_name=input_name, warn=warn)
     settings = {"engine": engine, "method": method, "per_channel": per_channel, "target": target,
-                "rewrite_deconv": rewrite, "weights": "int8 symmetric", "activations": "uint8",
+                "rewrite_deconv": rewrite, "weights": "int8 symmetric",
+                "activations": "uint8" if target == "ort" or engine == "ort" else "uint8 after ReLU, else int8 (NNCF)",
                 "seed": seed, "num_samples": num_samples, "max_drop": max_drop if val else None,
                 "val": str(val) if val else None, "val_flip": val_flip}
     ignored = set(keep_float)
