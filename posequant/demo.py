@@ -1,9 +1,10 @@
 """The README's main job on a built-in default.
 
-With a shared/ folder that has the trained ultralight-simplepose model and coco-mini, the demo
-exports that real model and verifies it on real person crops (and against the model's original
-ONNX graph). Without it, it makes a Simple Baselines pose_resnet_50 with seeded random weights
-(random BatchNorm statistics too) and exports that: the mechanics, not accuracy.
+The demo runs the pipeline (export -> quantize -> gate). With a shared/ folder that has the trained
+ultralight-simplepose model and coco-mini, on that real model and real data, with the CI gate's
+budgets (and a parity check against the model's original ONNX graph). Without it, on a Simple
+Baselines pose_resnet_18 with seeded random weights (random BatchNorm statistics too) and a
+synthetic COCO set labelled by its own float predictions: the mechanics, not accuracy.
 """
 
 from __future__ import annotations
@@ -14,12 +15,19 @@ from typing import Callable
 import numpy as np
 import torch
 
+from benchmarks.pipeline import GateBudget
 from exporter import export_pose
-from exporter.report import format_export
 from exporter.zoo import pose_resnet
 
 TRAINED = Path("models/ultralight-simplepose")
 COCO_MINI = Path("data/coco-mini")
+# The CI gate's budgets (README, "CI gate"): on 68 people one joint of a group is ~1.4 points.
+TRAINED_BUDGET = GateBudget(max_drop=2.0, max_joint_drop=3.0, min_speedup=1.0)
+SYNTHETIC_MODEL = pose_resnet.PoseResNetConfig(depth=18, num_joints=17, deconv_filters=(64, 64, 64))
+SYNTHETIC_SIZE = (128, 96)
+# Random weights: INT8 moves a share of the joints a real model would keep; loose enough for that,
+# tight enough to fail a broken model (every joint off: a drop of ~100).
+SYNTHETIC_BUDGET = GateBudget(max_drop=50.0, max_joint_drop=60.0, min_speedup=1.0)
 
 
 def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -54,25 +62,42 @@ def original_onnx_parity(exported: Path, original: Path, data: Path) -> float:
     return worst
 
 
+def _synthetic_inputs(out_dir: Path, progress) -> tuple[Path, Path]:
+    """A random-weights COCO pose_resnet_18 checkpoint and a COCO set labelled by its own float export."""
+    from benchmarks.synthetic import make_coco_set
+
+    ckpt = out_dir / "pose_resnet_18_random.pth"
+    torch.manual_seed(0)
+    torch.save(randomise(pose_resnet.build(SYNTHETIC_MODEL)).state_dict(), ckpt)
+    labeller = export_pose(ckpt, out_dir / "labeller.onnx", input_size=SYNTHETIC_SIZE, verify_model=False)
+    data = make_coco_set(out_dir / "synthetic-coco", labeller.output, val_images=8, train_images=16)
+    labeller.output.unlink()
+    return ckpt, data
+
+
 def run_demo(out_dir: Path, shared: Path | None, *, echo: Callable[[str], None] = print,
-             progress: Callable[[str], None] | None = None) -> None:
+             progress: Callable[[str], None] | None = None):
+    """Run the pipeline (export, quantize, gate) on a built-in default; return its PipelineResult."""
+    from benchmarks.pipeline import format_pipeline, run_pipeline
+
     out_dir.mkdir(parents=True, exist_ok=True)
     if shared is not None and (shared / TRAINED).is_dir() and (shared / COCO_MINI).is_dir():
-        src = shared / TRAINED
-        echo(f"demo: exporting the trained ultralight-simplepose model from {src}")
-        result = export_pose(
-            src / "ultralight_simplepose_coco_256x192.pth", out_dir / "ultralight_simplepose.onnx",
-            arch=f"{src / 'ultralight_simplepose.py'}:build_model", input_size=(256, 192),
-            keypoints="coco", color="rgb", data=shared / COCO_MINI, progress=progress)
-        echo(format_export(result))
-        diff = original_onnx_parity(result.output, src / "ultralight_simplepose_coco_256x192.onnx",
-                                    shared / COCO_MINI)
+        src, data = shared / TRAINED, shared / COCO_MINI
+        echo(f"demo: the pipeline on the trained ultralight-simplepose model from {src}, calibrated on coco-mini "
+             f"train, gated on coco-mini val with the CI budgets")
+        result = run_pipeline(
+            src / "ultralight_simplepose_coco_256x192.pth", data, data, out_dir,
+            arch=f"{src / 'ultralight_simplepose.py'}:build_model", input_size=(256, 192), keypoints="coco",
+            color="rgb", calib_split="train", val_split="val", budget=TRAINED_BUDGET, progress=progress)
+        echo(format_pipeline(result))
+        diff = original_onnx_parity(result.export.output, src / "ultralight_simplepose_coco_256x192.onnx", data)
         echo(f"parity with the model's original ONNX on 10 real crops: max abs diff {diff:.2e}")
-        return
-    echo("demo: no shared/ data given; exporting a Simple Baselines pose_resnet_50 (MPII, 256x256) "
-         "with seeded random weights: this shows the mechanics, not accuracy")
-    ckpt = out_dir / "pose_resnet_50_random.pth"
-    model = randomise(pose_resnet.build(pose_resnet.PoseResNetConfig(depth=50, num_joints=16)))
-    torch.save(model.state_dict(), ckpt)
-    result = export_pose(ckpt, out_dir / "pose_resnet_50_random.onnx", progress=progress)
-    echo(format_export(result))
+        return result
+    echo("demo: no shared/ data given; the pipeline on a Simple Baselines pose_resnet_18 (COCO, "
+         f"{SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]}) with seeded random weights and a synthetic COCO set labelled by "
+         "its own float predictions: this shows the mechanics and INT8's drift from float, not accuracy")
+    ckpt, data = _synthetic_inputs(out_dir, progress)
+    result = run_pipeline(ckpt, data, data, out_dir, input_size=SYNTHETIC_SIZE, calib_split="train", val_split="val",
+                          budget=SYNTHETIC_BUDGET, flip=False, progress=progress)
+    echo(format_pipeline(result))
+    return result

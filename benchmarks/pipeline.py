@@ -1,0 +1,158 @@
+"""``pipeline``: checkpoint to a gated INT8 model in one call, all files in one folder.
+
+Steps: export (with simplification and the PyTorch parity check) -> quantize (calibrated on
+``calib``) -> gate on ``val``, which evaluates both models on the same people and times both in one
+interleaved benchmark. The folder then holds::
+
+    model.onnx            the float export
+    model.int8.onnx       the INT8 (QDQ) model
+    quantize.md/.json     the quantization report
+    gate/                 the gate's report.md, report.json, disagreements.png
+    summary.json          every stage's result, the verdict and the timings
+
+Each stage is the same library function its own command calls, so the pipeline equals
+``export-pose``, ``quantize`` and ``gate`` run one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from posequant.errors import PosequantError
+from posequant.fileio import write_text_atomic
+from posequant.table import format_table
+
+FLOAT_NAME, INT8_NAME = "model.onnx", "model.int8.onnx"
+
+
+@dataclass(frozen=True)
+class GateBudget:
+    """What the INT8 model must hold to pass (the gate command's options, same defaults)."""
+
+    max_drop: float = 0.5  # main metric, points (COCO AP x 100, MPII PCKh@0.5)
+    max_joint_drop: float = 2.0  # per joint group, points of PCK@0.2 / PCKh@0.5
+    min_speedup: float = 1.5  # float p50 / INT8 p50, batch 1, on the target backend
+
+
+@dataclass
+class PipelineResult:
+    out_dir: Path
+    export: Any  # exporter.ExportResult
+    quantize: Any  # calibration.quantize.QuantizeResult
+    gate: Any  # benchmarks.gate.GateResult
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
+    files: dict[str, str] = field(default_factory=dict)  # what -> path
+
+    @property
+    def passed(self) -> bool:
+        return self.gate.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": self.gate.reasons, "out_dir": str(self.out_dir),
+                "files": self.files, "seconds": self.seconds, "export": self.export.to_dict(),
+                "quantize": self.quantize.to_dict(), "gate": self.gate.to_dict()}
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PosequantError(f"cannot create the output folder {out_dir} ({e.strerror}): choose another -o") from None
+    if not out_dir.is_dir():
+        raise PosequantError(f"-o {out_dir} is a file: give a folder")
+    return out_dir
+
+
+def run_pipeline(
+    checkpoint: str | Path,
+    calib: str | Path,
+    val: str | Path,
+    out_dir: str | Path = "pipeline-out",
+    *,
+    arch: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    keypoints: str | None = None,
+    color: str | None = None,
+    trust_pickle: bool = False,
+    calib_split: str | None = None,
+    val_split: str | None = None,
+    num_samples: int = 300,
+    target: str = "ort",
+    budget: GateBudget = GateBudget(),
+    flip: bool = True,
+    runs: int = 30,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PipelineResult:
+    """Export ``checkpoint``, quantize it calibrated on ``calib``, and gate INT8 against float on ``val``.
+
+    ``target`` is the runtime the INT8 graph is shaped for and the backend the gate evaluates and
+    times both models on. Bad input raises :class:`PosequantError`; a failed gate does not raise:
+    read ``result.passed`` (the CLI turns it into exit 1).
+    """
+    from calibration.qreport import quantize_report_markdown
+    from calibration.quantize import quantize
+    from exporter import export_pose
+
+    from .gate import gate
+
+    say = progress or (lambda _m: None)
+    out = _prepare_out_dir(Path(out_dir))
+    seconds: dict[str, float] = {}
+
+    def stage(n: int, name: str) -> float:
+        say(f"[{n}/3] {name}")
+        return time.perf_counter()
+
+    t = stage(1, f"export and simplify {Path(checkpoint).name} -> {out / FLOAT_NAME}")
+    exported = export_pose(checkpoint, out / FLOAT_NAME, arch=arch, input_size=input_size, keypoints=keypoints,
+                           color=color, trust_pickle=trust_pickle, progress=progress)
+    seconds["export"] = time.perf_counter() - t
+
+    t = stage(2, f"quantize for {target}, calibrated on {calib}")
+    quantized = quantize(exported.output, calib, output=out / INT8_NAME, split=calib_split, num_samples=num_samples,
+                         target=target, progress=progress, warn=lambda m: say(f"warning: {m}"))
+    write_text_atomic(out / "quantize.md", quantize_report_markdown(quantized))
+    write_text_atomic(out / "quantize.json", json.dumps(quantized.to_dict(), indent=2, default=str) + "\n")
+    seconds["quantize"] = time.perf_counter() - t
+
+    t = stage(3, f"gate on {val}: evaluate float and INT8, time both on {target}")
+    verdict = gate(exported.output, quantized.output, val, max_drop=budget.max_drop,
+                   max_joint_drop=budget.max_joint_drop, min_speedup=budget.min_speedup, backend=target, flip=flip,
+                   split=val_split, threads=threads, runs=runs, report_dir=out / "gate", progress=progress)
+    seconds["gate"] = time.perf_counter() - t
+    seconds["total"] = sum(seconds.values())
+
+    files = {"float": str(exported.output), "int8": str(quantized.output), "quantize_report": str(out / "quantize.md"),
+             "quantize_json": str(out / "quantize.json"), "gate_report": str(out / "gate" / "report.md"),
+             "summary": str(out / "summary.json")}
+    result = PipelineResult(out, exported, quantized, verdict, seconds, files)
+    write_text_atomic(out / "summary.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return result
+
+
+def format_pipeline(result: PipelineResult) -> str:
+    """The gate's checks, then one row per stage: what it made and how long it took."""
+    from .gate_report import format_gate
+
+    e, q, g = result.export, result.quantize, result.gate
+    verify = "verified vs PyTorch" if e.verification else "not verified"
+    main = g.scores[g.main_metric]
+    speed = f"{g.speedup:.2f}x on {g.backend}" if g.speedup is not None else "speedup not measured"
+    rows = [
+        ["export", f"{Path(e.output).name}, {e.onnx_bytes / 2**20:.2f} MiB, {verify}", f"{result.seconds['export']:.1f}"],
+        ["quantize", f"{Path(q.output).name}, {q.int8_bytes / 2**20:.2f} MiB, {q.calibration.get('people', '?')} "
+                     f"calibration people, {len(q.kept_float)} nodes in float", f"{result.seconds['quantize']:.1f}"],
+        ["gate", f"{g.main_metric} {main['float']:.2f} -> {main['int8']:.2f} ({main['delta']:+.2f}), {speed}: "
+                 f"{'PASS' if g.passed else 'FAIL'}", f"{result.seconds['gate']:.1f}"],
+    ]
+    return "\n".join([
+        format_gate(g), "",
+        f"pipeline: {'PASS' if result.passed else 'FAIL'}  ({result.out_dir})",
+        format_table(["stage", "result", "seconds"], rows),
+        f"summary: {result.files['summary']}",
+    ])

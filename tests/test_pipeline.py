@@ -1,0 +1,89 @@
+"""pipeline: export -> quantize -> gate into one folder, on a tiny random-weights COCO model and the
+synthetic COCO set labelled by its own float predictions (benchmarks.synthetic)."""
+
+import json
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from benchmarks.evaluate import evaluate
+from benchmarks.latency import onnx_precision
+from benchmarks.pipeline import GateBudget, run_pipeline
+from benchmarks.synthetic import make_coco_set
+from exporter import export_pose
+from exporter.zoo import pose_resnet
+from posequant.cli import main
+from posequant.demo import randomise
+
+TINY = pose_resnet.PoseResNetConfig(depth=18, num_joints=17, deconv_filters=(32, 32, 32))
+SIZE = (64, 48)
+LOOSE = GateBudget(max_drop=50.0, max_joint_drop=60.0, min_speedup=0.0)  # random weights: INT8 moves some joints
+FILES = ("model.onnx", "model.int8.onnx", "quantize.md", "quantize.json", "gate/report.md", "gate/report.json",
+         "summary.json")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline")
+    ckpt = d / "tiny.pth"
+    torch.manual_seed(0)
+    torch.save(randomise(pose_resnet.build(TINY)).state_dict(), ckpt)
+    labeller = export_pose(ckpt, d / "labeller.onnx", input_size=SIZE, verify_model=False).output
+    return ckpt, make_coco_set(d / "coco", labeller)
+
+
+def test_synthetic_set_is_labelled_by_the_float_model(inputs, tmp_path):
+    ckpt, data = inputs
+    float_onnx = export_pose(ckpt, tmp_path / "f.onnx", input_size=SIZE, verify_model=False).output
+    for split, people in (("val", 8), ("train", 16)):
+        res = evaluate(float_onnx, data, split=split, flip=False)
+        assert res.people == people and res.metrics["AP"] == pytest.approx(1.0)
+
+
+def test_pipeline_writes_one_folder_and_passes_a_loose_budget(inputs, tmp_path):
+    ckpt, data = inputs
+    out = tmp_path / "out"
+    lines = []
+    res = run_pipeline(ckpt, data, data, out, input_size=SIZE, budget=LOOSE, flip=False, runs=3,
+                       progress=lines.append)
+    assert res.passed and not res.gate.reasons
+    for name in FILES:
+        assert (out / name).is_file(), name
+    assert onnx_precision(out / "model.onnx") == "fp32" and onnx_precision(out / "model.int8.onnx") == "int8"
+    onnx.checker.check_model(str(out / "model.int8.onnx"))
+    assert [ln[:5] for ln in lines if ln.startswith("[")] == ["[1/3]", "[2/3]", "[3/3]"]  # stages, in order
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["passed"] is True and summary["gate"]["dataset"] == "COCO val" and summary["gate"]["people"] == 8
+    assert summary["quantize"]["calibration"]["split"] == "train" and summary["quantize"]["calibration"]["people"] == 16
+    assert summary["gate"]["scores"]["AP"]["float"] == pytest.approx(100.0)
+    assert set(summary["seconds"]) == {"export", "quantize", "gate", "total"}
+
+
+def test_pipeline_fails_an_impossible_budget(inputs, tmp_path):
+    ckpt, data = inputs
+    res = run_pipeline(ckpt, data, data, tmp_path / "out", input_size=SIZE, flip=False, runs=3,
+                       budget=GateBudget(max_drop=50.0, max_joint_drop=60.0, min_speedup=1000.0))
+    assert not res.passed and len(res.gate.reasons) == 1 and "speedup" in res.gate.reasons[0]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["passed"] is False
+
+
+def test_cli_pipeline_exit_codes(inputs, tmp_path):
+    ckpt, data = inputs
+    common = [str(ckpt), "--calib", str(data), "--val", str(data), "--input-size", "64x48", "--no-flip",
+              "--runs", "3", "--max-drop", "50", "--max-joint-drop", "60"]
+    ok = CliRunner().invoke(main, ["pipeline", *common, "-o", str(tmp_path / "a"), "--min-speedup", "0"])
+    assert ok.exit_code == 0, ok.output
+    assert "pipeline: PASS" in ok.output and "summary:" in ok.output and "quantize" in ok.output
+    bad = CliRunner().invoke(main, ["pipeline", *common, "-o", str(tmp_path / "b"), "--min-speedup", "1000"])
+    assert bad.exit_code == 1 and "pipeline: FAIL" in bad.output
+
+
+def test_cli_pipeline_bad_input_is_one_line(inputs, tmp_path):
+    ckpt, data = inputs
+    res = CliRunner().invoke(main, ["pipeline", str(ckpt), "--calib", str(tmp_path / "nowhere"), "--val", str(data),
+                                    "--input-size", "64x48", "-o", str(tmp_path / "c")])
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.output
