@@ -51,14 +51,15 @@ def _bytes(n: int) -> str:
 
 
 def _rewrite(value: bool | str) -> str:
-    """The rewrite setting: True (every deconvolution), "dense" (group-1 ones only) or False."""
-    return {True: "on", False: "off", "dense": "on for dense (group 1) deconvolutions"}.get(value, str(value))
+    """The rewrite setting: True (every deconvolution) or False."""
+    return {True: "on", False: "off"}.get(value, str(value))
 
 
 def _settings_line(s: dict[str, Any]) -> str:
     granularity = "per-channel" if s["per_channel"] else "per-tensor"
     return (f"engine {s['engine']}, method {s['method']}, weights {s['weights']} {granularity}, activations "
             f"{s['activations']}, target {s['target']}, deconvolution rewrite {_rewrite(s['rewrite_deconv'])}, "
+            f"ReLU range equalization {_rewrite(s.get('equalize', False))}, "
             f"seed {s['seed']}" + (f", bias correction {s['bias_correction']}" if s.get("bias_correction") else ""))
 
 
@@ -75,7 +76,9 @@ def _prepared_line(result) -> str:
     if result.folded_batchnorms:
         parts.append(f"{len(result.folded_batchnorms)} BatchNorm folded into ConvTranspose")
     if result.rewritten_deconvs:
-        parts.append(f"{len(result.rewritten_deconvs)} ConvTranspose rewritten as phase convolutions")
+        parts.append(f"{len(result.rewritten_deconvs)} ConvTranspose rewritten as convolutions + DepthToSpace")
+    if result.equalized:
+        parts.append(f"{len(result.equalized)} ReLU tensors' channel ranges equalized")
     if result.rewrite_max_rel_diff is not None:
         parts.append(f"max rel diff {result.rewrite_max_rel_diff:.1e}")
     return ", ".join(parts) if parts else "no ConvTranspose changes"
@@ -176,7 +179,8 @@ def quantize_report_markdown(result) -> str:
         f"{format_size(m.heatmap_size)}.", "",
         f"Float graph prepared before quantization: {_prepared_line(result)}.", "",
         f"- BatchNorm folded into: {_code_list(result.folded_batchnorms)}",
-        f"- rewritten as phase convolutions + DepthToSpace: {_code_list(result.rewritten_deconvs)}", ""]
+        f"- rewritten as convolutions + DepthToSpace: {_code_list(result.rewritten_deconvs)}",
+        f"- ReLU outputs with equalized channel ranges: {_code_list(result.equalized)}", ""]
 
     out += ["## Deconvolutions in int8", "",
             _md_table(["backend", "deconvolutions run"], [[b, how] for b, how in result.deconvs.items()]), ""]

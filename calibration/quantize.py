@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ from posequant.fileio import check_writable, write_bytes_atomic
 from posequant.metadata import ModelMeta, read_meta, write_meta
 
 from .deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
+from .equalize import equalize_relu_ranges
 from .qdq import int8_deconvolutions, is_quantized, make_ort_friendly
 from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
 
@@ -33,9 +35,12 @@ ENGINES = ("nncf", "ort")
 METHODS = ("auto", "minmax", "percentile", "entropy")
 TARGETS = ("ort", "openvino")
 # Rewriting dense deconvolutions into phase convolutions pays on ORT CPU (no int8 ConvTranspose) and,
-# measured in scripts/bench_quantize.py on pose_resnet_50, on OpenVINO too (16.7 vs 25.5 ms).
+# measured in scripts/bench_quantize.py on pose_resnet_50, on OpenVINO too (16.7 vs 25.5 ms). Grouped
+# (depthwise) ones become one grouped Conv: per-channel weight scales instead of one per tensor, which
+# halves the INT8 error of the trained model's head (README, "Choosing the defaults").
 REWRITE_BY_TARGET = {"ort": True, "openvino": True}
 REWRITE_RTOL = 1e-5
+EQUALIZE_CROPS = 64  # calibration crops for the channel ranges of the equalization
 QUANTIZABLE = ("Conv", "ConvTranspose", "Add", "MatMul", "Gemm")
 
 
@@ -76,7 +81,8 @@ class QuantizeResult:
     calibration: dict[str, Any]
     rewritten_deconvs: list[str]
     folded_batchnorms: list[str]
-    rewrite_max_rel_diff: float | None
+    rewrite_max_rel_diff: float | None  # the prepared float graph (fold, rewrite, equalization) vs the input
+    equalized: list[str]
     kept_float: list[str]
     deconvs: dict[str, str]  # backend -> how deconvolutions run
     float_bytes: int
@@ -88,7 +94,7 @@ class QuantizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("settings", "calibration", "rewritten_deconvs", "folded_batchnorms",
-                                              "rewrite_max_rel_diff", "kept_float", "deconvs", "float_bytes",
+                                              "equalized", "rewrite_max_rel_diff", "kept_float", "deconvs", "float_bytes",
                                               "int8_bytes", "budget_steps", "seconds")}
         out.update(input=str(self.input), output=str(self.output) if self.output else None,
                    keypoints=self.meta.keypoints, input_size=list(self.meta.input_size))
@@ -139,28 +145,33 @@ def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color
                      mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD), posequant_version=posequant.__version__)
 
 
-def prepare_float(model: onnx.ModelProto, *, rewrite: bool | str, input_size: tuple[int, int]) -> tuple[onnx.ModelProto, list, list, float | None]:
-    """Fold BatchNorm into ConvTranspose and (``rewrite``: True, or "dense" for group-1 ones only) turn
-    deconvolutions into phase convolutions.
+@dataclass
+class Prepared:
+    model: onnx.ModelProto
+    folded: list[str]  # ConvTranspose nodes that absorbed a BatchNorm
+    rewritten: list[str]  # ConvTranspose nodes turned into convolutions + DepthToSpace
+    equalized: list[str]  # ReLU tensors whose channel ranges were equalized
+    max_rel_diff: float | None  # prepared vs original float output (None: nothing changed)
 
-    Returns (prepared model, folded, rewritten, max relative difference to the original).
-    """
+
+def prepare_float(model: onnx.ModelProto, *, rewrite: bool, input_size: tuple[int, int],
+                  equalize_with: Iterable[dict[str, np.ndarray]] | None = None) -> Prepared:
+    """The float graph INT8 is made from: BatchNorm folded into ConvTranspose, deconvolutions turned
+    into convolutions + DepthToSpace (``rewrite``), ReLU channel ranges equalized on the feeds
+    ``equalize_with``; every change exact, checked on random inputs."""
     prepared = copy.deepcopy(model)
     folded = fold_deconv_batchnorm(prepared)
-    rewritten = []
-    if rewrite:
-        dense = None if rewrite != "dense" else {
-            n.name for n in prepared.graph.node if n.op_type == "ConvTranspose"
-            and all(a.name != "group" or a.i == 1 for a in n.attribute)}
-        rewritten = rewrite_deconvs(prepared, only=dense)[0]
+    rewritten = rewrite_deconvs(prepared)[0] if rewrite else []
+    equalized = equalize_relu_ranges(prepared, equalize_with) if equalize_with is not None else []
     diff = None
-    if folded or rewritten:
+    if folded or rewritten or equalized:
         channels = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value or 3
         diff = max_relative_diff(model, prepared, (1, channels, *input_size))
         if diff > REWRITE_RTOL:
             raise VerificationError(f"the prepared float graph differs from the original by {diff:.2e} (relative), "
-                                    f"more than {REWRITE_RTOL:g}: report this model; --no-rewrite-deconv avoids it")
-    return prepared, folded, rewritten, diff
+                                    f"more than {REWRITE_RTOL:g}: report this model; --no-rewrite-deconv and "
+                                    "--no-equalize avoid it")
+    return Prepared(prepared, folded, rewritten, equalized, diff)
 
 
 def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str, method: str, per_channel: bool,
@@ -188,21 +199,25 @@ def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, ignored)
     if method == "entropy":
         raise QuantizeError("--method entropy is ONNX Runtime's calibrator: add --engine ort, or use minmax/percentile")
     advanced: dict[str, Any] = {}
+    preset = None  # NNCF's default for OpenVINO: symmetric activations
     if target == "ort":
-        # ORT's QLinearConv takes one activation scale per tensor (so does TensorRT)
+        # ORT's QLinearConv takes one activation scale per tensor (so does TensorRT); uint8 with a zero
+        # point is its native activation type, so asymmetric ranges cost nothing and measured better
+        # on the trained model: AP and PCK on both coco-mini splits (README, "Choosing the defaults")
         advanced["activations_quantization_params"] = QuantizationParameters(per_channel=False)
+        preset = nncf.QuantizationPreset.MIXED
     if not per_channel:
         advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
     if method == "minmax":
         advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.MINMAX
     elif method == "percentile":
-        advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.QUANTILE
+        advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.MEAN_QUANTILE
     dataset = nncf.Dataset(calib.crops, lambda x: {calib.crops.input_name: x})
     # Full bias correction measured better than NNCF's fast variant on the trained model (README).
     # NNCF cannot cut its sub-graphs in some graphs (phase convolutions' Concat, ResNet's stem):
     # there it fails at once, and the fast variant is used.
     def run(fast: bool) -> onnx.ModelProto:
-        return nncf.quantize(model, dataset, subset_size=len(calib.crops), fast_bias_correction=fast,
+        return nncf.quantize(model, dataset, subset_size=len(calib.crops), fast_bias_correction=fast, preset=preset,
                              ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False),
                              advanced_parameters=AdvancedQuantizationParameters(**advanced))
 
@@ -251,6 +266,7 @@ def quantize(
     seed: int = 0,
     target: str = "ort",
     rewrite_deconv: bool | None = None,
+    equalize: bool = True,
     engine: str = "nncf",
     val: str | Path | None = None,
     val_split: str | None = None,
@@ -281,18 +297,19 @@ def quantize(
     float_model = _load(model_path)
     meta = model_meta(float_model, str(model_path), input_size=input_size, keypoints=keypoints, color=color)
     val_ds = _open_val(val, meta, val_split) if val else None
-    # None = by target; on ORT only dense deconvolutions: depthwise ones carry few multiply-adds and
-    # the rewrite costs them NNCF's full bias correction (measured: -1.3 AP on the trained model)
-    rewrite = ("dense" if REWRITE_BY_TARGET[target] else False) if rewrite_deconv is None else rewrite_deconv
+    rewrite = REWRITE_BY_TARGET[target] if rewrite_deconv is None else rewrite_deconv
 
-    say("preparing the float graph")
-    prepared, folded, rewritten, diff = prepare_float(float_model, rewrite=rewrite, input_size=meta.input_size)
     input_name = float_model.graph.input[0].name
     calib_set = calibration_set(calib, meta, num_samples=num_samples, seed=seed, format=format, split=split,
                                 input_name=input_name, warn=warn)
+    say("preparing the float graph")
+    feeds = itertools.islice(calib_set.crops.feeds(), EQUALIZE_CROPS) if equalize else None
+    prep = prepare_float(float_model, rewrite=rewrite, input_size=meta.input_size, equalize_with=feeds)
+    prepared = prep.model
     settings = {"engine": engine, "method": method, "per_channel": per_channel, "target": target,
-                "rewrite_deconv": rewrite, "weights": "int8 symmetric",
-                "activations": "uint8" if target == "ort" or engine == "ort" else "uint8 after ReLU, else int8 (NNCF)",
+                "rewrite_deconv": rewrite, "equalize": equalize, "weights": "int8 symmetric",
+                "activations": ("uint8 asymmetric per tensor" if target == "ort" or engine == "ort"
+                                else "symmetric: uint8 after ReLU, else int8 (NNCF)"),
                 "seed": seed, "num_samples": num_samples, "max_drop": max_drop if val else None,
                 "val": str(val) if val else None, "val_flip": val_flip}
     ignored = set(keep_float)
@@ -317,7 +334,8 @@ def quantize(
     data = q.SerializeToString()
     result = QuantizeResult(
         input=model_path, output=output, meta=meta, settings=settings, calibration=calibration,
-        rewritten_deconvs=rewritten, folded_batchnorms=folded, rewrite_max_rel_diff=diff, kept_float=sorted(ignored),
+        rewritten_deconvs=prep.rewritten, folded_batchnorms=prep.folded, equalized=prep.equalized,
+        rewrite_max_rel_diff=prep.max_rel_diff, kept_float=sorted(ignored),
         deconvs=int8_deconvolutions(q), float_bytes=model_path.stat().st_size, int8_bytes=len(data),
         evaluation=evaluation, budget_steps=steps, seconds=time.perf_counter() - started, model=q)
     if evaluation is not None and evaluation.drop > max_drop:
@@ -408,38 +426,45 @@ def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, f
 def rank_harm(prepared: onnx.ModelProto, q: onnx.ModelProto, calib_set: CalibrationSet, *, limit: int = 16) -> list[str]:
     """Quantized nodes of ``prepared``, most harmful first.
 
-    A node's harm is how much it raises the relative error of the INT8 model against the float one:
-    error at its output minus the largest error at its inputs, on ``limit`` calibration crops.
+    A node's harm is how much of the INT8 model's heatmap error goes away when that node alone runs
+    in float (its float inputs, weights and bias spliced into the INT8 graph, nothing re-calibrated):
+    the drop in relative squared error of the output heatmaps against float, on ``limit`` calibration
+    crops. Ranking on heatmaps rather than on the validation metric keeps it free of the metric's
+    noise (on 68 COCO people a single keypoint decides about one AP point).
     """
     import onnxruntime as ort
 
-    candidates = [n for n in prepared.graph.node if n.op_type in QUANTIZABLE]
-    tensors = sorted({t for n in candidates for t in (*n.input[:1 if n.op_type != "Add" else 2], n.output[0])})
-    known = {o for n in q.graph.node for o in n.output} | {i.name for i in q.graph.input}
-    tensors = [t for t in tensors if t in known]
-    graph_inputs = {i.name for i in prepared.graph.input}
-    runs = []
-    for model in (prepared, q):
-        m = copy.deepcopy(model)
-        existing = {o.name for o in m.graph.output}
-        m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in existing and t not in graph_inputs)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-        opts.log_severity_level = 3
-        runs.append(ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]))
-    names = [o.name for o in runs[0].get_outputs()]
-    err = {t: 0.0 for t in names}
-    norm = {t: 0.0 for t in names}
-    for i, feed in enumerate(calib_set.crops.feeds()):
-        if i >= limit:
-            break
-        f_out, q_out = (dict(zip(names, s.run(names, feed))) for s in runs)
-        for t in names:
-            err[t] += float(np.sum((f_out[t] - q_out[t]) ** 2))
-            norm[t] += float(np.sum(f_out[t] ** 2))
-    rel = {t: (err[t] / norm[t]) ** 0.5 if norm[t] else 0.0 for t in names}
+    feeds = [f for _, f in zip(range(limit), calib_set.crops.feeds())]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+
+    def outputs(model: onnx.ModelProto) -> list[np.ndarray]:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return [sess.run(None, f)[0] for f in feeds]
+
+    reference = outputs(prepared)
+    norm = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference) or 1.0
+
+    def error(model: onnx.ModelProto) -> float:
+        return sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outputs(model), reference)) / norm
+
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    q_nodes = {n.name: i for i, n in enumerate(q.graph.node)}
+    float_inits = {i.name: i for i in prepared.graph.initializer}
+    candidates = [n for n in prepared.graph.node if n.op_type in QUANTIZABLE and n.name in q_nodes
+                  and any(producers.get(t) == "DequantizeLinear" for t in q.graph.node[q_nodes[n.name]].input)]
+    base = error(q)
     harm = {}
     for n in candidates:
-        ins = [rel.get(t, 0.0) for t in n.input[:2] if t in rel or t in graph_inputs]
-        harm[n.name] = rel.get(n.output[0], 0.0) - max(ins, default=0.0)
+        variant = copy.deepcopy(q)
+        node = variant.graph.node[q_nodes[n.name]]
+        del node.input[:]
+        for t in n.input:
+            if t in float_inits:  # under a fresh name: ORT's quantizer gives a weight's DequantizeLinear output its name
+                w = copy.deepcopy(float_inits[t])
+                w.name = f"{t}__float"
+                variant.graph.initializer.append(w)
+                t = w.name
+            node.input.append(t)
+        harm[n.name] = base - error(variant)
     return sorted(harm, key=lambda k: -harm[k])

@@ -336,8 +336,10 @@ def _next_commands(result) -> str:
 @click.option("--target", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
               help="Runtime the QDQ graph is shaped for.")
 @click.option("--rewrite-deconv/--no-rewrite-deconv", default=None,
-              help="Rewrite stride-s ConvTranspose as exact phase convolutions [default: the dense (group 1) ones, "
-                   "where measured faster on --target].")
+              help="Rewrite stride-s ConvTranspose as exact convolutions + DepthToSpace (int8 on ORT; per-channel "
+                   "weight scales for depthwise ones) [default: on for both targets].")
+@click.option("--equalize/--no-equalize", default=True, show_default=True,
+              help="Even out the channel ranges of ReLU activations before quantizing (exact in float).")
 @click.option("--engine", type=click.Choice(["nncf", "ort"]), default="nncf", show_default=True,
               help="Quantizer: NNCF, or ONNX Runtime's quantize_static.")
 @click.option("--val", type=click.Path(path_type=Path), metavar="ROOT",
@@ -354,7 +356,7 @@ def _next_commands(result) -> str:
               help="For a model without posequant metadata.")
 @click.option("--report", metavar="OUT.md", help="Also write a Markdown report.")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
-def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, seed, output, target, rewrite_deconv,
+def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, seed, output, target, rewrite_deconv, equalize,
                  engine, val, val_split, max_drop, flip, keep_float, input_size, keypoints, color, report, json_out):
     """Static INT8 (QDQ) quantization calibrated on real person crops, with an optional accuracy budget."""
     from calibration.qreport import format_quantize, quantize_report_markdown
@@ -367,8 +369,8 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
     try:
         result = quantize(
             model, calib, output=output, format=fmt, split=split, num_samples=num_samples, method=method,
-            per_channel=per_channel, seed=seed, target=target, rewrite_deconv=rewrite_deconv, engine=engine,
-            val=val, val_split=val_split, max_drop=max_drop, val_flip=flip, keep_float=keep_float,
+            per_channel=per_channel, seed=seed, target=target, rewrite_deconv=rewrite_deconv, equalize=equalize,
+            engine=engine, val=val, val_split=val_split, max_drop=max_drop, val_flip=flip, keep_float=keep_float,
             input_size=input_size, keypoints=keypoints, color=color, progress=_progress, warn=_warn)
     except BudgetError as e:  # the summary and the report explain the failure; the model is not written
         result, failure = e.result, e

@@ -24,8 +24,9 @@ from posequant.demo import randomise
 from posequant.metadata import read_meta
 
 # The accuracy claimed for the trained model (coco-mini val, no flip): drop in AP points and PCK@0.2 points.
-CLAIMED_AP_DROP = 3.0
-CLAIMED_PCK_DROP = 1.5
+# issue 4's goal, met by the defaults alone (measured: AP -0.02, PCK@0.2 -0.31 points, README)
+CLAIMED_AP_DROP = 0.5
+CLAIMED_PCK_DROP = 0.5
 
 
 def invoke(*args):
@@ -71,6 +72,9 @@ DECONVS = [
     (4, 4, 3, 3, 0, 0, 1, True),
     (4, 6, 6, 4, 1, 0, 1, False),
     (4, 4, 5, 2, 2, 1, 1, False),
+    (6, 6, 3, 2, 1, 1, 6, True),
+    (4, 4, 6, 4, 1, 0, 4, False),
+    (6, 6, 3, 3, 0, 0, 3, True),
 ]
 
 
@@ -95,7 +99,8 @@ def test_deconv_rewrite_is_exact_on_random_inputs(cfg):
     assert len(rewritten) == 1 and not skipped
     ops = [n.op_type for n in prepared.graph.node]
     assert "ConvTranspose" not in ops and "BatchNormalization" not in ops
-    assert ops.count("Conv") == cfg[3] ** 2 and "DepthToSpace" in ops
+    # group 1: one Conv per output phase (same multiply-adds); grouped: one grouped Conv for all phases
+    assert ops.count("Conv") == (cfg[3] ** 2 if cfg[6] == 1 else 1) and "DepthToSpace" in ops
     onnx.checker.check_model(prepared, full_check=True)
     assert max_relative_diff(model, prepared, shape, runs=3) <= 1e-5
     # and against PyTorch itself, on a fresh input
@@ -390,6 +395,7 @@ def test_trained_model_within_claimed_budget(trained, tmp_path):
     assert e["float"] == pytest.approx(51.93, abs=0.01)  # the float model as README measures it
     assert e["drop"] <= CLAIMED_AP_DROP
     assert f_pck - q_pck <= CLAIMED_PCK_DROP
+    assert data["kept_float"] == [] and len(data["budget_steps"]) == 1  # the defaults, not the budget loop
     # the file written is the model that was measured
     again = evaluate(out, COCO_MINI, split="val", flip=False).metrics
     assert 100 * again["AP"] == pytest.approx(e["int8"], abs=1e-6)
@@ -458,3 +464,93 @@ def test_unreachable_budget_fails_with_exit_1_and_writes_the_report(trained, tmp
     assert "FAIL" in res.stdout and "posequant gate" not in res.stdout
     report = md.read_text()
     assert "FAIL" in report and "not met" in report and "not written" in report
+
+
+# ---- equalization and the depthwise deconvolution's weight scales ---------------------------------
+
+
+class _Head(torch.nn.Module):
+    """The trained model's head in small: conv -> ReLU -> depthwise deconv -> ReLU -> 1x1 -> ReLU6 -> 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.neck = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.up = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 8, 4, 2, 1, groups=8, bias=False),
+                                      torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.pw = torch.nn.Sequential(torch.nn.Conv2d(8, 6, 1), torch.nn.ReLU6())
+        self.out = torch.nn.Conv2d(6, 16, 1)  # MPII joints
+
+    def forward(self, x):
+        return self.out(self.pw(self.up(self.neck(x))))
+
+
+def _head_model():
+    net = randomise(_Head(), 3)
+    with torch.no_grad():  # one loud channel, as in the trained model's head: per-tensor scales starve the rest
+        net.neck[0].weight[2] *= 40
+        net.neck[0].bias[2] = 5.0
+    return export_torch(net, (1, 3, 12, 10))
+
+
+def test_equalization_is_exact_and_evens_out_channel_ranges():
+    from calibration.equalize import channel_ranges, find_pairs
+    from calibration.quantize import prepare_float
+
+    model = _head_model()
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.standard_normal((1, 3, 12, 10)).astype(np.float32)} for _ in range(8)]
+    plain = prepare_float(model, rewrite=True, input_size=(12, 10)).model
+    pairs = find_pairs(plain)
+    # neck ReLU -> depthwise Conv (the rewritten deconv), deconv -> DepthToSpace -> ReLU -> 1x1; not the
+    # ReLU6 (Clip) before the last conv: scaling does not commute with clipping at 6
+    assert [(p.block, p.depthwise) for p in pairs] == [(1, True), (2, False)]
+    before = channel_ranges(plain, [pairs[0].tensor], feeds)[pairs[0].tensor]
+    assert before.max() > 20 * np.median(before)
+
+    prepared = prepare_float(model, rewrite=True, input_size=(12, 10), equalize_with=feeds)
+    assert prepared.equalized == [p.tensor for p in pairs] and prepared.max_rel_diff <= 1e-5
+    after = channel_ranges(prepared.model, [pairs[0].tensor], feeds)[pairs[0].tensor]
+    assert np.allclose(after, after.max(), rtol=1e-4)  # a depthwise consumer: every channel spans the same range
+    assert max_relative_diff(model, prepared.model, (1, 3, 12, 10), runs=3) <= 1e-5
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A plain folder of six random images: calibration data for the small head."""
+    import cv2
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i}.jpg"), rng.integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    return folder
+
+
+def test_depthwise_deconvolution_gets_per_channel_weight_scales(tmp_path, images):
+    """Quantizers take axis 1 of a ConvTranspose weight, 1 wide for a depthwise one: one scale for all
+    channels. Rewritten as a grouped Conv it gets one scale per output channel and phase."""
+    path = tmp_path / "head.onnx"
+    onnx.save(_head_model(), str(path))
+    kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None)
+    scales = {}
+    for rewrite in (True, False):
+        res = quantize(path, images, output=tmp_path / f"q{rewrite}.onnx", rewrite_deconv=rewrite, **kw)
+        q = res.model
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+        producers = {o: n for n in q.graph.node for o in n.output}
+        node = next(n for n in q.graph.node if "up" in n.name and n.op_type in ("Conv", "ConvTranspose"))
+        scales[rewrite] = inits[producers[node.input[1]].input[1]].size
+    assert scales == {True: 8 * 4, False: 1}
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_nncf_range_methods_run_and_change_the_ranges(tmp_path, images, method):
+    path = tmp_path / "head.onnx"
+    onnx.save(_head_model(), str(path))
+    kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None)
+    auto = quantize(path, images, output=tmp_path / "auto.onnx", **kw)
+    other = quantize(path, images, output=tmp_path / f"{method}.onnx", method=method, **kw)
+    assert other.settings["method"] == method
+    assert (tmp_path / "auto.onnx").read_bytes() != (tmp_path / f"{method}.onnx").read_bytes()
+    assert is_quantized(auto.model) and is_quantized(other.model)
