@@ -45,6 +45,7 @@ def make_ort_friendly(model: onnx.ModelProto) -> dict[str, int]:
       output types agree, and NNCF gives ReLU outputs uint8 but other activations int8.
     - float Conv biases become int32 with scale x_scale * w_scale behind a DequantizeLinear,
       the form ORT's QLinearConv takes (rounding of at most half a bias step).
+    - the rewritten deconvolutions' Concat / DepthToSpace run on uint8 (``quantize_data_movement``).
     """
     g = model.graph
     consts = _Consts(g)
@@ -88,7 +89,75 @@ def make_ort_friendly(model: onnx.ModelProto) -> dict[str, int]:
         g.node.insert(i, dq)
     _drop_unused_initializers(g)
     del g.value_info[:]  # stale element types after the zero-point move; ORT re-infers them
-    return {"zero_points_to_uint8": len(moved), "int32_biases": biases}
+    chains = quantize_data_movement(model)
+    return {"zero_points_to_uint8": len(moved), "int32_biases": biases, "uint8_depth_to_space": chains}
+
+
+def quantize_data_movement(model: onnx.ModelProto) -> int:
+    """Move the quantizer after ``Conv(s) -> [Concat] -> DepthToSpace -> [Relu] -> QuantizeLinear`` (the
+    rewritten deconvolutions) up to each Conv's output, so that Concat and DepthToSpace move uint8 data
+    and every Conv is followed by its own QuantizeLinear: ORT then fuses DQ -> Conv -> Q into QLinearConv
+    instead of running the convolutions in float. Exact: quantizing commutes with moving elements,
+    and a uint8 quantizer with zero point 0 clamps at 0, which is the ReLU it replaces.
+
+    Returns how many chains were moved. Run after the zero points are uint8 (``make_ort_friendly``).
+    """
+    g = model.graph
+    consts = _Consts(g)
+    outputs = {o.name for o in g.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    producers = {o: n for n in g.node for o in n.output}
+
+    def sole(t: str, consumer: onnx.NodeProto) -> bool:
+        return t not in outputs and [id(c) for c in consumers.get(t, [])] == [id(consumer)]
+
+    moved = 0
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
+        if len(q.input) < 3 or consts.get(q.input[1]) is None or consts.get(q.input[1]).size != 1:
+            continue
+        zp = consts.get(q.input[2])
+        if zp is None or zp.dtype != np.uint8:
+            continue
+        node, relu = producers.get(q.input[0]), None
+        if node is not None and node.op_type == "Relu" and sole(node.output[0], q):
+            if int(zp) != 0:  # only then does the uint8 clamp at 0 equal the ReLU
+                continue
+            relu, node = node, producers.get(node.input[0])
+        after = relu or q
+        if node is None or node.op_type != "DepthToSpace" or not sole(node.output[0], after):
+            continue
+        d2s, src = node, producers.get(node.input[0])
+        concat = None
+        if src is not None and src.op_type == "Concat" and sole(src.output[0], d2s):
+            concat = src
+            convs = [producers.get(t) for t in concat.input]
+            if not all(c is not None and c.op_type == "Conv" and sole(c.output[0], concat) for c in convs):
+                continue
+        elif src is not None and src.op_type == "Conv" and sole(src.output[0], d2s):
+            convs = [src]
+        else:
+            continue
+        reader = concat or d2s
+        new_q = []
+        for c in convs:
+            out = f"{c.output[0]}_quantized"
+            new_q.append(onnx.helper.make_node("QuantizeLinear", [c.output[0], q.input[1], q.input[2]], [out],
+                                               name=f"{c.name or c.output[0]}_QuantizeLinear"))
+            reader.input[list(reader.input).index(c.output[0])] = out
+        d2s.output[0] = q.output[0]
+        for dead in (relu, q):
+            if dead is not None:
+                g.node.remove(dead)
+        index = list(g.node).index(reader)
+        for offset, n in enumerate(new_q):
+            g.node.insert(index + offset, n)
+        moved += 1
+    if moved:
+        del g.value_info[:]
+    return moved
 
 
 def _drop_unused_initializers(g: onnx.GraphProto) -> None:

@@ -201,6 +201,12 @@ def test_plain_folder_calibration(model_copy, tmp_path):
     assert is_quantized(q)
     if REWRITE_BY_TARGET["ort"]:  # pose_resnet's deconvolutions are dense: rewritten, and int8 on ORT
         assert data["deconvs"]["ort"].startswith("int8") and "ConvTranspose" not in [n.op_type for n in q.graph.node]
+        # ORT fuses every convolution but the heatmap layer (its output stays float) into QLinearConv
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+        ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+        fused = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+        assert fused.count("Conv") == 1 and fused.count("QLinearConv") >= 20, sorted(set(fused))
     meta = read_meta(q)
     assert meta.precision == "int8" and meta.num_joints == 16 and meta.input_size == (64, 64)
     stamped = json.loads(next(p.value for p in q.metadata_props if p.key == "quantization"))
@@ -554,3 +560,59 @@ def test_nncf_range_methods_run_and_change_the_ranges(tmp_path, images, method):
     assert other.settings["method"] == method
     assert (tmp_path / "auto.onnx").read_bytes() != (tmp_path / f"{method}.onnx").read_bytes()
     assert is_quantized(auto.model) and is_quantized(other.model)
+
+
+# ---- uint8 data movement after the rewritten deconvolutions ---------------------------------------
+
+
+def _qdq_chain(n_convs: int, relu: bool, zero_point: int, mode: str) -> onnx.ModelProto:
+    """DQ(x) -> n Convs -> [Concat] -> DepthToSpace -> [Relu] -> Q -> DQ: the shape NNCF gives the rewrite."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(n_convs)
+    inits = [numpy_helper.from_array(np.float32(0.05), "x_scale"), numpy_helper.from_array(np.uint8(128), "x_zp"),
+             numpy_helper.from_array(np.float32(0.02), "y_scale"), numpy_helper.from_array(np.uint8(zero_point), "y_zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_scale", "x_zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["x"])]
+    outs = []
+    for i in range(n_convs):
+        cout = 32 // n_convs  # 32 channels before DepthToSpace, 8 after
+        inits += [numpy_helper.from_array(rng.standard_normal((cout, 4, 3, 3)).astype(np.float32) * 0.3, f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        outs.append(f"c{i}")
+    if n_convs > 1:
+        nodes.append(helper.make_node("Concat", outs, ["cat"], axis=1))
+    nodes.append(helper.make_node("DepthToSpace", ["cat" if n_convs > 1 else "c0"], ["up"], blocksize=2, mode=mode))
+    if relu:
+        nodes.append(helper.make_node("Relu", ["up"], ["act"]))
+    nodes += [helper.make_node("QuantizeLinear", ["act" if relu else "up", "y_scale", "y_zp"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zp"], ["out"])]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 5, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 10, 12])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("n_convs,relu,zero_point,mode,moved", [
+    (4, True, 0, "DCR", 1),  # dense deconvolution: phase convolutions + Concat, then ReLU
+    (1, True, 0, "CRD", 1),  # depthwise: one grouped convolution
+    (4, False, 120, "DCR", 1),  # no ReLU: any zero point
+    (4, True, 120, "DCR", 0),  # a ReLU that the clamp at the zero point would not reproduce: left alone
+])
+def test_quantized_data_movement_is_exact(n_convs, relu, zero_point, mode, moved):
+    from calibration.qdq import quantize_data_movement
+
+    model = _qdq_chain(n_convs, relu, zero_point, mode)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    assert quantize_data_movement(changed) == moved
+    ops = [n.op_type for n in changed.graph.node]
+    if moved:
+        assert "Relu" not in ops and ops.count("QuantizeLinear") == 1 + n_convs
+    onnx.checker.check_model(changed, full_check=True)
+    x = np.random.default_rng(5).standard_normal((1, 4, 5, 6)).astype(np.float32) * 3
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # compare the graphs as written
+    a, b = (ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for m in (model, changed))
+    assert np.array_equal(a, b)
