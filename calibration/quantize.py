@@ -34,6 +34,11 @@ from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
 ENGINES = ("nncf", "ort")
 METHODS = ("auto", "minmax", "percentile", "entropy")
 TARGETS = ("ort", "openvino")
+ACTIVATIONS = ("asymmetric", "symmetric")
+# uint8 with a zero point is ORT's native activation type (asymmetric costs nothing there) and measured
+# better on the trained model, AP and PCK on both coco-mini splits (README, "How the defaults were
+# chosen"); OpenVINO's int8 kernels prefer symmetric activations (NNCF's default)
+ACTIVATIONS_BY_TARGET = {"ort": "asymmetric", "openvino": "symmetric"}
 # Rewriting dense deconvolutions into phase convolutions pays on ORT CPU (no int8 ConvTranspose) and,
 # measured in scripts/bench_quantize.py on pose_resnet_50, on OpenVINO too (16.7 vs 25.5 ms). Grouped
 # (depthwise) ones become one grouped Conv: per-channel weight scales instead of one per tensor, which
@@ -175,12 +180,15 @@ def prepare_float(model: onnx.ModelProto, *, rewrite: bool, input_size: tuple[in
 
 
 def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str, method: str, per_channel: bool,
-                   target: str, ignored: Iterable[str], tmp: Path) -> onnx.ModelProto:
+                   target: str, activations: str, ignored: Iterable[str], tmp: Path) -> onnx.ModelProto:
     ignored = sorted(ignored)
+    symmetric = activations == "symmetric"
     if engine == "nncf":
-        q, bias_correction = _nncf(model, calib, method=method, per_channel=per_channel, target=target, ignored=ignored)
+        q, bias_correction = _nncf(model, calib, method=method, per_channel=per_channel, target=target,
+                                   symmetric=symmetric, ignored=ignored)
     else:
-        q, bias_correction = _ort(model, calib, method=method, per_channel=per_channel, ignored=ignored, tmp=tmp), "none"
+        q = _ort(model, calib, method=method, per_channel=per_channel, symmetric=symmetric, ignored=ignored, tmp=tmp)
+        bias_correction = "none"
     if target == "ort":
         make_ort_friendly(q)
     entry = q.metadata_props.add()  # read back (and removed) by quantize()
@@ -188,7 +196,7 @@ def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str
     return q
 
 
-def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, ignored) -> onnx.ModelProto:
+def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, symmetric, ignored) -> onnx.ModelProto:
     import logging
 
     import nncf
@@ -199,13 +207,11 @@ def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, ignored)
     if method == "entropy":
         raise QuantizeError("--method entropy is ONNX Runtime's calibrator: add --engine ort, or use minmax/percentile")
     advanced: dict[str, Any] = {}
-    preset = None  # NNCF's default for OpenVINO: symmetric activations
+    # PERFORMANCE: symmetric activations (NNCF's default, OpenVINO's fast path); MIXED: asymmetric
+    preset = nncf.QuantizationPreset.PERFORMANCE if symmetric else nncf.QuantizationPreset.MIXED
     if target == "ort":
-        # ORT's QLinearConv takes one activation scale per tensor (so does TensorRT); uint8 with a zero
-        # point is its native activation type, so asymmetric ranges cost nothing and measured better
-        # on the trained model: AP and PCK on both coco-mini splits (README, "Choosing the defaults")
+        # ORT's QLinearConv takes one activation scale per tensor (so does TensorRT)
         advanced["activations_quantization_params"] = QuantizationParameters(per_channel=False)
-        preset = nncf.QuantizationPreset.MIXED
     if not per_channel:
         advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
     if method == "minmax":
@@ -231,7 +237,7 @@ def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, ignored)
             return run(fast=True), "fast"
 
 
-def _ort(model, calib: CalibrationSet, *, method, per_channel, ignored, tmp: Path) -> onnx.ModelProto:
+def _ort(model, calib: CalibrationSet, *, method, per_channel, symmetric, ignored, tmp: Path) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     src, dst = tmp / "prepared.onnx", tmp / "quantized.onnx"
@@ -247,7 +253,8 @@ def _ort(model, calib: CalibrationSet, *, method, per_channel, ignored, tmp: Pat
     try:
         quantize_static(str(src), str(dst), OrtCalibrationReader(calib.crops), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], nodes_to_exclude=list(ignored))
+                        calibrate_method=methods[method], nodes_to_exclude=list(ignored),
+                        extra_options={"ActivationSymmetric": symmetric})
     finally:
         logging.getLogger().removeHandler(quiet)
     return onnx.load(str(dst))
@@ -267,6 +274,7 @@ def quantize(
     target: str = "ort",
     rewrite_deconv: bool | None = None,
     equalize: bool = True,
+    activations: str | None = None,
     engine: str = "nncf",
     val: str | Path | None = None,
     val_split: str | None = None,
@@ -298,6 +306,9 @@ def quantize(
     meta = model_meta(float_model, str(model_path), input_size=input_size, keypoints=keypoints, color=color)
     val_ds = _open_val(val, meta, val_split) if val else None
     rewrite = REWRITE_BY_TARGET[target] if rewrite_deconv is None else rewrite_deconv
+    activations = activations or ACTIVATIONS_BY_TARGET[target]
+    if activations not in ACTIVATIONS:
+        raise QuantizeError(f"activations must be one of {ACTIVATIONS}")
 
     input_name = float_model.graph.input[0].name
     calib_set = calibration_set(calib, meta, num_samples=num_samples, seed=seed, format=format, split=split,
@@ -308,22 +319,22 @@ def quantize(
     prepared = prep.model
     settings = {"engine": engine, "method": method, "per_channel": per_channel, "target": target,
                 "rewrite_deconv": rewrite, "equalize": equalize, "weights": "int8 symmetric",
-                "activations": ("uint8 asymmetric per tensor" if target == "ort" or engine == "ort"
-                                else "symmetric: uint8 after ReLU, else int8 (NNCF)"),
+                "activations": activations + (", per tensor" if target == "ort" or engine == "ort"
+                                              else ", per channel into depthwise convolutions (NNCF)"),
                 "seed": seed, "num_samples": num_samples, "max_drop": max_drop if val else None,
                 "val": str(val) if val else None, "val_flip": val_flip}
     ignored = set(keep_float)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         say(f"calibrating on {len(calib_set.crops)} people ({engine})")
-        q = _quantize_once(prepared, calib_set, engine=engine, method=method, per_channel=per_channel,
-                           target=target, ignored=ignored, tmp=tmp)
+        run = dict(engine=engine, method=method, per_channel=per_channel, target=target, activations=activations,
+                   tmp=tmp)
+        q = _quantize_once(prepared, calib_set, ignored=ignored, **run)
         evaluation, steps = None, []
         if val_ds is not None:
             q, ignored, evaluation, steps = _meet_budget(
                 prepared, q, calib_set, val_ds, meta, tmp, max_drop=max_drop, flip=val_flip, ignored=ignored,
-                requant=lambda names: _quantize_once(prepared, calib_set, engine=engine, method=method,
-                                                     per_channel=per_channel, target=target, ignored=names, tmp=tmp),
+                requant=lambda names: _quantize_once(prepared, calib_set, ignored=names, **run),
                 say=say)
     calibration = calib_set.to_dict()
     if calib_set.skipped_images and warn:

@@ -340,6 +340,8 @@ def _next_commands(result) -> str:
                    "weight scales for depthwise ones) [default: on for both targets].")
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
               help="Even out the channel ranges of ReLU activations before quantizing (exact in float).")
+@click.option("--activations", type=click.Choice(["asymmetric", "symmetric"]),
+              help="Activation ranges [default: asymmetric for --target ort, symmetric for openvino].")
 @click.option("--engine", type=click.Choice(["nncf", "ort"]), default="nncf", show_default=True,
               help="Quantizer: NNCF, or ONNX Runtime's quantize_static.")
 @click.option("--val", type=click.Path(path_type=Path), metavar="ROOT",
@@ -356,8 +358,9 @@ def _next_commands(result) -> str:
               help="For a model without posequant metadata.")
 @click.option("--report", metavar="OUT.md", help="Also write a Markdown report.")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
-def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, seed, output, target, rewrite_deconv, equalize,
-                 engine, val, val_split, max_drop, flip, keep_float, input_size, keypoints, color, report, json_out):
+def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, seed, output, target, rewrite_deconv,
+                 equalize, activations, engine, val, val_split, max_drop, flip, keep_float, input_size, keypoints, color,
+                 report, json_out):
     """Static INT8 (QDQ) quantization calibrated on real person crops, with an optional accuracy budget."""
     from calibration.qreport import format_quantize, quantize_report_markdown
     from calibration.quantize import BudgetError, quantize
@@ -370,7 +373,8 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
         result = quantize(
             model, calib, output=output, format=fmt, split=split, num_samples=num_samples, method=method,
             per_channel=per_channel, seed=seed, target=target, rewrite_deconv=rewrite_deconv, equalize=equalize,
-            engine=engine, val=val, val_split=val_split, max_drop=max_drop, val_flip=flip, keep_float=keep_float,
+            activations=activations, engine=engine, val=val, val_split=val_split, max_drop=max_drop, val_flip=flip,
+            keep_float=keep_float,
             input_size=input_size, keypoints=keypoints, color=color, progress=_progress, warn=_warn)
     except BudgetError as e:  # the summary and the report explain the failure; the model is not written
         result, failure = e.result, e

@@ -545,21 +545,29 @@ def test_depthwise_deconvolution_gets_per_channel_weight_scales(tmp_path, images
         q = res.model
         inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
         producers = {o: n for n in q.graph.node for o in n.output}
-        node = next(n for n in q.graph.node if "up" in n.name and n.op_type in ("Conv", "ConvTranspose"))
-        scales[rewrite] = inits[producers[node.input[1]].input[1]].size
-    assert scales == {True: 8 * 4, False: 1}
+        nodes = [n for n in q.graph.node if "up" in n.name and n.op_type in ("Conv", "ConvTranspose")]
+        scales[rewrite] = sum(inits[producers[n.input[1]].input[1]].size for n in nodes)
+    assert scales == {True: 8 * 4, False: 1}  # on ORT: 4 depthwise phase convolutions, 8 scales each
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile"])
-def test_nncf_range_methods_run_and_change_the_ranges(tmp_path, images, method):
+@pytest.mark.parametrize("option", [{"method": "minmax"}, {"method": "percentile"}, {"activations": "symmetric"},
+                                    {"engine": "ort", "activations": "symmetric"}], ids=str)
+def test_range_options_run_and_change_the_ranges(tmp_path, images, option):
     path = tmp_path / "head.onnx"
     onnx.save(_head_model(), str(path))
     kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None)
-    auto = quantize(path, images, output=tmp_path / "auto.onnx", **kw)
-    other = quantize(path, images, output=tmp_path / f"{method}.onnx", method=method, **kw)
-    assert other.settings["method"] == method
-    assert (tmp_path / "auto.onnx").read_bytes() != (tmp_path / f"{method}.onnx").read_bytes()
-    assert is_quantized(auto.model) and is_quantized(other.model)
+    base = {"engine": option["engine"]} if "engine" in option else {}
+    default = quantize(path, images, output=tmp_path / "default.onnx", **base, **kw)
+    other = quantize(path, images, output=tmp_path / "other.onnx", **option, **kw)
+    assert default.settings["activations"].startswith("asymmetric")
+    for key, value in option.items():
+        assert str(other.settings[key]).startswith(value)
+    assert (tmp_path / "default.onnx").read_bytes() != (tmp_path / "other.onnx").read_bytes()
+    assert is_quantized(default.model) and is_quantized(other.model)
+    if option.get("activations") == "symmetric":  # every activation zero point is 0 (uint8 after ReLU) or 128
+        zero_points = {int(onnx.numpy_helper.to_array(i)) for i in other.model.graph.initializer
+                       if "zero_point" in i.name and i.data_type == onnx.TensorProto.UINT8 and not i.dims}
+        assert zero_points and zero_points <= {0, 128}
 
 
 # ---- uint8 data movement after the rewritten deconvolutions ---------------------------------------
@@ -615,4 +623,33 @@ def test_quantized_data_movement_is_exact(n_convs, relu, zero_point, mode, moved
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # compare the graphs as written
     a, b = (ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
             for m in (model, changed))
+    assert np.array_equal(a, b)
+
+
+def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypatch):
+    """The grouped phase convolution NNCF quantized is run by ORT as s*s true depthwise convolutions."""
+    import calibration.qdq as qdq
+
+    path = tmp_path / "head.onnx"
+    onnx.save(_head_model(), str(path))
+    kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None)
+    split = quantize(path, images, output=tmp_path / "split.onnx", **kw).model
+    monkeypatch.setattr(qdq, "split_grouped_phases", lambda model: 0)
+    grouped = quantize(path, images, output=tmp_path / "grouped.onnx", **kw).model
+
+    def convs(model):
+        return [(a.i, len(n.input)) for n in model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
+
+    assert (8, 3) in convs(grouped)  # one grouped Conv(8 groups, 32 outputs) with a bias
+    phases = [n for n in split.graph.node if n.op_type == "Conv" and "phase" in n.name]
+    assert len(phases) == 4
+    inits = {i.name: i for i in split.graph.initializer}
+    producers = {o: n for n in split.graph.node for o in n.output}
+    for n in phases:  # depthwise (8 -> 8), cropped to the phase's 2x2 taps
+        assert list(inits[producers[n.input[1]].input[0]].dims) == [8, 1, 2, 2]
+    x = np.random.default_rng(2).standard_normal((1, 3, 12, 10)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a, b = (ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for m in (grouped, split))
     assert np.array_equal(a, b)
