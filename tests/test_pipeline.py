@@ -12,6 +12,7 @@ from benchmarks.evaluate import evaluate
 from benchmarks.latency import onnx_precision
 from benchmarks.pipeline import GateBudget, run_pipeline
 from benchmarks.synthetic import make_coco_set
+from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
 from exporter import export_pose
 from exporter.zoo import pose_resnet
 from posequant.cli import main
@@ -87,3 +88,61 @@ def test_cli_pipeline_bad_input_is_one_line(inputs, tmp_path):
     assert res.exit_code == 2, res.output
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in res.output
+
+
+# ---- the GitHub Actions workflow's commands, run here ---------------------------------------------
+
+
+def _workflow():
+    """(env, [(step name, script)]) of .github/workflows/posequant-gate.yml, read without a YAML library:
+    the file keeps to ``KEY: value`` lines under ``env:`` and ``run: |`` blocks."""
+    from conftest import REPO
+
+    lines = (REPO / ".github/workflows/posequant-gate.yml").read_text().splitlines()
+    env, steps, i = {}, [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line == "env:":
+            i += 1
+            while i < len(lines) and lines[i].startswith("  ") and ":" in lines[i]:
+                key, value = lines[i].strip().split(":", 1)
+                env[key] = value.split(" #")[0].strip().strip('"')
+                i += 1
+            continue
+        if line.strip().startswith("- name:"):
+            name = line.split(":", 1)[1].strip()
+            if i + 1 < len(lines) and lines[i + 1].strip() == "run: |":
+                indent = len(lines[i + 1]) - len(lines[i + 1].lstrip()) + 2
+                i += 2
+                body = []
+                while i < len(lines) and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) >= indent):
+                    body.append(lines[i][indent:])
+                    i += 1
+                steps.append((name, "\n".join(body)))
+                continue
+        i += 1
+    return env, steps
+
+
+@pytest.mark.shared
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+def test_github_workflow_commands_gate_the_trained_model(tmp_path):
+    """Every step of the workflow but the install (posequant is installed here) runs as written, on the
+    trained model and coco-mini, and leaves the report the upload step collects."""
+    import os
+    import subprocess
+    import sys
+
+    env, steps = _workflow()
+    assert [n for n, _ in steps][:1] == ["Install posequant (CPU torch first; a bare torch pulls several GB of CUDA wheels)"]
+    assert {"CHECKPOINT", "ARCH", "EXPORT_OPTIONS", "CALIB", "VAL", "MAX_DROP", "BACKEND"} <= set(env)
+    env.update(CHECKPOINT=str(TRAINED_CKPT), ARCH=TRAINED_ARCH, CALIB=str(COCO_MINI),
+               VAL=str(COCO_MINI), MAX_DROP="1.0", MAX_JOINT_DROP="3.0")  # the CI gate's budgets for 68 people
+    run_env = {**os.environ, **env, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    for name, script in steps[1:]:
+        res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=run_env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"step {name!r} failed:\n{res.stdout}\n{res.stderr}"
+    for f in ("gate/report.md", "gate/report.json", "gate/disagreements.png", "quantize.md", "quantize.json"):
+        assert (tmp_path / "gate-out" / f).is_file(), f
+    assert json.loads((tmp_path / "gate-out/gate/report.json").read_text())["passed"] is True
