@@ -418,6 +418,7 @@ def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, f
     say(f"{name}: float {float_value:.2f}, INT8 {evaluation.int8_value:.2f} (drop {evaluation.drop:.2f}, budget {max_drop})")
     if evaluation.drop <= max_drop:
         return q, ignored, evaluation, steps
+    say("ranking the quantized nodes by harm (each one alone back in float, on 16 calibration crops)")
     ranking = [n for n in rank_harm(prepared, q, calib_set, limit=16) if n not in ignored]
     chunk = 1
     # keeping most of the model in float is not an INT8 model any more: give up past a quarter
