@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .qdq import links
+
 DEAD = 1e-3  # channels below this fraction of the largest range are left alone (scaling them up amplifies noise)
 
 
@@ -45,11 +47,7 @@ def find_pairs(model: onnx.ModelProto) -> list[Pair]:
     """``Conv -> [DepthToSpace CRD] -> Relu -> Conv`` chains whose middle tensors feed nothing else."""
     g = model.graph
     inits = {i.name for i in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
-    producer = {o: n for n in g.node for o in n.output}
+    producer, consumers = links(g)
     outputs = {o.name for o in g.output}
 
     def only(t: str) -> onnx.NodeProto | None:

@@ -10,6 +10,16 @@ QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul
              "DynamicQuantizeLinear", "QLinearAdd"}
 
 
+def links(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """(tensor -> the node that makes it, tensor -> the nodes that read it) of ``graph``."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    return producers, consumers
+
+
 def is_quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type in QUANT_OPS for n in model.graph.node)
 
@@ -108,11 +118,7 @@ def quantize_data_movement(model: onnx.ModelProto) -> int:
     g = model.graph
     consts = _Consts(g)
     outputs = {o.name for o in g.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
-    producers = {o: n for n in g.node for o in n.output}
+    producers, consumers = links(g)
 
     def sole(t: str, consumer: onnx.NodeProto) -> bool:
         return t not in outputs and [id(c) for c in consumers.get(t, [])] == [id(consumer)]
@@ -175,11 +181,7 @@ def split_grouped_phases(model: onnx.ModelProto) -> int:
     """
     g = model.graph
     consts = _Consts(g)
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    producers, consumers = links(g)
     outputs = {o.name for o in g.output}
     split = 0
     for conv in [n for n in g.node if n.op_type == "Conv"]:
