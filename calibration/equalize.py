@@ -32,8 +32,8 @@ DEAD = 1e-3  # channels below this fraction of the largest range are left alone 
 
 @dataclass(frozen=True)
 class Pair:
-    conv1: str  # node names
-    conv2: str
+    conv1: int  # positions in graph.node (names may be empty or repeated)
+    conv2: int
     tensor: str  # the ReLU output between them: the tensor being equalized
     block: int  # DepthToSpace block between Conv1 and ReLU (1: none), CRD order
     depthwise: bool  # Conv2 sees each input channel on its own
@@ -54,6 +54,7 @@ def find_pairs(model: onnx.ModelProto) -> list[Pair]:
         c = consumers.get(t, [])
         return c[0] if len(c) == 1 and t not in outputs else None
 
+    index = {id(n): i for i, n in enumerate(g.node)}
     pairs = []
     for relu in g.node:
         if relu.op_type != "Relu":
@@ -70,9 +71,11 @@ def find_pairs(model: onnx.ModelProto) -> list[Pair]:
             before = producer.get(before.input[0])
         if before is None or before.op_type != "Conv" or before.input[1] not in inits or only(before.output[0]) is None:
             continue
-        group2 = _attr(conv2, "group", 1)
         w2 = next(i for i in g.initializer if i.name == conv2.input[1])
-        pairs.append(Pair(before.name, conv2.name, relu.output[0], block, depthwise=group2 > 1 and w2.dims[1] == 1))
+        if len(w2.dims) != 4:  # 2-D convolutions only: the ranges are taken per channel over H x W
+            continue
+        depthwise = _attr(conv2, "group", 1) > 1 and w2.dims[1] == 1
+        pairs.append(Pair(index[id(before)], index[id(conv2)], relu.output[0], block, depthwise))
     return pairs
 
 
@@ -106,7 +109,7 @@ def equalize_relu_ranges(model: onnx.ModelProto, feeds: Iterable[dict[str, np.nd
         return []
     ranges = channel_ranges(model, [p.tensor for p in pairs], feeds)
     inits = {i.name: i for i in model.graph.initializer}
-    nodes = {n.name: n for n in model.graph.node}
+    nodes = model.graph.node
     done = []
     for p in pairs:
         r = ranges[p.tensor]
@@ -118,12 +121,12 @@ def equalize_relu_ranges(model: onnx.ModelProto, feeds: Iterable[dict[str, np.nd
         w2 = numpy_helper.to_array(inits[conv2.input[1]]).astype(np.float64)
         group2 = _attr(conv2, "group", 1)
         cin_g, cout_g = w2.shape[1], w2.shape[0] // group2
-        # Conv2 weight seen per input channel: (C, cout/g, kh, kw) for each channel's rows
-        per_in = np.stack([w2[(c // cin_g) * cout_g:(c // cin_g + 1) * cout_g, c % cin_g] for c in range(len(r))])
         if p.depthwise:
             scale = r / top
         else:
-            wr = np.abs(per_in).reshape(len(r), -1).max(axis=1)
+            # the largest Conv2 weight each input channel meets (its rows in its group)
+            wr = np.array([np.abs(w2[(c // cin_g) * cout_g:(c // cin_g + 1) * cout_g, c % cin_g]).max()
+                           for c in range(len(r))])
             scale = np.sqrt(r / np.maximum(wr, 1e-12))
             scale = scale / scale[live].max() if live.any() else scale
         scale = np.where(live & (scale > 0), scale, 1.0)
