@@ -51,9 +51,20 @@ def write_gt(root: Path) -> Path:
     return path
 
 
+_JSON_DIR: dict[str, Path] = {}
+
+
+@pytest.fixture(autouse=True)
+def _json_dir(tmp_path):
+    """Each test's ``--json`` goes into its own pytest tmp_path (cleaned up by pytest, not left in /tmp)."""
+    _JSON_DIR["dir"] = tmp_path
+    yield
+    _JSON_DIR.clear()
+
+
 def run(*args) -> tuple[object, Path]:
     """Invoke the CLI with ``--json OUT`` added; tracebacks propagate and fail the test."""
-    out = Path(tempfile.mkdtemp()) / "result.json"
+    out = Path(tempfile.mkdtemp(dir=_JSON_DIR["dir"])) / "result.json"  # a fresh folder per call
     res = CliRunner().invoke(main, [str(a) for a in args] + ["--json", str(out)], catch_exceptions=False)
     return res, out
 
