@@ -478,10 +478,10 @@ def test_unreachable_budget_fails_with_exit_1_and_writes_the_report(trained, tmp
 class _Head(torch.nn.Module):
     """The trained model's head in small: conv -> ReLU -> depthwise deconv -> ReLU -> 1x1 -> ReLU6 -> 1x1."""
 
-    def __init__(self):
+    def __init__(self, deconv=(4, 2, 1, 0)):  # kernel, stride, padding, output_padding
         super().__init__()
         self.neck = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
-        self.up = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 8, 4, 2, 1, groups=8, bias=False),
+        self.up = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 8, *deconv, groups=8, bias=False),
                                       torch.nn.BatchNorm2d(8), torch.nn.ReLU())
         self.pw = torch.nn.Sequential(torch.nn.Conv2d(8, 6, 1), torch.nn.ReLU6())
         self.out = torch.nn.Conv2d(6, 16, 1)  # MPII joints
@@ -490,8 +490,8 @@ class _Head(torch.nn.Module):
         return self.out(self.pw(self.up(self.neck(x))))
 
 
-def _head_model():
-    net = randomise(_Head(), 3)
+def _head_model(deconv=(4, 2, 1, 0)):
+    net = randomise(_Head(deconv), 3)
     with torch.no_grad():  # one loud channel, as in the trained model's head: per-tensor scales starve the rest
         net.neck[0].weight[2] *= 40
         net.neck[0].bias[2] = 5.0
@@ -626,12 +626,14 @@ def test_quantized_data_movement_is_exact(n_convs, relu, zero_point, mode, moved
     assert np.array_equal(a, b)
 
 
-def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypatch):
+@pytest.mark.parametrize("deconv,taps", [((4, 2, 1, 0), [(2, 2)] * 4), ((3, 2, 1, 1), [(1, 1), (1, 2), (2, 1), (2, 2)]),
+                                         ((3, 3, 0, 0), [(1, 1)] * 9)], ids=["k4s2", "k3s2", "k3s3"])
+def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypatch, deconv, taps):
     """The grouped phase convolution NNCF quantized is run by ORT as s*s true depthwise convolutions."""
     import calibration.qdq as qdq
 
     path = tmp_path / "head.onnx"
-    onnx.save(_head_model(), str(path))
+    onnx.save(_head_model(deconv), str(path))
     kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None)
     split = quantize(path, images, output=tmp_path / "split.onnx", **kw).model
     monkeypatch.setattr(qdq, "split_grouped_phases", lambda model: 0)
@@ -640,13 +642,12 @@ def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypa
     def convs(model):
         return [(a.i, len(n.input)) for n in model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
 
-    assert (8, 3) in convs(grouped)  # one grouped Conv(8 groups, 32 outputs) with a bias
+    assert (8, 3) in convs(grouped)  # one grouped Conv(8 groups, 8 x s x s outputs) with a bias
     phases = [n for n in split.graph.node if n.op_type == "Conv" and "phase" in n.name]
-    assert len(phases) == 4
     inits = {i.name: i for i in split.graph.initializer}
     producers = {o: n for n in split.graph.node for o in n.output}
-    for n in phases:  # depthwise (8 -> 8), cropped to the phase's 2x2 taps
-        assert list(inits[producers[n.input[1]].input[0]].dims) == [8, 1, 2, 2]
+    # depthwise (8 -> 8) per phase, each cropped to its own taps
+    assert [tuple(inits[producers[n.input[1]].input[0]].dims) for n in phases] == [(8, 1, *t) for t in taps]
     x = np.random.default_rng(2).standard_normal((1, 3, 12, 10)).astype(np.float32)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
