@@ -654,3 +654,19 @@ def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypa
     a, b = (ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
             for m in (grouped, split))
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_every_zoo_family_quantizes(tmp_path, images, family):
+    """Each architecture family (small config, random weights) goes through the defaults: NNCF's full
+    bias correction fails on some graphs (hourglass, HRNet) and the fast one is used there."""
+    path = tmp_path / "model.onnx"
+    torch.save(small_model(family).state_dict(), tmp_path / "model.pth")
+    export_pose(tmp_path / "model.pth", path, input_size=SMALL[family][1], verify_model=False)
+    res = quantize(path, images, output=tmp_path / "q.onnx", warn=lambda m: None)
+    assert res.settings["bias_correction"] in ("full", "fast") and is_quantized(res.model)
+    assert res.rewrite_max_rel_diff is None or res.rewrite_max_rel_diff <= 1e-5
+    x = np.random.default_rng(0).standard_normal((1, 3, *SMALL[family][1])).astype(np.float32)
+    f, q = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for p in (path, tmp_path / "q.onnx"))
+    assert q.shape == f.shape and np.isfinite(q).all()
