@@ -106,6 +106,67 @@ def make_ort_friendly(model: onnx.ModelProto) -> dict[str, int]:
             "depthwise_phase_splits": depthwise}
 
 
+def make_tensorrt_friendly(model: onnx.ModelProto) -> dict[str, int]:
+    """Rewrite a symmetric QDQ model into the form TensorRT's explicit quantization takes: every
+    activation quantizer signed int8 with zero point 0 (TensorRT rejects uint8 and non-zero points).
+
+    - int8 with zero point 0: kept.
+    - uint8 with zero point 128 (ORT's symmetric uint8): the same values as int8 with 0, exactly.
+    - uint8 with zero point 0 (NNCF's unsigned quantizer after a ReLU): int8 with the scale widened
+      by 255/127, as TensorRT itself quantizes such tensors (one bit less for ReLU outputs).
+
+    Raises ValueError for an asymmetric quantizer (any other zero point). Returns counts.
+    """
+    g = model.graph
+    consts = _Consts(g)
+    producers, consumers = links(g)
+    taken = set(consts.inits) | {t for n in g.node for t in (*n.input, *n.output)}
+    counts = {"kept": 0, "shifted": 0, "widened": 0}
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts.inits]:
+        zp = consts.get(q.input[2]) if len(q.input) > 2 else None
+        scale = consts.get(q.input[1])
+        if zp is None or scale is None:
+            continue
+        if zp.dtype == np.int8 and not np.any(zp):
+            counts["kept"] += 1
+            continue
+        if zp.dtype != np.uint8 or not (np.all(zp == 128) or not np.any(zp)):
+            raise ValueError(f"{q.name or q.output[0]}: asymmetric activation quantizer (zero point {zp.ravel()[:1]}); "
+                             "TensorRT needs symmetric ones")
+        new_scale = scale if np.all(zp == 128) else (scale.astype(np.float64) * 255 / 127).astype(scale.dtype)
+        counts["shifted" if np.all(zp == 128) else "widened"] += 1
+        names = []
+        for base, value in ((f"{q.input[1]}_trt", new_scale), (f"{q.input[2]}_trt", np.zeros(zp.shape, np.int8))):
+            name = base
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            g.initializer.append(numpy_helper.from_array(value, name))
+            names.append(name)
+        for node in [q] + [c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
+            node.input[1], node.input[2] = names
+    # int32 biases behind a DequantizeLinear (ORT's quantizer): TensorRT dequantizes int8 only, so
+    # they go back to float constants (the same values)
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
+        value = consts.get(dq.input[0])
+        if value is None or value.dtype != np.int32:
+            continue
+        scale = consts.get(dq.input[1]).astype(np.float64)
+        zero = consts.get(dq.input[2]).astype(np.float64) if len(dq.input) > 2 and dq.input[2] else 0.0
+        name = f"{dq.output[0]}_float"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        g.initializer.append(numpy_helper.from_array(((value - zero) * scale).astype(np.float32), name))
+        for c in consumers.get(dq.output[0], []):
+            c.input[list(c.input).index(dq.output[0])] = name
+        g.node.remove(dq)
+        counts["float_biases"] = counts.get("float_biases", 0) + 1
+    _drop_unused_initializers(g)
+    del g.value_info[:]  # element types changed
+    return counts
+
+
 def quantize_data_movement(model: onnx.ModelProto) -> int:
     """Move the quantizer after ``Conv(s) -> [Concat] -> DepthToSpace -> [Relu] -> QuantizeLinear`` (the
     rewritten deconvolutions) up to each Conv's output, so that Concat and DepthToSpace move uint8 data

@@ -28,22 +28,22 @@ from posequant.metadata import ModelMeta, read_meta, write_meta
 
 from .deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
 from .equalize import equalize_relu_ranges
-from .qdq import int8_deconvolutions, is_quantized, make_ort_friendly
+from .qdq import int8_deconvolutions, is_quantized, make_ort_friendly, make_tensorrt_friendly
 from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
 
 ENGINES = ("nncf", "ort")
 METHODS = ("auto", "minmax", "percentile", "entropy")
-TARGETS = ("ort", "openvino")
+TARGETS = ("ort", "openvino", "tensorrt")
 ACTIVATIONS = ("asymmetric", "symmetric")
 # uint8 with a zero point is ORT's native activation type (asymmetric costs nothing there) and measured
 # better on the trained model, AP and PCK on both coco-mini splits (README, "How the defaults were
 # chosen"); OpenVINO's int8 kernels prefer symmetric activations (NNCF's default)
-ACTIVATIONS_BY_TARGET = {"ort": "asymmetric", "openvino": "symmetric"}
+ACTIVATIONS_BY_TARGET = {"ort": "asymmetric", "openvino": "symmetric", "tensorrt": "symmetric"}
 # The deconvolution rewrite (scripts/bench_quantize.py, README): on ORT it turns pose_resnet_50's
 # float deconvolutions into QLinearConv (INT8 1.44x -> 2.86x ORT FP32); on OpenVINO it is neutral.
 # Grouped (depthwise) ones get per-channel weight scales instead of one per tensor, the largest
 # accuracy gain on the trained model: on for both targets.
-REWRITE_BY_TARGET = {"ort": True, "openvino": True}
+REWRITE_BY_TARGET = {"ort": True, "openvino": True, "tensorrt": True}
 REWRITE_RTOL = 1e-5
 EQUALIZE_CROPS = 64  # calibration crops for the channel ranges of the equalization
 QUANTIZABLE = ("Conv", "ConvTranspose", "Add", "MatMul", "Gemm")
@@ -191,6 +191,8 @@ def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str
         bias_correction = "none"
     if target == "ort":
         make_ort_friendly(q)
+    elif target == "tensorrt":
+        make_tensorrt_friendly(q)
     entry = q.metadata_props.add()  # read back (and removed) by quantize()
     entry.key, entry.value = "_bias_correction", bias_correction
     return q
@@ -209,8 +211,8 @@ def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, symmetri
     advanced: dict[str, Any] = {}
     # PERFORMANCE: symmetric activations (NNCF's default, OpenVINO's fast path); MIXED: asymmetric
     preset = nncf.QuantizationPreset.PERFORMANCE if symmetric else nncf.QuantizationPreset.MIXED
-    if target == "ort":
-        # ORT's QLinearConv takes one activation scale per tensor (so does TensorRT)
+    if target in ("ort", "tensorrt"):
+        # ORT's QLinearConv and TensorRT take one activation scale per tensor
         advanced["activations_quantization_params"] = QuantizationParameters(per_channel=False)
     if not per_channel:
         advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
@@ -297,9 +299,10 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize a float pose ONNX model to INT8 QDQ, calibrated on person crops from ``calib``.
 
-    ``target`` picks the graph shape for the runtime ("ort": per-tensor activations, uint8, int32
-    biases, deconvolutions rewritten, runs fused on ORT CPU, TensorRT and OpenVINO; "openvino":
-    NNCF's CPU placement with per-channel activations for depthwise convolutions). With ``val``,
+    ``target`` picks the graph shape for the runtime ("ort": per-tensor asymmetric uint8 activations,
+    int32 biases, fused by ORT CPU, also runs on OpenVINO; "openvino": NNCF's CPU placement with
+    per-channel activations for depthwise convolutions; "tensorrt": per-tensor symmetric int8
+    activations with zero point 0, the form TensorRT's explicit quantization takes). With ``val``,
     nodes are kept in float until the main metric drops by at most ``max_drop`` points.
     Writes ``output`` (default: ``MODEL.int8.onnx``) unless it is None and ``model`` was given as a proto.
     """
@@ -317,6 +320,8 @@ def quantize(
     activations = activations or ACTIVATIONS_BY_TARGET[target]
     if activations not in ACTIVATIONS:
         raise QuantizeError(f"activations must be one of {ACTIVATIONS}")
+    if target == "tensorrt" and activations != "symmetric":
+        raise QuantizeError("--target tensorrt needs --activations symmetric (TensorRT takes int8 with zero point 0)")
 
     input_name = float_model.graph.input[0].name
     calib_set = calibration_set(calib, meta, num_samples=num_samples, seed=seed, format=format, split=split,
@@ -327,7 +332,7 @@ def quantize(
     prepared = prep.model
     settings = {"engine": engine, "method": method, "per_channel": per_channel, "target": target,
                 "rewrite_deconv": rewrite, "equalize": equalize, "weights": "int8 symmetric",
-                "activations": activations + (", per tensor" if target == "ort" or engine == "ort"
+                "activations": activations + (", per tensor" if target != "openvino" or engine == "ort"
                                               else ", per channel into depthwise convolutions (NNCF)"),
                 "seed": seed, "num_samples": num_samples, "max_drop": max_drop if val else None,
                 "val": str(val) if val else None, "val_flip": val_flip}

@@ -333,7 +333,7 @@ def _next_commands(result) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the calibration people.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="INT8 ONNX file to write [default: MODEL.int8.onnx].")
-@click.option("--target", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+@click.option("--target", type=click.Choice(["ort", "openvino", "tensorrt"]), default="ort", show_default=True,
               help="Runtime the QDQ graph is shaped for.")
 @click.option("--rewrite-deconv/--no-rewrite-deconv", default=None,
               help="Rewrite stride-s ConvTranspose as exact convolutions + DepthToSpace (int8 on ORT; per-channel "

@@ -67,6 +67,7 @@ def accuracy(shared: Path, tmp: Path) -> list[dict]:
     variants = {"posequant defaults (target ort)": {},
                 "posequant --target openvino": {"target": "openvino"},
                 "posequant --activations symmetric": {"activations": "symmetric"},
+                "posequant --target tensorrt (scored on ORT CPU)": {"target": "tensorrt"},
                 "posequant --no-equalize": {"equalize": False},
                 "posequant --no-rewrite-deconv": {"rewrite_deconv": False},
                 "posequant --no-equalize --no-rewrite-deconv": {"equalize": False, "rewrite_deconv": False}}

@@ -20,6 +20,7 @@ from conftest import COCO_MINI, MPII_CALIB, MPII_MINI, SMALL, TRAINED_ARCH, TRAI
 from exporter import export_pose
 from exporter.zoo import pose_resnet
 from posequant.cli import main
+from posequant.errors import PosequantError
 from posequant.demo import randomise
 from posequant.metadata import read_meta
 
@@ -670,3 +671,31 @@ def test_every_zoo_family_quantizes(tmp_path, images, family):
     f, q = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
             for p in (path, tmp_path / "q.onnx"))
     assert q.shape == f.shape and np.isfinite(q).all()
+
+
+@pytest.mark.parametrize("engine", ["nncf", "ort"])
+def test_tensorrt_target_has_signed_symmetric_activations(tmp_path, images, engine):
+    """TensorRT's explicit quantization takes int8 Q/DQ with zero point 0 only: no uint8, no offsets."""
+    path = tmp_path / "head.onnx"
+    onnx.save(_head_model(), str(path))
+    kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None, engine=engine)
+    res = quantize(path, images, output=tmp_path / "trt.onnx", target="tensorrt", **kw)
+    assert res.settings["activations"] == "symmetric, per tensor"
+    q = res.model
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    qdq = [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:  # biases stay float: TensorRT dequantizes int8 only
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any(), n.name
+        if n.input[0] not in inits:  # activations: one scale per tensor
+            assert inits[n.input[1]].size == 1
+    # about as close to float as the ORT-target model (the format changes; ReLU outputs lose a bit)
+    x = np.random.default_rng(4).standard_normal((1, 3, 12, 10)).astype(np.float32)
+    ref = quantize(path, images, output=tmp_path / "ort.onnx", **kw).model
+    f, a, b = (ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(), providers=["CPUExecutionProvider"])
+               .run(None, {"input": x})[0] for m in (str(path), ref, q))
+    assert np.sqrt(np.mean((b - f) ** 2)) <= 2 * np.sqrt(np.mean((a - f) ** 2)) + 1e-3
+    assert np.corrcoef(f.ravel(), b.ravel())[0, 1] > 0.9
+    with pytest.raises(PosequantError, match="symmetric"):
+        quantize(path, images, output=tmp_path / "bad.onnx", target="tensorrt", activations="asymmetric", **kw)
