@@ -121,7 +121,15 @@ def make_tensorrt_friendly(model: onnx.ModelProto) -> dict[str, int]:
     consts = _Consts(g)
     producers, consumers = links(g)
     taken = set(consts.inits) | {t for n in g.node for t in (*n.input, *n.output)}
-    counts = {"kept": 0, "shifted": 0, "widened": 0}
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    counts = {"kept": 0, "shifted": 0, "widened": 0, "float_biases": 0}
     for q in [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in consts.inits]:
         zp = consts.get(q.input[2]) if len(q.input) > 2 else None
         scale = consts.get(q.input[1])
@@ -135,14 +143,9 @@ def make_tensorrt_friendly(model: onnx.ModelProto) -> dict[str, int]:
                              "TensorRT needs symmetric ones")
         new_scale = scale if np.all(zp == 128) else (scale.astype(np.float64) * 255 / 127).astype(scale.dtype)
         counts["shifted" if np.all(zp == 128) else "widened"] += 1
-        names = []
-        for base, value in ((f"{q.input[1]}_trt", new_scale), (f"{q.input[2]}_trt", np.zeros(zp.shape, np.int8))):
-            name = base
-            while name in taken:
-                name += "_"
-            taken.add(name)
-            g.initializer.append(numpy_helper.from_array(value, name))
-            names.append(name)
+        names = [fresh(f"{q.input[1]}_trt"), fresh(f"{q.input[2]}_trt")]
+        g.initializer.extend([numpy_helper.from_array(new_scale, names[0]),
+                              numpy_helper.from_array(np.zeros(zp.shape, np.int8), names[1])])
         for node in [q] + [c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
             node.input[1], node.input[2] = names
     # int32 biases behind a DequantizeLinear (ORT's quantizer): TensorRT dequantizes int8 only, so
@@ -153,15 +156,12 @@ def make_tensorrt_friendly(model: onnx.ModelProto) -> dict[str, int]:
             continue
         scale = consts.get(dq.input[1]).astype(np.float64)
         zero = consts.get(dq.input[2]).astype(np.float64) if len(dq.input) > 2 and dq.input[2] else 0.0
-        name = f"{dq.output[0]}_float"
-        while name in taken:
-            name += "_"
-        taken.add(name)
+        name = fresh(f"{dq.output[0]}_float")
         g.initializer.append(numpy_helper.from_array(((value - zero) * scale).astype(np.float32), name))
         for c in consumers.get(dq.output[0], []):
             c.input[list(c.input).index(dq.output[0])] = name
         g.node.remove(dq)
-        counts["float_biases"] = counts.get("float_biases", 0) + 1
+        counts["float_biases"] += 1
     _drop_unused_initializers(g)
     del g.value_info[:]  # element types changed
     return counts
