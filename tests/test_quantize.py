@@ -491,6 +491,16 @@ class _Head(torch.nn.Module):
         return self.out(self.pw(self.up(self.neck(x))))
 
 
+# quantize() options for the small head (no posequant metadata in a plain torch export)
+HEAD_KW = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None)
+
+
+def _head_file(folder, deconv=(4, 2, 1, 0)):
+    path = folder / "head.onnx"
+    onnx.save(_head_model(deconv), str(path))
+    return path
+
+
 def _head_model(deconv=(4, 2, 1, 0)):
     net = randomise(_Head(deconv), 3)
     with torch.no_grad():  # one loud channel, as in the trained model's head: per-tensor scales starve the rest
@@ -537,9 +547,8 @@ def images(tmp_path):
 def test_depthwise_deconvolution_gets_per_channel_weight_scales(tmp_path, images):
     """Quantizers take axis 1 of a ConvTranspose weight, 1 wide for a depthwise one: one scale for all
     channels. Rewritten as a grouped Conv it gets one scale per output channel and phase."""
-    path = tmp_path / "head.onnx"
-    onnx.save(_head_model(), str(path))
-    kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None)
+    path = _head_file(tmp_path)
+    kw = HEAD_KW
     scales = {}
     for rewrite in (True, False):
         res = quantize(path, images, output=tmp_path / f"q{rewrite}.onnx", rewrite_deconv=rewrite, **kw)
@@ -554,9 +563,8 @@ def test_depthwise_deconvolution_gets_per_channel_weight_scales(tmp_path, images
 @pytest.mark.parametrize("option", [{"method": "minmax"}, {"method": "percentile"}, {"activations": "symmetric"},
                                     {"engine": "ort", "activations": "symmetric"}], ids=str)
 def test_range_options_run_and_change_the_ranges(tmp_path, images, option):
-    path = tmp_path / "head.onnx"
-    onnx.save(_head_model(), str(path))
-    kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None)
+    path = _head_file(tmp_path)
+    kw = HEAD_KW
     base = {"engine": option["engine"]} if "engine" in option else {}
     default = quantize(path, images, output=tmp_path / "default.onnx", **base, **kw)
     other = quantize(path, images, output=tmp_path / "other.onnx", **option, **kw)
@@ -633,9 +641,8 @@ def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypa
     """The grouped phase convolution NNCF quantized is run by ORT as s*s true depthwise convolutions."""
     import calibration.qdq as qdq
 
-    path = tmp_path / "head.onnx"
-    onnx.save(_head_model(deconv), str(path))
-    kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None)
+    path = _head_file(tmp_path, deconv)
+    kw = HEAD_KW
     split = quantize(path, images, output=tmp_path / "split.onnx", **kw).model
     monkeypatch.setattr(qdq, "split_grouped_phases", lambda model: 0)
     grouped = quantize(path, images, output=tmp_path / "grouped.onnx", **kw).model
@@ -676,9 +683,8 @@ def test_every_zoo_family_quantizes(tmp_path, images, family):
 @pytest.mark.parametrize("engine", ["nncf", "ort"])
 def test_tensorrt_target_has_signed_symmetric_activations(tmp_path, images, engine):
     """TensorRT's explicit quantization takes int8 Q/DQ with zero point 0 only: no uint8, no offsets."""
-    path = tmp_path / "head.onnx"
-    onnx.save(_head_model(), str(path))
-    kw = dict(input_size=(12, 10), keypoints="mpii", color="rgb", warn=lambda m: None, engine=engine)
+    path = _head_file(tmp_path)
+    kw = dict(HEAD_KW, engine=engine)
     res = quantize(path, images, output=tmp_path / "trt.onnx", target="tensorrt", **kw)
     assert res.settings["activations"] == "symmetric, per tensor"
     q = res.model
