@@ -251,8 +251,9 @@ class BenchResult:
 
 def _make_runner(model: BenchModel, backend: str, precision: str, device: str, threads: int | None) -> Runner:
     module = copy.deepcopy(model.module) if backend == "torch" else None  # torch converts modules in place
+    # fixed shapes as a deployment at one batch size would run them (each batch compiles its own)
     return make_runner(backend, onnx_path=model.onnx, module=module, device=device, threads=threads,
-                       precision=precision)
+                       precision=precision, static_shapes=True)
 
 
 def _time_once(cfg: _Config) -> None:

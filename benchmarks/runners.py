@@ -77,11 +77,17 @@ class TensorRTRunner(OrtRunner):
 
 @dataclass
 class OpenVINORunner:
+    """OpenVINO CPU. With ``static_shapes`` the model is compiled once per input shape it is given,
+    reshaped to that shape: OpenVINO's CPU plugin picks faster kernels and fuses more for static
+    shapes (HRNet-W32 INT8 here: ~15% faster at batch 1), which is how a deployment at a fixed batch
+    would run it. Evaluation, with a short last batch, keeps the one dynamic-batch compilation."""
+
     path: Path
     device: str = "cpu"
     threads: int | None = None
     precision: str = "fp32"
     backend: str = "openvino"
+    static_shapes: bool = False
 
     def __post_init__(self):
         try:
@@ -90,13 +96,24 @@ class OpenVINORunner:
             raise BackendError("--backend openvino needs the openvino package: pip install openvino") from None
         if self.device != "cpu":
             raise BackendError("--backend openvino runs on --device cpu here; use ort or torch for cuda")
-        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(self.precision, "f32")}
+        hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(self.precision, "f32")
+        self.config = {"INFERENCE_PRECISION_HINT": hint}
         if self.threads:
-            config["INFERENCE_NUM_THREADS"] = self.threads
-        self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+            self.config["INFERENCE_NUM_THREADS"] = self.threads
+        self.core = ov.Core()
+        self.compiled_by_shape: dict[tuple, object] = {}
+        self.compiled = None if self.static_shapes else self.core.compile_model(str(self.path), "CPU", self.config)
+
+    def _compiled_for(self, shape: tuple):
+        if shape not in self.compiled_by_shape:
+            model = self.core.read_model(str(self.path))
+            model.reshape({model.inputs[0]: list(shape)})
+            self.compiled_by_shape[shape] = self.core.compile_model(model, "CPU", self.config)
+        return self.compiled_by_shape[shape]
 
     def infer(self, inputs: np.ndarray) -> np.ndarray:
-        return self.compiled(inputs)[0]
+        compiled = self._compiled_for(inputs.shape) if self.static_shapes else self.compiled
+        return compiled(inputs)[0]
 
 
 @dataclass
@@ -132,11 +149,14 @@ BACKENDS = ("torch", "ort", "openvino", "tensorrt")
 
 
 def make_runner(backend: str, *, onnx_path: Path | None = None, module=None, device: str = "cpu",
-                threads: int | None = None, precision: str = "fp32") -> Runner:
+                threads: int | None = None, precision: str = "fp32", static_shapes: bool = False) -> Runner:
+    """``static_shapes``: compile for each input shape seen (OpenVINO; ORT measured no difference)."""
     if backend == "torch":
         if module is None:
             raise BackendError("--backend torch needs a PyTorch checkpoint as MODEL, not an .onnx file")
         return TorchRunner(module, device, threads, precision)
     if backend not in ONNX_RUNNERS:
         raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "openvino":
+        return OpenVINORunner(Path(onnx_path), device, threads, precision=precision, static_shapes=static_shapes)
     return ONNX_RUNNERS[backend](Path(onnx_path), device, threads, precision=precision)

@@ -3,9 +3,10 @@
     .venv/bin/python scripts/bench_goals.py [--threads 2] [--runs 50] [--json out.json]
         [--int8 NAME=Q.onnx ...] [--quantizer pkg.mod:fn] [--keep DIR] [--device cpu|cuda]
 
-Models: pose_resnet_50 at 256x256 (16 joints) and HRNet-W32 at 256x192 from the zoo with seeded
-random weights and BatchNorm statistics, and the trained ultralight-simplepose model when
---shared has it. Each is timed at batch 1 on ONNX Runtime FP32 and INT8 and OpenVINO f32, bf16
+Models: pose_resnet_50 and HRNet-W32 in their MPII configurations (256x256, 16 joints; the issue's
+reference HRNet-W32 figure, ORT FP32 50 ms, is that size: 256x192 runs in ~40 ms here) from the zoo
+with seeded random weights and BatchNorm statistics, and the trained ultralight-simplepose model
+when --shared has it. Each is timed at batch 1 on ONNX Runtime FP32 and INT8 and OpenVINO f32, bf16
 (when the CPU has it) and INT8, all of one model interleaved round by round, medians compared
 with ORT FP32. INT8 models come from --int8, else from ``make_int8`` (or the --quantizer hook).
 
@@ -20,6 +21,7 @@ import importlib
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +37,7 @@ from posequant.table import format_table
 REPO = Path(__file__).resolve().parents[1]
 ZOO = {  # name: (builder, config, input size)
     "pose_resnet_50": (pose_resnet.build, pose_resnet.PoseResNetConfig(depth=50, num_joints=16), (256, 256)),
-    "pose_hrnet_w32": (pose_hrnet.build, PRESETS["pose_hrnet_w32"][1], (256, 192)),
+    "pose_hrnet_w32": (pose_hrnet.build, replace(PRESETS["pose_hrnet_w32"][1], num_joints=16), (256, 256)),
 }
 TRAINED = "ultralight"
 GOALS = {  # name: [(what, row key, at least)]; keys are (backend, precision) or "best_int8"

@@ -112,7 +112,7 @@ def latency(shared: Path, tmp: Path, runs: int) -> list[dict]:
     configs = [("ORT FP32", OrtRunner(float_path, threads=2))]
     for rewrite, label in ((False, "without rewrite"), (True, "with rewrite")):
         configs.append((f"ORT INT8 {label}", OrtRunner(paths[rewrite], threads=2)))
-        configs.append((f"OpenVINO INT8 {label}", OpenVINORunner(paths[rewrite], threads=2)))
+        configs.append((f"OpenVINO INT8 {label}", OpenVINORunner(paths[rewrite], threads=2, static_shapes=True)))
     x = np.random.default_rng(0).standard_normal((1, 3, 256, 256)).astype(np.float32)
     for _, r in configs:
         for _ in range(3):

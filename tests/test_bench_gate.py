@@ -20,6 +20,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantiz
 from benchmarks.evaluate import evaluate
 from benchmarks.gate import gate
 from benchmarks.latency import bench, onnx_precision
+from benchmarks.runners import make_runner
 from benchmarks.machine import gpu_name
 from calibration import iter_batches, open_dataset
 from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
@@ -158,6 +159,18 @@ def test_bench_rows_speedups_and_machine_facts(models):
     assert {"onnxruntime", "onnx", "torch"} <= set(m["versions"])
     bf16 = res.row(models.float, "openvino", "bf16")
     assert (bf16 is None) == any(s["reason"].startswith("bf16") for s in res.skipped)  # run, or said why not
+
+
+def test_openvino_static_shapes_compile_once_per_shape_and_match_dynamic(models):
+    # bench compiles OpenVINO for each batch's fixed shape (faster kernels); the numbers must not change
+    dynamic = make_runner("openvino", onnx_path=models.float, threads=1)
+    static = make_runner("openvino", onnx_path=models.float, threads=1, static_shapes=True)
+    rng = np.random.default_rng(1)
+    for batch in (1, 2, 1):
+        x = rng.standard_normal((batch, 3, *SIZE), dtype=np.float32)
+        np.testing.assert_allclose(static.infer(x), dynamic.infer(x), rtol=1e-4, atol=1e-4)
+    assert sorted(static.compiled_by_shape) == [(1, 3, *SIZE), (2, 3, *SIZE)]
+    assert all(c.input(0).get_partial_shape().is_static for c in static.compiled_by_shape.values())
 
 
 def test_bench_checkpoint_runs_torch_eager_too(models):
