@@ -705,3 +705,62 @@ def test_tensorrt_target_has_signed_symmetric_activations(tmp_path, images, engi
     assert np.corrcoef(f.ravel(), b.ravel())[0, 1] > 0.9
     with pytest.raises(PosequantError, match="symmetric"):
         quantize(path, images, output=tmp_path / "bad.onnx", target="tensorrt", activations="asymmetric", **kw)
+
+
+# ---- DepthToSpace moved to the heatmaps, and the budget loop's ranking on such graphs ---------------
+
+
+def _d2s_graph(after="1x1", mode="DCR", fork=False) -> onnx.ModelProto:
+    """input [N, 3, 5, 7] -> 3x3 Conv (24 = 4 phases x 6) -> DepthToSpace -> Relu -> ``after`` Conv (6 -> 5)
+    -> Clip -> 1x1 Conv (5 -> 16) -> out, with a dynamic batch; ``fork`` adds a second graph output
+    reading the DepthToSpace."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    k = 1 if after == "1x1" else 3
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             [("w0", (24, 3, 3, 3)), ("w1", (5, 6, k, k)), ("b1", (5,)), ("w2", (16, 5, 1, 1))]]
+    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    nodes = [helper.make_node("Conv", ["input", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["c0"], ["d"], blocksize=2, mode=mode),
+             helper.make_node("Relu", ["d"], ["r"]),
+             helper.make_node("Conv", ["r", "w1", "b1"], ["c1"], pads=[k // 2] * 4),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["k"]),
+             helper.make_node("Conv", ["k", "w2"], ["out"])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 16, 10, 14])]
+    if fork:
+        outputs.append(helper.make_tensor_value_info("d", TensorProto.FLOAT, ["N", 6, 10, 14]))
+    graph = helper.make_graph(nodes, "d2s", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 5, 7])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_depth_to_space_moves_to_the_heatmaps_exactly():
+    from calibration.qdq import sink_depth_to_space
+
+    model = _d2s_graph()
+    moved = onnx.ModelProto()
+    moved.CopyFrom(model)
+    assert sink_depth_to_space(moved) == 1
+    onnx.checker.check_model(moved, full_check=True)
+    ops = [n.op_type for n in moved.graph.node]
+    assert ops[-1] == "DepthToSpace" and moved.graph.node[-1].output[0] == "out" and ops.count("Reshape") == 2
+    assert ops.index("DepthToSpace") > ops.index("Clip")  # the feature channels are no longer rearranged
+    rng = np.random.default_rng(6)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, 3, 5, 7)).astype(np.float32)
+        a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                for m in (model, moved))
+        assert a.shape == b.shape == (batch, 16, 10, 14)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("case", [dict(after="3x3"), dict(mode="CRD"), dict(fork=True)],
+                         ids=["spatial-conv-after", "crd-mode", "read-twice"])
+def test_depth_to_space_stays_where_moving_it_would_change_the_result(case):
+    from calibration.qdq import sink_depth_to_space
+
+    model = _d2s_graph(**case)
+    before = model.SerializeToString()
+    assert sink_depth_to_space(model) == 0 and model.SerializeToString() == before
+
