@@ -476,6 +476,9 @@ def rank_harm(prepared: onnx.ModelProto, q: onnx.ModelProto, calib_set: Calibrat
     producers = {o: n.op_type for n in q.graph.node for o in n.output}
     q_nodes = {n.name: i for i, n in enumerate(q.graph.node)}
     float_inits = {i.name: i for i in prepared.graph.initializer}
+    # float activations the INT8 graph still computes (the input of each quantizer); those that
+    # make_ort_friendly moved past (a dropped ReLU's output) are not there, and their uint8 stand-in stays
+    in_q = set(producers) | {i.name for i in q.graph.input}
     candidates = [n for n in prepared.graph.node if n.op_type in QUANTIZABLE and n.name in q_nodes
                   and any(producers.get(t) == "DequantizeLinear" for t in q.graph.node[q_nodes[n.name]].input)]
     base = error(q)
@@ -483,13 +486,16 @@ def rank_harm(prepared: onnx.ModelProto, q: onnx.ModelProto, calib_set: Calibrat
     for n in candidates:
         variant = copy.deepcopy(q)
         node = variant.graph.node[q_nodes[n.name]]
+        quantized_inputs = list(node.input)
         del node.input[:]
-        for t in n.input:
+        for slot, t in enumerate(n.input):
             if t in float_inits:  # under a fresh name: ORT's quantizer gives a weight's DequantizeLinear output its name
                 w = copy.deepcopy(float_inits[t])
                 w.name = f"{t}__float"
                 variant.graph.initializer.append(w)
                 t = w.name
+            elif t not in in_q and slot < len(quantized_inputs):
+                t = quantized_inputs[slot]
             node.input.append(t)
         harm[n.name] = base - error(variant)
     return sorted(harm, key=lambda k: -harm[k])

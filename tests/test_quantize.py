@@ -764,3 +764,37 @@ def test_depth_to_space_stays_where_moving_it_would_change_the_result(case):
     before = model.SerializeToString()
     assert sink_depth_to_space(model) == 0 and model.SerializeToString() == before
 
+
+def test_ort_target_heatmaps_rearranged_last_and_the_harm_ranking_runs(tmp_path, images, monkeypatch):
+    """On the ORT target the small head's last DepthToSpace ends the graph, with the same outputs as
+    before the move; the budget loop's ranking runs on that graph (it used to fail on the ReLU output
+    the uint8 move drops)."""
+    import itertools
+
+    import calibration.qdq as qdq
+    from calibration.quantize import EQUALIZE_CROPS, model_meta, prepare_float, rank_harm
+    from calibration.reader import calibration_set
+
+    path = _head_file(tmp_path)
+    res = quantize(path, images, output=tmp_path / "q.onnx", **HEAD_KW)
+    q = res.model
+    assert q.graph.node[-1].op_type == "DepthToSpace" and q.graph.node[-1].output[0] == q.graph.output[0].name
+    monkeypatch.setattr(qdq, "sink_depth_to_space", lambda model: 0)
+    unmoved = quantize(path, images, output=tmp_path / "unmoved.onnx", **HEAD_KW).model
+    assert unmoved.graph.node[-1].op_type == "Conv"
+    x = np.random.default_rng(3).standard_normal((1, 3, 12, 10)).astype(np.float32)
+    a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for m in (unmoved, q))
+    assert np.array_equal(a, b)
+
+    model = onnx.load(str(path))
+    meta = model_meta(model, str(path), input_size=(12, 10), keypoints="mpii", color="rgb")
+    calib = calibration_set(images, meta, num_samples=6)
+    prepared = prepare_float(model, rewrite=True, input_size=(12, 10),
+                             equalize_with=itertools.islice(calib.crops.feeds(), EQUALIZE_CROPS)).model
+    ranking = rank_harm(prepared, q, calib, limit=4)
+    # every convolution the INT8 graph still has by name (the grouped one became phase convolutions),
+    # the two after the DepthToSpace included
+    in_q = {n.name for n in q.graph.node}
+    convs = {n.name for n in prepared.graph.node if n.op_type == "Conv" and n.name in in_q}
+    assert set(ranking) == convs and {"/pw/pw.0/Conv", "/out/Conv"} <= convs
