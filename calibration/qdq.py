@@ -333,11 +333,14 @@ PER_PIXEL_OPS = {"Relu", "Clip", "QuantizeLinear", "DequantizeLinear"}  # and 1x
 
 def _per_pixel(node: onnx.NodeProto, producers: dict, consts: _Consts) -> bool:
     """Does ``node`` compute each pixel from that pixel alone (so it commutes with DepthToSpace)?"""
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear"):  # per tensor, or per channel
+        scale = consts.get(node.input[1])
+        return scale is not None and (scale.size == 1 or a.get("axis", 1) in (1, -3))
     if node.op_type in PER_PIXEL_OPS:
         return True
     if node.op_type != "Conv":
         return False
-    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
     kernel = a.get("kernel_shape")
     if kernel is None:  # from the weight, an initializer or the constant behind its DequantizeLinear
         dq = producers.get(node.input[1])
@@ -359,6 +362,8 @@ def sink_depth_to_space(model: onnx.ModelProto) -> int:
     Returns how many DepthToSpace nodes were moved.
     """
     g = model.graph
+    if not any(n.op_type == "DepthToSpace" for n in g.node):
+        return 0
     consts = _Consts(g)
     producers, consumers = links(g)
     outputs = {o.name for o in g.output}
