@@ -158,9 +158,11 @@ def _why_not(node: onnx.NodeProto, weight: np.ndarray | None) -> str | None:
     return None
 
 
-def rewrite_deconvs(model: onnx.ModelProto, *, only: set[str] | None = None) -> tuple[list[str], dict[str, str]]:
+def rewrite_deconvs(model: onnx.ModelProto, *, only: set[str] | None = None,
+                    grouped_only: bool = False) -> tuple[list[str], dict[str, str]]:
     """Replace each stride-s ConvTranspose, in place: a group-1 one by s*s phase Convs + Concat +
     DepthToSpace (DCR), same multiply-adds; a grouped one by one grouped Conv + DepthToSpace (CRD).
+    ``grouped_only``: leave the group-1 ones alone.
 
     Returns the rewritten node names and {node: reason} for those left alone.
     """
@@ -168,6 +170,8 @@ def rewrite_deconvs(model: onnx.ModelProto, *, only: set[str] | None = None) -> 
     rewritten, skipped = [], {}
     for node in list(g.graph.node):
         if node.op_type != "ConvTranspose" or (only is not None and node.name not in only):
+            continue
+        if grouped_only and _attrs(node).get("group", 1) == 1:
             continue
         weight = g.array(node.input[1])
         reason = _why_not(node, weight)

@@ -51,8 +51,8 @@ def _bytes(n: int) -> str:
 
 
 def _rewrite(value: bool | str) -> str:
-    """The rewrite setting: True (every deconvolution) or False."""
-    return {True: "on", False: "off"}.get(value, str(value))
+    """An on/off setting; the rewrite's "grouped" (only grouped deconvolutions) says so."""
+    return {True: "on", False: "off", "grouped": "grouped (depthwise) only"}.get(value, str(value))
 
 
 def _settings_line(s: dict[str, Any]) -> str:

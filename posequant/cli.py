@@ -337,7 +337,8 @@ def _next_commands(result) -> str:
               help="Runtime the QDQ graph is shaped for.")
 @click.option("--rewrite-deconv/--no-rewrite-deconv", default=None,
               help="Rewrite stride-s ConvTranspose as exact convolutions + DepthToSpace (int8 on ORT; per-channel "
-                   "weight scales for depthwise ones) [default: on for both targets].")
+                   "weight scales for depthwise ones) [default: on for ort and tensorrt; grouped (depthwise) "
+                   "ones only for openvino, which runs dense ones in int8].")
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
               help="Even out the channel ranges of ReLU activations before quantizing (exact in float).")
 @click.option("--activations", type=click.Choice(["asymmetric", "symmetric"]),

@@ -560,6 +560,35 @@ def test_depthwise_deconvolution_gets_per_channel_weight_scales(tmp_path, images
     assert scales == {True: 8 * 4, False: 1}  # on ORT: 4 depthwise phase convolutions, 8 scales each
 
 
+class _TwoDeconvs(torch.nn.Module):
+    """A dense stride-2 deconvolution, then a depthwise one: what each target rewrites."""
+
+    def __init__(self):
+        super().__init__()
+        self.neck = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.dense = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 8, 4, 2, 1), torch.nn.ReLU())
+        self.depthwise = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 8, 4, 2, 1, groups=8), torch.nn.ReLU())
+        self.out = torch.nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        return self.out(self.depthwise(self.dense(self.neck(x))))
+
+
+@pytest.mark.parametrize("target, rewritten", [("ort", 2), ("openvino", 1)])
+def test_openvino_target_keeps_dense_deconvolutions(tmp_path, images, target, rewritten):
+    """OpenVINO runs a dense ConvTranspose in int8 itself (faster than the phase convolutions); a grouped
+    one is rewritten on every target for its per-channel weight scales."""
+    path = tmp_path / "two.onnx"
+    onnx.save(export_torch(randomise(_TwoDeconvs(), 5), (1, 3, 12, 10)), str(path))
+    res = quantize(path, images, output=tmp_path / "q.onnx", target=target, **HEAD_KW)
+    assert len(res.rewritten_deconvs) == rewritten
+    assert res.settings["rewrite_deconv"] == (True if target == "ort" else "grouped")
+    kept = [n for n in res.model.graph.node if n.op_type == "ConvTranspose"]
+    assert len(kept) == 2 - rewritten
+    if target == "openvino":
+        assert weighted_inputs_quantized(res.model, kept[0].name) and res.deconvs["openvino"] == "int8"
+
+
 @pytest.mark.parametrize("option", [{"method": "minmax"}, {"method": "percentile"}, {"activations": "symmetric"},
                                     {"engine": "ort", "activations": "symmetric"}], ids=str)
 def test_range_options_run_and_change_the_ranges(tmp_path, images, option):
@@ -637,12 +666,14 @@ def test_quantized_data_movement_is_exact(n_convs, relu, zero_point, mode, moved
 
 @pytest.mark.parametrize("deconv,taps", [((4, 2, 1, 0), [(2, 2)] * 4), ((3, 2, 1, 1), [(1, 1), (1, 2), (2, 1), (2, 2)]),
                                          ((3, 3, 0, 0), [(1, 1)] * 9)], ids=["k4s2", "k3s2", "k3s3"])
-def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypatch, deconv, taps):
-    """The grouped phase convolution NNCF quantized is run by ORT as s*s true depthwise convolutions."""
+@pytest.mark.parametrize("target", ["ort", "openvino"])
+def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypatch, deconv, taps, target):
+    """The grouped phase convolution NNCF quantized is run as s*s true depthwise convolutions (ORT and
+    OpenVINO run grouped ones slowly); int32 biases (ort) or float ones (openvino) split with it."""
     import calibration.qdq as qdq
 
     path = _head_file(tmp_path, deconv)
-    kw = HEAD_KW
+    kw = {**HEAD_KW, "target": target}
     split = quantize(path, images, output=tmp_path / "split.onnx", **kw).model
     monkeypatch.setattr(qdq, "split_grouped_phases", lambda model: 0)
     grouped = quantize(path, images, output=tmp_path / "grouped.onnx", **kw).model
@@ -656,6 +687,7 @@ def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypa
     producers = {o: n for n in split.graph.node for o in n.output}
     # depthwise (8 -> 8) per phase, each cropped to its own taps
     assert [tuple(inits[producers[n.input[1]].input[0]].dims) for n in phases] == [(8, 1, *t) for t in taps]
+    assert all(len(n.input) == 3 for n in phases)  # each phase keeps its part of the bias
     x = np.random.default_rng(2).standard_normal((1, 3, 12, 10)).astype(np.float32)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
