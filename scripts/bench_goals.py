@@ -8,7 +8,10 @@ reference HRNet-W32 figure, ORT FP32 50 ms, is that size: 256x192 runs in ~40 ms
 with seeded random weights and BatchNorm statistics, and the trained ultralight-simplepose model
 when --shared has it. Each is timed at batch 1 on ONNX Runtime FP32 and INT8 and OpenVINO f32, bf16
 (when the CPU has it) and INT8, all of one model interleaved round by round, medians compared
-with ORT FP32. INT8 models come from --int8, else from ``make_int8`` (or the --quantizer hook).
+with ORT FP32. INT8 models come from --int8 or the --quantizer hook (one file for every backend),
+else from ``make_int8``: posequant's quantize with each backend's --target (ort for ONNX Runtime,
+openvino for OpenVINO, tensorrt for TensorRT), as a user deploying there would make it; the JSON
+also has each file on the other backends.
 
 Goals (same conditions): pose_resnet_50 best INT8 >= 4.0x ORT FP32 and ORT INT8 >= 2.5x;
 HRNet-W32 best INT8 >= 3.5x; the trained model's INT8 faster than its float on every backend.
@@ -45,6 +48,8 @@ GOALS = {  # name: [(what, row key, at least)]; keys are (backend, precision) or
     "pose_hrnet_w32": [("best INT8 >= 3.5x", "best_int8", 3.5)],
 }
 COLUMNS = [("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("ort", "int8"), ("openvino", "int8")]
+# each backend's INT8 column times the file quantized for it (backend: quantize --target)
+TARGETS = {"cpu": {"ort": "ort", "openvino": "openvino"}, "cuda": {"ort": "ort", "tensorrt": "tensorrt"}}
 
 
 def calibration_inputs(float_onnx: Path, calib: Path | None, samples: int = 32) -> list[np.ndarray]:
@@ -60,20 +65,32 @@ def calibration_inputs(float_onnx: Path, calib: Path | None, samples: int = 32) 
     return [rng.standard_normal((1, 3, *meta.input_size), dtype=np.float32) for _ in range(samples)]
 
 
-def make_int8(float_onnx: Path, out: Path, calib: Path | None = None) -> Path:
-    """posequant's quantizer with its defaults; a model whose joints do not match the calibration
-    set (the MPII zoo models on coco-mini) is calibrated on its images as a plain folder."""
+def make_int8(float_onnx: Path, out: Path, calib: Path | None = None, target: str = "ort") -> Path:
+    """posequant's quantizer with its defaults for ``target``; a model whose joints do not match the
+    calibration set (the MPII zoo models on coco-mini) is calibrated on its images as a plain folder."""
     from calibration.quantize import quantize
     from posequant.errors import DataError
 
     if calib is None or not calib.is_dir():
         return ort_baseline_int8(float_onnx, out, calib)
     try:
-        quantize(float_onnx, calib, output=out, warn=lambda m: None)
+        quantize(float_onnx, calib, output=out, target=target, warn=lambda m: None)
     except DataError:
         folder = next((d for d in (calib / "train2017", calib / "images") if d.is_dir()), calib)
-        quantize(float_onnx, folder, output=out, warn=lambda m: None)
+        quantize(float_onnx, folder, output=out, target=target, warn=lambda m: None)
     return out
+
+
+def int8_models(name: str, float_path: Path, out: Path, calib: Path, device: str, given: dict[str, str],
+                hook: Callable | None) -> dict[str, Path]:
+    """backend -> the INT8 file timed in its column: by default posequant's quantize with that
+    backend's --target (what a user deploying there runs); --int8 or --quantizer: one file for all."""
+    if name in given:
+        return {"*": Path(given[name])}
+    if hook is not None:
+        return {"*": hook(float_path, out / f"{name}_int8.onnx", calib)}
+    targets = TARGETS[device]
+    return {be: make_int8(float_path, out / f"{name}_int8_{t}.onnx", calib, target=t) for be, t in targets.items()}
 
 
 def ort_baseline_int8(float_onnx: Path, out: Path, calib: Path | None = None) -> Path:
@@ -94,9 +111,9 @@ def ort_baseline_int8(float_onnx: Path, out: Path, calib: Path | None = None) ->
     return out
 
 
-def load_quantizer(spec: str | None) -> Callable[[Path, Path, Path | None], Path]:
+def load_quantizer(spec: str | None) -> Callable[[Path, Path, Path | None], Path] | None:
     if not spec:
-        return make_int8
+        return None
     module, _, fn = spec.partition(":")
     sys.path.insert(0, str(REPO))
     return getattr(importlib.import_module(module), fn)
@@ -125,9 +142,12 @@ def export_models(names: list[str], shared: Path, out: Path) -> dict[str, tuple[
     return float_models
 
 
-def ratios(result) -> dict:
-    """p50 per (backend, precision) and each over ORT FP32."""
-    p50 = {(r.backend, r.precision): r.p50_ms for r in result.rows if r.batch == 1}
+def ratios(result, int8: dict[str, Path]) -> dict:
+    """p50 per (backend, precision) and each over ORT FP32; a backend's INT8 from its own file."""
+    def own(row):
+        return row.precision != "int8" or Path(row.model) == int8.get(row.backend, int8.get("*", int8.get("ort")))
+
+    p50 = {(r.backend, r.precision): r.p50_ms for r in result.rows if r.batch == 1 and own(r)}
     base = p50.get(("ort", "fp32"))
     ratio = {k: base / v for k, v in p50.items()} if base else {}
     int8 = [ratio[k] for k in ratio if k[1] == "int8"]
@@ -165,7 +185,7 @@ def main() -> None:
     args = ap.parse_args()
     names = [n for n in args.models.split(",") if n]
     given = dict(s.split("=", 1) for s in args.int8)
-    quantize = load_quantizer(args.quantizer)
+    hook = load_quantizer(args.quantizer)
     calib = args.calib or args.shared / "data/coco-mini"
     backends = ["ort", "openvino"] if args.device == "cpu" else None  # GPU: all there are, the rest skipped
     cols = COLUMNS if args.device == "cpu" else [("torch", "fp32"), ("torch", "fp16"), ("ort", "fp32"),
@@ -176,14 +196,15 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         summary, tables, payload = [], [], {}
         for name, (float_path, ckpt, options) in export_models(names, args.shared, out).items():
-            int8_path = Path(given[name]) if name in given else quantize(float_path, out / f"{name}_int8.onnx", calib)
+            int8 = int8_models(name, float_path, out, calib, args.device, given, hook)
             print(f"timing {name}: {args.runs} interleaved rounds", file=sys.stderr)
             # on the GPU the checkpoint stands in for the float ONNX: it is exported again and also
             # run in PyTorch FP32/FP16
             first = float_path if args.device == "cpu" else ckpt
-            result = bench([first, int8_path], device=args.device, backends=backends, batches=(1,),
-                           threads=args.threads, warmup=args.warmup, runs=args.runs, export_options=options)
-            r = ratios(result)
+            result = bench([first, *dict.fromkeys(int8.values())], device=args.device, backends=backends,
+                           batches=(1,), threads=args.threads, warmup=args.warmup, runs=args.runs,
+                           export_options=options)
+            r = ratios(result, int8)
             goals = check_goals(name, r)
             summary.append([name] + [f"{r['p50_ms'][k]:.1f} ({r['ratio'][k]:.2f}x)" if k in r["p50_ms"] else "-"
                                      for k in cols]
