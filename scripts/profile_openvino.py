@@ -117,13 +117,7 @@ def profile(path: Path, size: tuple[int, int], threads: int, runs: int) -> dict:
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
     plain = core.compile_model(model, "CPU", config).create_infer_request()  # timing without PERF_COUNT
-    for _ in range(5):
-        plain.infer({0: x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        plain.infer({0: x})
-        times.append((time.perf_counter() - t) * 1e3)
+    p50 = median_ms(lambda: plain.infer({0: x}), runs)
 
     compiled = core.compile_model(model, "CPU", {**config, "PERF_COUNT": True})
     # an executed node's MACs: those of the original convolutions fused into it
@@ -158,7 +152,7 @@ def profile(path: Path, size: tuple[int, int], threads: int, runs: int) -> dict:
     small = [c["ms"] * 1e3 for c in convs if c["mmac"] * 1e6 < SMALL_MACS]
     return {
         "model": str(path), "input": shape, "threads": threads, "runs": runs,
-        "p50_ms": float(np.median(times)), "gmac": sum(macs.values()) / 1e9,
+        "p50_ms": p50, "gmac": sum(macs.values()) / 1e9,
         "node_ms": sum(node_ms.values()), "conv_ms": conv_ms, "convs": len(convs),
         "conv_tmacs": sum(c["mmac"] for c in convs) / conv_ms / 1e3 if conv_ms else None,
         "small_convs": len(small), "small_conv_us_median": float(np.median(small)) if small else None,
@@ -168,19 +162,24 @@ def profile(path: Path, size: tuple[int, int], threads: int, runs: int) -> dict:
     }
 
 
+def median_ms(call, runs: int, warmup: int = 5) -> float:
+    """Median wall time of ``call()`` over ``runs`` back-to-back calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
 def time_ort(path: Path, threads: int, size: tuple[int, int], runs: int) -> float:
     from benchmarks.runners import OrtRunner
 
     runner = OrtRunner(path, threads=threads)
     x = np.random.default_rng(0).standard_normal((1, 3, *size), dtype=np.float32)
-    for _ in range(5):
-        runner.infer(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        runner.infer(x)
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+    return median_ms(lambda: runner.infer(x), runs)
 
 
 def main() -> None:
