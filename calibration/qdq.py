@@ -252,8 +252,8 @@ def split_grouped_phases(model: onnx.ModelProto) -> int:
     grouped one with several outputs per group slowly (the trained model: 41% of its INT8 time in
     the last deconvolution), and so does OpenVINO (0.55 of 1.25 ms). Exact: the taps cropped away
     are zero, and each output value is computed from the same integers. Biases may be int32 behind
-    a DequantizeLinear (ORT) or float constants (OpenVINO). Done after NNCF, which calibrates and bias-corrects the single
-    grouped convolution (it cannot cut the Concat of phase convolutions).
+    a DequantizeLinear (ORT) or float constants (OpenVINO). Done after NNCF, which calibrates and
+    bias-corrects the single grouped convolution (it cannot cut the Concat of phase convolutions).
     """
     g = model.graph
     consts = _Consts(g)
