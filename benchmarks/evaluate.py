@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from calibration import average_flip, decode_heatmaps, iter_batches, load_mpii_gt, open_dataset
-from posequant.errors import DataError, PosequantError
-from posequant.metadata import ModelMeta, read_meta
+from posequant.calibration import average_flip, decode_heatmaps, iter_batches, load_mpii_gt, open_dataset
+from posequant.core.errors import DataError, PosequantError
+from posequant.core.metadata import ModelMeta, read_meta
 
 from .metrics import box_size, coco_keypoint_ap, coco_results, mpii_pckh, pck
 from .runners import make_runner
@@ -61,7 +61,7 @@ def _load_model(model: Path, export_options: dict, tmp: Path, progress):
         if not model.is_file():
             raise PosequantError(f"model {model} not found: check the path")
         return model, read_meta(model), None
-    from exporter import export_pose
+    from posequant.exporter import export_pose
 
     res = export_pose(model, tmp / "model.onnx", progress=progress, **export_options)
     return res.output, res.meta, res.model.module

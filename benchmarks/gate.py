@@ -15,11 +15,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from calibration import open_dataset
-from posequant.errors import PosequantError
-from posequant.metadata import ModelMeta, read_meta
+from posequant.calibration import open_dataset
+from posequant.core.errors import PosequantError
+from posequant.core.metadata import ModelMeta, read_meta
 
 from .evaluate import EvalResult, ModelOutputError, evaluate
+from .gate_report import prepare_report_dir, write_report
 from .latency import BenchResult, bench, check_backend, onnx_precision
 from .metrics import box_size, pck
 
@@ -184,13 +185,6 @@ def _drop_check(name: str, d: dict[str, float], budget: float) -> Check:
     return Check(name, drop, budget, drop <= budget, "drop", d["float"], d["int8"])
 
 
-def labelled(person, num_joints: int) -> np.ndarray:
-    """Which joints the ground truth labels (all of them when it has no visibility flags)."""
-    if person.joints_vis is None:
-        return np.ones(num_joints, bool)
-    return np.asarray(person.joints_vis) > 0
-
-
 def disagreement(people, float_preds: np.ndarray, int8_preds: np.ndarray) -> np.ndarray:
     """Per person: mean distance between the two models' labelled joints, as a fraction of the person's size.
 
@@ -198,7 +192,7 @@ def disagreement(people, float_preds: np.ndarray, int8_preds: np.ndarray) -> np.
     """
     size = np.array([max(p.scale) * 200.0 for p in people])
     dist = np.linalg.norm(float_preds - int8_preds, axis=2)
-    mask = np.stack([labelled(p, dist.shape[1]) for p in people])
+    mask = np.stack([p.labelled(dist.shape[1]) for p in people])
     mean = (dist * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
     return mean / np.maximum(size, 1e-6)
 
@@ -238,8 +232,6 @@ def gate(
     fmeta, _ = _check_models(float_model, int8_model)
     check_backend(backend, device)
     if report_dir is not None:
-        from .gate_report import prepare_report_dir
-
         report_dir = prepare_report_dir(report_dir)
 
     common = dict(split=split, flip=flip, backend=backend, device=device, batch=batch, limit=limit, threads=threads)
@@ -277,8 +269,6 @@ def gate(
         not reasons, reasons, checks, str(float_model), str(int8_model), str(data), f"{fe.format.upper()} {fe.split}",
         fe.people, backend, device, flip, main, scores, groups, joints, speedup, latency, fe, qe, worst_people)
     if report_dir is not None:
-        from .gate_report import write_report
-
         say(f"writing the report to {report_dir}")
         result.report_files = write_report(result, report_dir, fmeta, [people[i] for i in order])
     return result

@@ -9,13 +9,11 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from calibration import crop_person, read_image
-from posequant.errors import DataError, PosequantError
-from posequant.fileio import write_bytes_atomic, write_text_atomic
-from posequant.metadata import ModelMeta
-from posequant.table import format_table
-
-from .gate import labelled
+from posequant.calibration import crop_person, read_image
+from posequant.core.errors import DataError, PosequantError
+from posequant.core.fileio import write_bytes_atomic, write_text_atomic
+from posequant.core.metadata import ModelMeta
+from posequant.core.table import format_table
 
 PANEL_HEIGHT = 256
 FLOAT_BGR, INT8_BGR = (80, 200, 0), (0, 140, 255)  # green, orange
@@ -140,7 +138,7 @@ def _to_crop(points: np.ndarray, trans: np.ndarray) -> np.ndarray:
 def _panel(crop: np.ndarray, trans: np.ndarray, joints: np.ndarray, person, skeleton, color, text: str) -> np.ndarray:
     """The predicted skeleton over the labelled joints, with the ground truth as white crosses."""
     img = crop.copy()
-    show = labelled(person, len(joints))
+    show = person.labelled(len(joints))
     pts = _to_crop(joints, trans)
     for a, b in skeleton:
         if show[a] and show[b]:

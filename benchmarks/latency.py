@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from posequant.errors import MetadataError, PosequantError
+from posequant.core.errors import MetadataError, PosequantError
 
 from .machine import gpu_name, has_bf16, has_int8_dot, machine_facts, usable_cores
 from .runners import BACKENDS, BackendError, Runner, make_runner
@@ -83,7 +83,7 @@ def _graph_facts(proto) -> dict[str, Any]:
 def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) -> BenchModel:
     import onnx
 
-    from posequant.metadata import read_meta
+    from posequant.core.metadata import read_meta
 
     path = Path(path)
     if not path.is_file():
@@ -91,7 +91,7 @@ def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) 
     module = None
     onnx_path = path
     if path.suffix.lower() != ".onnx":
-        from exporter import export_pose
+        from posequant.exporter import export_pose
 
         res = export_pose(path, tmp / f"{path.stem}.onnx", verify_model=False, **(export_options or {}))
         onnx_path, module = res.output, res.model.module
@@ -406,7 +406,7 @@ def _prepare(models: list[BenchModel], backends: list[str], device: str, batches
 
 
 def format_bench(result: BenchResult) -> str:
-    from posequant.table import format_table
+    from posequant.core.table import format_table
 
     m = result.machine
     flags = ", ".join(k for k, v in m["cpu_flags"].items() if v and k != "avx2") or "none of VNNI/BF16/AMX"

@@ -21,8 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from posequant.errors import DataError
-from posequant.keypoints import COCO, COCO_SIGMAS, keypoint_set_for
+from posequant.core.errors import DataError
+from posequant.core.keypoints import COCO, COCO_SIGMAS, keypoint_set_for
 
 # ---- MPII PCKh -------------------------------------------------------------------------------
 

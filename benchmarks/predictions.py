@@ -16,10 +16,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from calibration.datasets import load_mpii_gt
-from posequant.errors import DataError
-from posequant.fileio import atomic_path
-from posequant.keypoints import MPII
+from posequant.calibration.datasets import load_mpii_gt
+from posequant.core.errors import DataError
+from posequant.core.fileio import atomic_path
+from posequant.core.keypoints import MPII
 
 from .metrics import PCKhResult, check_predictions, mpii_pckh
 

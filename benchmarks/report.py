@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posequant.table import format_table
+from posequant.core.table import format_table
 
 PCKH_COLUMNS = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean")
 

@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from posequant.errors import PosequantError
+from posequant.core.errors import PosequantError
 
 
 class BackendError(PosequantError):

@@ -42,8 +42,8 @@ def make_coco_set(root: str | Path, model: str | Path, *, val_images: int = 4, t
                   seed: int = 0) -> Path:
     """Write ``root`` as a COCO keypoint set (train and val splits) labelled by ``model`` (a float ONNX
     export with COCO's 17 joints); return ``root``."""
-    from benchmarks.evaluate import evaluate
-    from posequant.metadata import read_meta
+    from posequant.benchmarks.evaluate import evaluate
+    from posequant.core.metadata import read_meta
 
     root = Path(root)
     num_joints = read_meta(model).num_joints

@@ -1,4 +1,10 @@
-"""Calibration data: datasets (MPII, COCO, plain folders) and the shared test-time preprocessing."""
+"""The data stage and quantization.
+
+Datasets (MPII, COCO, plain folders) and the test-time preprocessing every stage shares are
+exported here; quantization is :func:`posequant.quantize` (``posequant.calibration.quantize``).
+Module order, lowest first: ``images`` -> ``datasets`` -> ``preprocess`` -> ``reader`` ->
+``quantize`` (with the graph passes ``deconv``, ``equalize``, ``qdq`` beside it).
+"""
 
 from .datasets import (
     FORMATS,
@@ -9,6 +15,7 @@ from .datasets import (
     load_mpii_gt,
     open_dataset,
 )
+from .images import default_workers, read_image
 from .preprocess import (
     Batch,
     BatchIterator,
@@ -16,13 +23,11 @@ from .preprocess import (
     average_flip,
     crop_person,
     decode_heatmaps,
-    default_workers,
     flip_back,
     get_affine_transform,
     get_max_preds,
     iter_batches,
     normalize,
-    read_image,
     refine_quarter_pixel,
     shift_heatmaps,
     transform_preds,

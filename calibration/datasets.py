@@ -23,13 +23,13 @@ from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
-from posequant.errors import DataError
-from posequant.keypoints import COCO, MPII, KeypointSet
+from posequant.core.errors import DataError
+from posequant.core.keypoints import COCO, MPII, KeypointSet
 
-from .preprocess import PIXEL_STD, default_workers, read_image
+from .images import IMAGE_SUFFIXES, default_workers, read_image
 
 FORMATS = ("mpii", "coco", "folder")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+PIXEL_STD = 200.0  # the pose repos' box convention: scale = box size / 200 px
 COCO_PADDING = 1.25  # HRNet's _xywh2cs enlarges every box by a quarter
 # Default split per (format, purpose), first present wins.
 DEFAULT_SPLITS = {
@@ -65,6 +65,12 @@ class Person:
                 array = np.array(value, dtype=np.float64)
                 array.flags.writeable = False
                 object.__setattr__(self, name, array)
+
+    def labelled(self, num_joints: int) -> np.ndarray:
+        """Which joints the ground truth labels (all of them when it has no visibility flags)."""
+        if self.joints_vis is None:
+            return np.ones(num_joints, bool)
+        return self.joints_vis > 0
 
 
 @dataclass

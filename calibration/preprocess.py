@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
 
-from posequant.errors import DataError, MetadataError
-from posequant.metadata import ModelMeta
+from posequant.core.errors import DataError, MetadataError
+from posequant.core.metadata import ModelMeta
 
-if TYPE_CHECKING:
-    from .datasets import Person
-
-PIXEL_STD = 200.0
-IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # as JointsDataset: EXIF rotation ignored
-
+from .datasets import PIXEL_STD, Person
+from .images import default_workers, read_image
 
 # ---- affine transforms (lib/utils/transforms.py) ------------------------------------------------
 
@@ -97,14 +92,6 @@ def transform_preds(
 # ---- images and crops --------------------------------------------------------------------------
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The image at ``path`` as BGR uint8 H x W x 3, decoded as the official code does."""
-    image = cv2.imread(str(path), IMREAD_FLAGS)
-    if image is None:
-        raise DataError(f"cannot decode image {path}: the file is missing, truncated or not an image; replace or remove it")
-    return image
-
-
 def crop_person(
     image_bgr: np.ndarray, center: Sequence[float], scale: Sequence[float], input_size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -152,11 +139,6 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.people)
-
-
-def default_workers() -> int:
-    """Threads for decoding and warping: cv2 releases the GIL, so one per core (at most 8)."""
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def iter_batches(

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from posequant.metadata import format_size
-from posequant.table import format_table
+from posequant.core.metadata import format_size
+from posequant.core.table import format_table
 
 
 def budget_met(result) -> bool | None:

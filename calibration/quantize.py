@@ -14,17 +14,17 @@ import itertools
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
 
-import posequant
-from posequant.errors import DataError, MetadataError, PosequantError, VerificationError
-from posequant.fileio import check_writable, write_bytes_atomic
-from posequant.metadata import ModelMeta, read_meta, write_meta
+from posequant.core.errors import DataError, MetadataError, PosequantError, VerificationError
+from posequant.core.fileio import check_writable, write_bytes_atomic
+from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, read_meta, write_meta
+from posequant.core.version import __version__
 
 from .deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
 from .equalize import equalize_relu_ranges
@@ -138,8 +138,7 @@ def model_meta(model: onnx.ModelProto, where: str, *, input_size=None, keypoints
 
 
 def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color: str) -> ModelMeta:
-    from exporter.zoo._common import IMAGENET_MEAN, IMAGENET_STD
-    from posequant.keypoints import keypoint_set_for
+    from posequant.core.keypoints import keypoint_set_for
 
     dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or not dims[1]:
@@ -148,7 +147,7 @@ def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color
     heatmap = (dims[2] or input_size[0] // 4, dims[3] or input_size[1] // 4)
     return ModelMeta(family="custom", keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
                      skeleton=kps.skeleton, input_size=tuple(input_size), heatmap_size=heatmap, color=color.lower(),
-                     mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD), posequant_version=posequant.__version__)
+                     mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD), posequant_version=__version__)
 
 
 @dataclass
@@ -384,14 +383,14 @@ def _pop_prop(q: onnx.ModelProto, key: str) -> str | None:
 def _stamp(q: onnx.ModelProto, meta: ModelMeta, settings: dict, kept_float: list[str]) -> None:
     import json
 
-    write_meta(q, meta.with_(precision="int8", posequant_version=posequant.__version__))
+    write_meta(q, meta.with_(precision="int8", posequant_version=__version__))
     entry = next((p for p in q.metadata_props if p.key == "quantization"), None) or q.metadata_props.add()
     entry.key = "quantization"
     entry.value = json.dumps({**settings, "kept_float": kept_float}, sort_keys=True)
 
 
 def _open_val(val, meta: ModelMeta, split):
-    from calibration.datasets import open_dataset
+    from posequant.calibration.datasets import open_dataset
 
     ds = open_dataset(val, input_size=meta.input_size, split=split)
     if ds.keypoints is None:
@@ -407,7 +406,7 @@ def _open_val(val, meta: ModelMeta, split):
 
 
 def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool) -> dict[str, Any]:
-    from benchmarks.evaluate import evaluate
+    from posequant.benchmarks.evaluate import evaluate
 
     onnx.save(model, str(path))
     return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip).metrics

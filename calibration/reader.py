@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from posequant.errors import DataError
-from posequant.metadata import ModelMeta
+from posequant.core.errors import DataError
+from posequant.core.metadata import ModelMeta
 
 from .datasets import Person, open_dataset
 from .preprocess import iter_batches

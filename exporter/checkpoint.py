@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from posequant.errors import CheckpointError
+from posequant.core.errors import CheckpointError
 
 # wrapper keys seen in the official repos and common trainers, most specific first
 WRAPPER_KEYS = ("state_dict", "best_state_dict", "model_state_dict", "model", "net", "network",

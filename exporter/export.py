@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 import torch
 
-import posequant
-from posequant.errors import ExportError, PosequantError, VerificationError
-from posequant.fileio import atomic_path, check_writable
-from posequant.keypoints import keypoint_set_for
-from posequant.metadata import ModelMeta, write_meta
+from posequant.core.errors import ExportError, PosequantError, VerificationError
+from posequant.core.fileio import atomic_path, check_writable
+from posequant.core.keypoints import keypoint_set_for
+from posequant.core.metadata import ModelMeta, write_meta
+from posequant.core.version import __version__
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .model import PoseModel, resolve_model
@@ -126,7 +126,7 @@ def _ort_session(model_bytes: bytes):
 
 def _data_cases(data: str | Path, meta: ModelMeta, samples: int):
     """Real person crops, preprocessed exactly as evaluation will do it."""
-    from calibration import iter_batches, open_dataset
+    from posequant.calibration import iter_batches, open_dataset
 
     ds = open_dataset(data, input_size=meta.input_size)
     crops = [b.inputs for b in iter_batches(ds, meta, batch_size=samples, limit=samples)]
@@ -195,7 +195,7 @@ def export_pose(
         mean=mean or pose.mean, std=std or pose.std,
         arch_config=json.loads(json.dumps(pose.arch_config)),  # as it will read back from the file
         source_checkpoint=checkpoint.name, source_sha256=ckpt.sha256,
-        posequant_version=posequant.__version__,
+        posequant_version=__version__,
     )
 
     say(f"exporting {pose.name} ({pose.num_parameters:,} parameters) at {size[0]}x{size[1]}, opset {opset}")
@@ -208,7 +208,7 @@ def export_pose(
         model = _simplify(model)
         timings["simplify_s"] = time.perf_counter() - t
     write_meta(model, meta)
-    model.producer_name, model.producer_version = "posequant", posequant.__version__
+    model.producer_name, model.producer_version = "posequant", __version__
     model.doc_string = f"{pose.name} pose model exported by posequant from {checkpoint.name}"
     try:
         onnx.checker.check_model(model, full_check=True)

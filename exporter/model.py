@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
-from posequant.errors import ArchitectureError
+from posequant.core.errors import ArchitectureError
+from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD
 
 from .checkpoint import Checkpoint
-from .zoo import FAMILIES, IMAGENET_MEAN, IMAGENET_STD, build_custom, detect_architecture
+from .zoo import FAMILIES, build_custom, detect_architecture
 
 
 class LastHeatmaps(torch.nn.Module):

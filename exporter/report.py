@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from posequant.metadata import format_size
-from posequant.table import format_table
+from posequant.core.metadata import format_size
+from posequant.core.table import format_table
 
 from .export import ExportResult
 from .inspect import CheckpointInfo

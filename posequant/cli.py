@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-import posequant
-from posequant.errors import PosequantError
-from posequant.fileio import check_writable, write_text_atomic
-from posequant.metadata import parse_size
+from posequant.core.errors import PosequantError
+from posequant.core.fileio import check_writable, write_text_atomic
+from posequant.core.metadata import parse_size
+from posequant.core.version import __version__
 
 
 class PosequantGroup(click.Group):
@@ -73,7 +73,7 @@ def _progress(msg: str) -> None:
 
 
 @click.group(cls=PosequantGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(posequant.__version__, "--version", prog_name="posequant")
+@click.version_option(__version__, "--version", prog_name="posequant")
 def main():
     """Trained PyTorch pose models to fast, verified INT8 deployments."""
 
@@ -94,8 +94,8 @@ trust_option = click.option(
 @click.option("--json", "json_out", metavar="OUT", help="Also write the findings as JSON.")
 def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
     """Show which architecture a checkpoint holds and how many parameters it has."""
-    from exporter import inspect_checkpoint
-    from exporter.report import format_inspect
+    from posequant.exporter import inspect_checkpoint
+    from posequant.exporter.report import format_inspect
 
     info = inspect_checkpoint(checkpoint, arch=arch, trust_pickle=trust_pickle)
     click.echo(format_inspect(info))
@@ -129,8 +129,8 @@ def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
 def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean, std, opset, batch,
                     no_simplify, trust_pickle, data, data_samples, rtol, no_verify, json_out):
     """Export a pose checkpoint to a simplified, verified ONNX model with its metadata."""
-    from exporter import export_pose
-    from exporter.report import format_export
+    from posequant.exporter import export_pose
+    from posequant.exporter.report import format_export
 
     result = export_pose(
         checkpoint, output, arch=arch, input_size=input_size, keypoints=keypoints, color=color,
@@ -162,9 +162,9 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
 def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_missing, arch, input_size,
              keypoints, color, trust_pickle, json_out, save_preds):
     """Evaluate an ONNX model or a checkpoint: PCKh (MPII) or AP and PCK@0.2 (COCO)."""
-    from benchmarks.evaluate import evaluate
-    from benchmarks.predictions import save_mpii_preds
-    from benchmarks.report import format_eval
+    from posequant.benchmarks.evaluate import evaluate
+    from posequant.benchmarks.predictions import save_mpii_preds
+    from posequant.benchmarks.report import format_eval
 
     for out in (json_out, save_preds):  # fail before the run, not after it
         if out:
@@ -195,8 +195,8 @@ def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_
 @click.option("--json", "json_out", metavar="OUT", help="Also write the table as JSON.")
 def eval_preds_cmd(preds, gt, zero_based, json_out):
     """Score saved MPII predictions (.mat, .h5, .npy, .json) with the official PCKh protocol."""
-    from benchmarks.predictions import eval_mpii_preds
-    from benchmarks.report import format_metrics
+    from posequant.benchmarks.predictions import eval_mpii_preds
+    from posequant.benchmarks.report import format_metrics
 
     if json_out:
         check_writable(json_out)
@@ -219,7 +219,7 @@ def _int_list(ctx, param, value):
 def _backend_list(ctx, param, value):
     import difflib
 
-    from benchmarks.runners import BACKENDS
+    from posequant.benchmarks.runners import BACKENDS
 
     names = [n for v in value for n in v.replace(" ", "").split(",") if n]
     for n in names:
@@ -252,8 +252,8 @@ device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), def
 @click.option("--json", "json_out", metavar="OUT", help="Also write the results as JSON.")
 def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, input_size, trust_pickle, json_out):
     """Latency, throughput and memory of ONNX models (fp32 or INT8) and checkpoints on every backend."""
-    from benchmarks.latency import bench, format_bench
-    from posequant.fileio import check_writable
+    from posequant.benchmarks.latency import bench, format_bench
+    from posequant.core.fileio import check_writable
 
     if json_out:
         check_writable(json_out)
@@ -290,9 +290,9 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
 def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedup, device, backend, split, flip,
              limit, threads, runs, report_dir, json_out):
     """Pass (exit 0) or fail (exit 1) an INT8 model against its float original: accuracy and speed."""
-    from benchmarks.gate import gate
-    from benchmarks.gate_report import format_gate
-    from posequant.fileio import check_writable
+    from posequant.benchmarks.gate import gate
+    from posequant.benchmarks.gate_report import format_gate
+    from posequant.core.fileio import check_writable
 
     if json_out:
         check_writable(json_out)
@@ -363,8 +363,8 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
                  equalize, activations, engine, val, val_split, max_drop, flip, keep_float, input_size, keypoints, color,
                  report, json_out):
     """Static INT8 (QDQ) quantization calibrated on real person crops, with an optional accuracy budget."""
-    from calibration.qreport import format_quantize, quantize_report_markdown
-    from calibration.quantize import BudgetError, quantize
+    from posequant.calibration.qreport import format_quantize, quantize_report_markdown
+    from posequant.calibration.quantize import BudgetError, quantize
 
     for out in (report, json_out):  # fail before the run, not after it
         if out:
@@ -416,7 +416,7 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
 def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, color, trust_pickle, num_samples,
                  target, max_drop, max_joint_drop, min_speedup, flip, runs):
     """Export, quantize and gate a checkpoint in one go; exit 1 when the INT8 model fails the gate."""
-    from benchmarks.pipeline import GateBudget, format_pipeline, run_pipeline
+    from posequant.pipeline import GateBudget, format_pipeline, run_pipeline
 
     result = run_pipeline(checkpoint, calib, val, out_dir, arch=arch, input_size=input_size, keypoints=keypoints,
                           color=color, trust_pickle=trust_pickle, num_samples=num_samples, target=target,
@@ -437,7 +437,3 @@ def demo_cmd(out_dir, shared):
 
     result = run_demo(out_dir, shared, echo=click.echo, progress=_progress)
     sys.exit(0 if result.passed else 1)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks.pipeline import GateBudget
-from exporter import export_pose
-from exporter.zoo import pose_resnet
+from posequant.exporter import export_pose
+from posequant.exporter.zoo import pose_resnet
+from posequant.pipeline import GateBudget
 
 TRAINED = Path("models/ultralight-simplepose")
 COCO_MINI = Path("data/coco-mini")
@@ -47,8 +47,8 @@ def original_onnx_parity(exported: Path, original: Path, data: Path) -> float:
     """Max abs difference between our export and the model's original ONNX on real crops."""
     import onnxruntime as ort
 
-    from calibration import iter_batches, open_dataset
-    from posequant.metadata import read_meta
+    from posequant.calibration import iter_batches, open_dataset
+    from posequant.core.metadata import read_meta
 
     meta = read_meta(exported)
     ds = open_dataset(data, input_size=meta.input_size)
@@ -64,7 +64,7 @@ def original_onnx_parity(exported: Path, original: Path, data: Path) -> float:
 
 def _synthetic_inputs(out_dir: Path, progress) -> tuple[Path, Path]:
     """A random-weights COCO pose_resnet_18 checkpoint and a COCO set labelled by its own float export."""
-    from benchmarks.synthetic import make_coco_set
+    from posequant.benchmarks.synthetic import make_coco_set
 
     ckpt = out_dir / "pose_resnet_18_random.pth"
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def _synthetic_inputs(out_dir: Path, progress) -> tuple[Path, Path]:
 def run_demo(out_dir: Path, shared: Path | None, *, echo: Callable[[str], None] = print,
              progress: Callable[[str], None] | None = None):
     """Run the pipeline (export, quantize, gate) on a built-in default; return its PipelineResult."""
-    from benchmarks.pipeline import format_pipeline, run_pipeline
+    from posequant.pipeline import format_pipeline, run_pipeline
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if shared is not None and (shared / TRAINED).is_dir() and (shared / COCO_MINI).is_dir():

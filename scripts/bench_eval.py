@@ -16,9 +16,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks.evaluate import evaluate
-from exporter import export_pose
-from posequant.table import format_table
+from posequant.benchmarks.evaluate import evaluate
+from posequant.core.table import format_table
+from posequant.exporter import export_pose
 
 CKPT = "models/ultralight-simplepose/ultralight_simplepose_coco_256x192.pth"
 ARCH = "models/ultralight-simplepose/ultralight_simplepose.py:build_model"

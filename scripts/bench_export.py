@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from exporter import export_pose
-from exporter.zoo import PRESETS, hourglass, pose_hrnet, pose_resnet
+from posequant.core.table import format_table
 from posequant.demo import randomise
-from posequant.table import format_table
+from posequant.exporter import export_pose
+from posequant.exporter.zoo import PRESETS, hourglass, pose_hrnet, pose_resnet
 
 CASES = [  # (name, config, input size, keypoints)
     ("pose_resnet_50", pose_resnet.PoseResNetConfig(depth=50, num_joints=16), (256, 256)),

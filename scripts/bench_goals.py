@@ -31,11 +31,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks.latency import bench
-from exporter import export_pose
-from exporter.zoo import PRESETS, pose_hrnet, pose_resnet
+from posequant.benchmarks.latency import bench
+from posequant.core.table import format_table
 from posequant.demo import randomise
-from posequant.table import format_table
+from posequant.exporter import export_pose
+from posequant.exporter.zoo import PRESETS, pose_hrnet, pose_resnet
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = {  # name: (builder, config, input size)
@@ -54,8 +54,8 @@ TARGETS = {"cpu": {"ort": "ort", "openvino": "openvino"}, "cuda": {"ort": "ort",
 
 def calibration_inputs(float_onnx: Path, calib: Path | None, samples: int = 32) -> list[np.ndarray]:
     """Real person crops preprocessed as the model's metadata says, or seeded random crops."""
-    from calibration import iter_batches, open_dataset
-    from posequant.metadata import read_meta
+    from posequant.calibration import iter_batches, open_dataset
+    from posequant.core.metadata import read_meta
 
     meta = read_meta(float_onnx)
     if calib is not None and calib.is_dir():
@@ -68,8 +68,8 @@ def calibration_inputs(float_onnx: Path, calib: Path | None, samples: int = 32) 
 def make_int8(float_onnx: Path, out: Path, calib: Path | None = None, target: str = "ort") -> Path:
     """posequant's quantizer with its defaults for ``target``; a model whose joints do not match the
     calibration set (the MPII zoo models on coco-mini) is calibrated on its images as a plain folder."""
-    from calibration.quantize import quantize
-    from posequant.errors import DataError
+    from posequant.calibration.quantize import quantize
+    from posequant.core.errors import DataError
 
     if calib is None or not calib.is_dir():
         return ort_baseline_int8(float_onnx, out, calib)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration import default_workers, iter_batches, open_dataset  # noqa: E402
-from posequant.keypoints import COCO  # noqa: E402
-from posequant.metadata import ModelMeta, parse_size  # noqa: E402
+from posequant.calibration import default_workers, iter_batches, open_dataset  # noqa: E402
+from posequant.core.keypoints import COCO  # noqa: E402
+from posequant.core.metadata import ModelMeta, parse_size  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -24,18 +24,17 @@ import numpy as np
 import onnx
 import torch
 
-from benchmarks.evaluate import evaluate
-from benchmarks.metrics import oks
-from benchmarks.runners import OpenVINORunner, OrtRunner
-from calibration.datasets import open_dataset
-from calibration.quantize import quantize
-from calibration.reader import OrtCalibrationReader, calibration_set
-from exporter import export_pose
-from exporter.zoo import pose_resnet
+from posequant.benchmarks.evaluate import evaluate
+from posequant.benchmarks.metrics import oks
+from posequant.benchmarks.runners import OpenVINORunner, OrtRunner
+from posequant.calibration.datasets import open_dataset
+from posequant.calibration.quantize import quantize
+from posequant.calibration.reader import OrtCalibrationReader, calibration_set
+from posequant.core.metadata import read_meta
+from posequant.core.table import format_table
 from posequant.demo import randomise
-from posequant.metadata import read_meta
-from posequant.table import format_table
-
+from posequant.exporter import export_pose
+from posequant.exporter.zoo import pose_resnet
 
 SPLITS = ("val", "train")
 

@@ -67,7 +67,7 @@ int main(void){
 
 def cpu_peak(threads: int) -> dict | None:
     """int8 VNNI and fp32 FMA multiply-add peaks (GMAC/s) with ``threads`` processes at once, or None."""
-    from benchmarks.machine import machine_facts
+    from posequant.benchmarks.machine import machine_facts
 
     if not machine_facts(threads)["cpu_flags"].get("avx512_vnni"):
         print("--peak: this CPU has no AVX-512 VNNI; skipped", file=sys.stderr)
@@ -175,7 +175,7 @@ def median_ms(call, runs: int, warmup: int = 5) -> float:
 
 
 def time_ort(path: Path, threads: int, size: tuple[int, int], runs: int) -> float:
-    from benchmarks.runners import OrtRunner
+    from posequant.benchmarks.runners import OrtRunner
 
     runner = OrtRunner(path, threads=threads)
     x = np.random.default_rng(0).standard_normal((1, 3, *size), dtype=np.float32)
@@ -194,9 +194,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from benchmarks.latency import onnx_precision
-    from posequant.metadata import read_meta
-    from posequant.table import format_table
+    from posequant.benchmarks.latency import onnx_precision
+    from posequant.core.metadata import read_meta
+    from posequant.core.table import format_table
 
     peak = cpu_peak(args.threads) if args.peak else None
     if peak:

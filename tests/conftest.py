@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.zoo import hourglass, pose_hrnet, pose_resnet
 from posequant.demo import randomise
+from posequant.exporter.zoo import hourglass, pose_hrnet, pose_resnet
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -17,20 +17,21 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-from benchmarks.evaluate import evaluate
-from benchmarks.gate import gate
-from benchmarks.latency import bench, onnx_precision
-from benchmarks.runners import make_runner
-from benchmarks.machine import gpu_name
-from calibration import iter_batches, open_dataset
-from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
-from exporter import export_pose
-from exporter.zoo import pose_resnet
-from posequant.demo import randomise
+from posequant.benchmarks.evaluate import evaluate
+from posequant.benchmarks.gate import gate
+from posequant.benchmarks.latency import bench, onnx_precision
+from posequant.benchmarks.machine import gpu_name
+from posequant.benchmarks.runners import make_runner
+from posequant.calibration import iter_batches, open_dataset
 from posequant.cli import main
-from posequant.errors import PosequantError
-from posequant.keypoints import MPII
-from posequant.metadata import read_meta, write_meta
+from posequant.core.errors import PosequantError
+from posequant.core.keypoints import MPII
+from posequant.core.metadata import read_meta, write_meta
+from posequant.demo import randomise
+from posequant.exporter import export_pose
+from posequant.exporter.zoo import pose_resnet
+
+from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
 
 # A small Simple Baselines model with COCO's 17 joints: three ConvTranspose layers, quick to export.
 SMALL_COCO = pose_resnet.PoseResNetConfig(depth=18, num_joints=17, deconv_filters=(32, 32, 32))

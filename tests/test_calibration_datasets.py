@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import scipy.io
 
-from calibration import box_to_center_scale, load_mpii_gt, open_dataset
-from posequant.errors import DataError
-from posequant.keypoints import COCO, MPII
+from posequant.calibration import box_to_center_scale, load_mpii_gt, open_dataset
+from posequant.core.errors import DataError
+from posequant.core.keypoints import COCO, MPII
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 INPUT_SIZE = (256, 192)  # H, W: aspect ratio W/H = 0.75

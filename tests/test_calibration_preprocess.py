@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration import (
+from posequant.calibration import (
     Person,
     affine_transform,
     average_flip,
@@ -25,9 +25,9 @@ from calibration import (
     shift_heatmaps,
     transform_preds,
 )
-from posequant.errors import DataError
-from posequant.keypoints import COCO, MPII
-from posequant.metadata import ModelMeta
+from posequant.core.errors import DataError
+from posequant.core.keypoints import COCO, MPII
+from posequant.core.metadata import ModelMeta
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -141,7 +141,7 @@ def test_normalize_is_bit_identical_to_totensor_normalize() -> None:
 
 
 def test_normalize_rejects_unknown_colour_order() -> None:
-    from posequant.errors import MetadataError
+    from posequant.core.errors import MetadataError
 
     with pytest.raises(MetadataError, match=r"'gray'"):
         normalize(np.zeros((1, 2, 2, 3), np.uint8), make_meta(color="gray"))

@@ -5,9 +5,10 @@ import pickle
 import pytest
 import torch
 
+from posequant.core.errors import ArchitectureError, CheckpointError
+from posequant.exporter import load_checkpoint, resolve_model
+
 from conftest import small_model
-from exporter import load_checkpoint, resolve_model
-from posequant.errors import ArchitectureError, CheckpointError
 
 
 def save_variant(model: torch.nn.Module, path, variant: str):

@@ -51,7 +51,7 @@ def test_export_pose_options_parse(small_checkpoints, tmp_path):
                  "--batch", "1", "--mean", "0.5,0.5,0.5", "--std", "0.25, 0.25, 0.25", "--color", "rgb",
                  "--no-simplify")
     assert res.exit_code == 0, res.output
-    from posequant.metadata import read_meta
+    from posequant.core.metadata import read_meta
 
     meta = read_meta(out)
     assert meta.mean == (0.5, 0.5, 0.5) and meta.std == (0.25, 0.25, 0.25) and meta.color == "rgb"

@@ -17,16 +17,17 @@ import pytest
 import scipy.io
 from click.testing import CliRunner
 from onnx import helper
-
-from benchmarks.evaluate import evaluate, score
-from benchmarks.metrics import MPII_GT_JOINTS, mpii_pckh
-from calibration import load_mpii_gt, open_dataset
-from conftest import MPII_MINI, needs_shared
-from exporter import export_pose
-from posequant.cli import main
-from posequant.metadata import read_meta
 from test_calibration_datasets import coco_root as coco_root  # noqa: F401 (fixture)
 from test_calibration_datasets import mpii_root as mpii_root  # noqa: F401 (fixture)
+
+from posequant.benchmarks.evaluate import evaluate, score
+from posequant.benchmarks.metrics import MPII_GT_JOINTS, mpii_pckh
+from posequant.calibration import load_mpii_gt, open_dataset
+from posequant.cli import main
+from posequant.core.metadata import read_meta
+from posequant.exporter import export_pose
+
+from conftest import MPII_MINI, needs_shared
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,14 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.evaluate import evaluate
-from benchmarks.metrics import coco_keypoint_ap, coco_results
-from calibration import open_dataset
-from conftest import COCO_MINI, MPII_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
-from exporter import export_pose
+from posequant.benchmarks.evaluate import evaluate
+from posequant.benchmarks.metrics import coco_keypoint_ap, coco_results
+from posequant.calibration import open_dataset
 from posequant.cli import main
-from posequant.errors import DataError
+from posequant.core.errors import DataError
+from posequant.exporter import export_pose
+
+from conftest import COCO_MINI, MPII_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
 
 pytestmark = pytest.mark.shared
 

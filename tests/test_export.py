@@ -7,13 +7,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from test_checkpoint import VARIANTS, save_variant
+
+from posequant.core.errors import ExportError, PosequantError, VerificationError
+from posequant.core.metadata import ModelMeta, read_meta
+from posequant.exporter import export_pose
+from posequant.exporter.verify import compare_heatmaps
 
 from conftest import SMALL, small_model
-from exporter import export_pose
-from exporter.verify import compare_heatmaps
-from posequant.errors import ExportError, PosequantError, VerificationError
-from posequant.metadata import ModelMeta, read_meta
-from test_checkpoint import VARIANTS, save_variant
 
 FAMILY_DEFAULTS = {  # colour, mean, std of each family's own training code
     "pose_resnet": ("bgr", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.metrics import OFFICIAL_RNG, PCKH_ROWS, box_size, mpii_pckh, pck, pckh_curve
-from calibration import load_mpii_gt
-from posequant.errors import DataError
-from posequant.keypoints import COCO, MPII
+from posequant.benchmarks.metrics import OFFICIAL_RNG, PCKH_ROWS, box_size, mpii_pckh, pck, pckh_curve
+from posequant.calibration import load_mpii_gt
+from posequant.core.errors import DataError
+from posequant.core.keypoints import COCO, MPII
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MPII_MINI = SHARED / "data" / "mpii-mini"

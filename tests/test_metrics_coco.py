@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.metrics import COCO_STATS, coco_keypoint_ap, coco_results, oks
-from calibration import open_dataset
-from posequant.errors import DataError
-from posequant.keypoints import COCO
+from posequant.benchmarks.metrics import COCO_STATS, coco_keypoint_ap, coco_results, oks
+from posequant.calibration import open_dataset
+from posequant.core.errors import DataError
+from posequant.core.keypoints import COCO
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 COCO_MINI = SHARED / "data" / "coco-mini"

@@ -1,5 +1,5 @@
 """pipeline: export -> quantize -> gate into one folder, on a tiny random-weights COCO model and the
-synthetic COCO set labelled by its own float predictions (benchmarks.synthetic)."""
+synthetic COCO set labelled by its own float predictions (posequant.benchmarks.synthetic)."""
 
 import json
 
@@ -8,15 +8,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from benchmarks.evaluate import evaluate
-from benchmarks.latency import onnx_precision
-from benchmarks.pipeline import GateBudget, run_pipeline
-from benchmarks.synthetic import make_coco_set
-from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
-from exporter import export_pose
-from exporter.zoo import pose_resnet
+from posequant.benchmarks.evaluate import evaluate
+from posequant.benchmarks.latency import onnx_precision
+from posequant.benchmarks.synthetic import make_coco_set
 from posequant.cli import main
 from posequant.demo import randomise
+from posequant.exporter import export_pose
+from posequant.exporter.zoo import pose_resnet
+from posequant.pipeline import GateBudget, run_pipeline
+
+from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
 
 TINY = pose_resnet.PoseResNetConfig(depth=18, num_joints=17, deconv_filters=(32, 32, 32))
 SIZE = (64, 48)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import scipy.io
 
-from benchmarks import predictions
-from benchmarks.metrics import mpii_pckh
-from benchmarks.predictions import eval_mpii_preds, load_mpii_preds, save_mpii_preds
-from calibration import load_mpii_gt
-from posequant.errors import DataError, PosequantError
+from posequant.benchmarks import predictions
+from posequant.benchmarks.metrics import mpii_pckh
+from posequant.benchmarks.predictions import eval_mpii_preds, load_mpii_preds, save_mpii_preds
+from posequant.calibration import load_mpii_gt
+from posequant.core.errors import DataError, PosequantError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MPII_GT = SHARED / "data" / "mpii-mini" / "annot" / "gt_valid.mat"

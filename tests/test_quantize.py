@@ -12,17 +12,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from benchmarks.evaluate import evaluate
-from calibration.deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
-from calibration.qdq import is_quantized
-from calibration.quantize import REWRITE_BY_TARGET, quantize
-from conftest import COCO_MINI, MPII_CALIB, MPII_MINI, SMALL, TRAINED_ARCH, TRAINED_CKPT, needs_shared, small_model
-from exporter import export_pose
-from exporter.zoo import pose_resnet
+from posequant.benchmarks.evaluate import evaluate
+from posequant.calibration.deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
+from posequant.calibration.qdq import is_quantized
+from posequant.calibration.quantize import REWRITE_BY_TARGET, quantize
 from posequant.cli import main
-from posequant.errors import PosequantError
+from posequant.core.errors import PosequantError
+from posequant.core.metadata import read_meta
 from posequant.demo import randomise
-from posequant.metadata import read_meta
+from posequant.exporter import export_pose
+from posequant.exporter.zoo import pose_resnet
+
+from conftest import COCO_MINI, MPII_CALIB, MPII_MINI, SMALL, TRAINED_ARCH, TRAINED_CKPT, needs_shared, small_model
 
 # The accuracy claimed for the trained model (coco-mini val, no flip): drop in AP points and PCK@0.2 points.
 # issue 4's goal, met by the defaults alone (measured: AP -0.02, PCK@0.2 -0.31 points, README)
@@ -174,7 +175,7 @@ def model_copy(small_mpii, tmp_path):
 
 
 def crop_of(meta):
-    from calibration import iter_batches, open_dataset
+    from posequant.calibration import iter_batches, open_dataset
 
     ds = open_dataset(MPII_CALIB, input_size=meta.input_size)
     return next(iter(iter_batches(ds, meta, batch_size=1, limit=1))).inputs
@@ -510,8 +511,8 @@ def _head_model(deconv=(4, 2, 1, 0)):
 
 
 def test_equalization_is_exact_and_evens_out_channel_ranges():
-    from calibration.equalize import channel_ranges, find_pairs
-    from calibration.quantize import prepare_float
+    from posequant.calibration.equalize import channel_ranges, find_pairs
+    from posequant.calibration.quantize import prepare_float
 
     model = _head_model()
     rng = np.random.default_rng(0)
@@ -646,7 +647,7 @@ def _qdq_chain(n_convs: int, relu: bool, zero_point: int, mode: str) -> onnx.Mod
     (4, True, 120, "DCR", 0),  # a ReLU that the clamp at the zero point would not reproduce: left alone
 ])
 def test_quantized_data_movement_is_exact(n_convs, relu, zero_point, mode, moved):
-    from calibration.qdq import quantize_data_movement
+    from posequant.calibration.qdq import quantize_data_movement
 
     model = _qdq_chain(n_convs, relu, zero_point, mode)
     changed = onnx.ModelProto()
@@ -670,7 +671,7 @@ def test_quantized_data_movement_is_exact(n_convs, relu, zero_point, mode, moved
 def test_depthwise_phase_split_is_exact_and_depthwise(tmp_path, images, monkeypatch, deconv, taps, target):
     """The grouped phase convolution NNCF quantized is run as s*s true depthwise convolutions (ORT and
     OpenVINO run grouped ones slowly); int32 biases (ort) or float ones (openvino) split with it."""
-    import calibration.qdq as qdq
+    import posequant.calibration.qdq as qdq
 
     path = _head_file(tmp_path, deconv)
     kw = {**HEAD_KW, "target": target}
@@ -768,7 +769,7 @@ def _d2s_graph(after="1x1", mode="DCR", fork=False) -> onnx.ModelProto:
 
 
 def test_depth_to_space_moves_to_the_heatmaps_exactly():
-    from calibration.qdq import sink_depth_to_space
+    from posequant.calibration.qdq import sink_depth_to_space
 
     model = _d2s_graph()
     moved = onnx.ModelProto()
@@ -790,7 +791,7 @@ def test_depth_to_space_moves_to_the_heatmaps_exactly():
 @pytest.mark.parametrize("case", [dict(after="3x3"), dict(mode="CRD"), dict(fork=True)],
                          ids=["spatial-conv-after", "crd-mode", "read-twice"])
 def test_depth_to_space_stays_where_moving_it_would_change_the_result(case):
-    from calibration.qdq import sink_depth_to_space
+    from posequant.calibration.qdq import sink_depth_to_space
 
     model = _d2s_graph(**case)
     before = model.SerializeToString()
@@ -803,9 +804,9 @@ def test_ort_target_heatmaps_rearranged_last_and_the_harm_ranking_runs(tmp_path,
     the uint8 move drops)."""
     import itertools
 
-    import calibration.qdq as qdq
-    from calibration.quantize import EQUALIZE_CROPS, model_meta, prepare_float, rank_harm
-    from calibration.reader import calibration_set
+    import posequant.calibration.qdq as qdq
+    from posequant.calibration.quantize import EQUALIZE_CROPS, model_meta, prepare_float, rank_harm
+    from posequant.calibration.reader import calibration_set
 
     path = _head_file(tmp_path)
     res = quantize(path, images, output=tmp_path / "q.onnx", **HEAD_KW)

@@ -6,10 +6,11 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from calibration import iter_batches, open_dataset
-from conftest import COCO_MINI, MPII_MINI, TRAINED_ARCH, TRAINED_CKPT, TRAINED_DIR, TRAINED_ONNX, needs_shared
+from posequant.calibration import iter_batches, open_dataset
 from posequant.cli import main
-from posequant.metadata import read_meta
+from posequant.core.metadata import read_meta
+
+from conftest import COCO_MINI, MPII_MINI, TRAINED_ARCH, TRAINED_CKPT, TRAINED_ONNX, needs_shared
 
 pytestmark = [pytest.mark.shared, needs_shared(TRAINED_CKPT, COCO_MINI)]
 
@@ -61,7 +62,7 @@ def test_dynamic_batch_matches_single(exported):
 
 @needs_shared(MPII_MINI)
 def test_verify_on_mpii_crops(tmp_path):
-    from exporter import export_pose
+    from posequant.exporter import export_pose
 
     res = export_pose(TRAINED_CKPT, tmp_path / "m.onnx", arch=TRAINED_ARCH, keypoints="coco",
                       color="rgb", data=MPII_MINI, data_samples=5)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from exporter.zoo import FAMILIES, PRESETS, detect_architecture, hourglass, pose_hrnet, pose_resnet
-from posequant.errors import ArchitectureError
+from posequant.core.errors import ArchitectureError
+from posequant.exporter.zoo import FAMILIES, PRESETS, detect_architecture, hourglass, pose_hrnet, pose_resnet
 
 # Spot checks against key names and shapes of the released checkpoints.
 OFFICIAL_KEYS = {

@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 import torch
 
-from posequant.errors import ArchitectureError
+from posequant.core.errors import ArchitectureError
+from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD
 
 from . import hourglass, pose_hrnet, pose_resnet
-from ._common import IMAGENET_MEAN, IMAGENET_STD, Family, StateDict
+from ._common import Family, StateDict
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (pose_resnet.FAMILY, pose_hrnet.FAMILY, hourglass.FAMILY)}
 PRESETS: dict[str, tuple[Family, Any]] = {

@@ -8,10 +8,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 StateDict = Mapping[str, torch.Tensor]
-
 BN_MOMENTUM = 0.1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

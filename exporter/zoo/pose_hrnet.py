@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._common import BN_MOMENTUM, IMAGENET_MEAN, IMAGENET_STD, Family, StateDict, count_indices, has
+from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD
+
+from ._common import BN_MOMENTUM, Family, StateDict, count_indices, has
 
 # The official pose_hrnet.py defines the same two blocks as pose_resnet.py (same names and shapes).
 from .pose_resnet import BasicBlock, Bottleneck, make_res_layer

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from ._common import BN_MOMENTUM, IMAGENET_MEAN, IMAGENET_STD, Family, StateDict, count_indices, has
+from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD
+
+from ._common import BN_MOMENTUM, Family, StateDict, count_indices, has
 
 
 class BasicBlock(nn.Module):

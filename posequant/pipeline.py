@@ -22,9 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from posequant.errors import PosequantError
-from posequant.fileio import write_text_atomic
-from posequant.table import format_table
+from posequant.benchmarks.gate import GateResult, gate
+from posequant.benchmarks.gate_report import format_gate
+from posequant.calibration.qreport import quantize_report_markdown
+from posequant.calibration.quantize import QuantizeResult, quantize
+from posequant.core.errors import PosequantError
+from posequant.core.fileio import write_text_atomic
+from posequant.core.table import format_table
+from posequant.exporter import ExportResult, export_pose
 
 FLOAT_NAME, INT8_NAME = "model.onnx", "model.int8.onnx"
 
@@ -41,9 +46,9 @@ class GateBudget:
 @dataclass
 class PipelineResult:
     out_dir: Path
-    export: Any  # exporter.ExportResult
-    quantize: Any  # calibration.quantize.QuantizeResult
-    gate: Any  # benchmarks.gate.GateResult
+    export: ExportResult
+    quantize: QuantizeResult
+    gate: GateResult
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     files: dict[str, str] = field(default_factory=dict)  # what -> path
 
@@ -94,12 +99,6 @@ def run_pipeline(
     times both models on. Bad input raises :class:`PosequantError`; a failed gate does not raise:
     read ``result.passed`` (the CLI turns it into exit 1).
     """
-    from calibration.qreport import quantize_report_markdown
-    from calibration.quantize import quantize
-    from exporter import export_pose
-
-    from .gate import gate
-
     say = progress or (lambda _m: None)
     out = _prepare_out_dir(Path(out_dir))
     seconds: dict[str, float] = {}
@@ -137,8 +136,6 @@ def run_pipeline(
 
 def format_pipeline(result: PipelineResult) -> str:
     """The gate's checks, then one row per stage: what it made and how long it took."""
-    from .gate_report import format_gate
-
     e, q, g = result.export, result.quantize, result.gate
     verify = "verified vs PyTorch" if e.verification else "not verified"
     main = g.scores[g.main_metric]

@@ -16,6 +16,9 @@ from .errors import MetadataError
 from .keypoints import KeypointSet
 
 SCHEMA_VERSION = "1"
+# The normalisation most pose models were trained with (torchvision's ImageNet statistics, RGB order, 0-1 units).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def format_size(hw: tuple[int, int]) -> str:
