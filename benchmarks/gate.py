@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from posequant.calibration import open_dataset
+from posequant.core.cpu import cpu_kind
 from posequant.core.errors import PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
 
@@ -88,6 +89,7 @@ class GateResult:
     int8_eval: EvalResult = field(repr=False)
     disagreements: list[dict[str, Any]] = field(default_factory=list)  # people where the two differ most
     report_files: list[str] = field(default_factory=list)
+    cpu: dict[str, Any] = field(default_factory=dict)  # this CPU's kind, what the INT8 graph was made for, notes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,7 +102,7 @@ class GateResult:
             "speedup": self.speedup,
             "float_metrics": self.float_eval.metrics, "int8_metrics": self.int8_eval.metrics,
             "latency": self.latency.to_dict() if self.latency else None,
-            "disagreements": self.disagreements, "report_files": self.report_files,
+            "disagreements": self.disagreements, "report_files": self.report_files, "cpu": self.cpu,
         }
 
 
@@ -197,6 +199,35 @@ def disagreement(people, float_preds: np.ndarray, int8_preds: np.ndarray) -> np.
     return mean / np.maximum(size, 1e-6)
 
 
+def _main(fmt: str, metrics: dict[str, Any]) -> float:
+    return 100.0 * metrics["AP"] if fmt == "coco" else float(metrics["PCKh@0.5"]["Mean"])
+
+
+def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, main_metric_of, qe: EvalResult,
+               say) -> dict[str, Any]:
+    """This CPU's kind, the one the INT8 graph was made for, and a note when they differ in a way that
+    matters; when this CPU may saturate a graph not made for it, what that costs, measured: the INT8 model
+    evaluated again with its exact semantics (ONNX Runtime, optimizations off)."""
+    import onnx
+
+    from posequant.calibration.saturation import cpu_mismatch, quantization_settings
+
+    here = cpu_kind()
+    proto = onnx.load(str(int8_model), load_external_data=False)
+    settings = quantization_settings(proto)
+    facts: dict[str, Any] = {"here": here.name, "made_for": settings.get("cpu"), "note": None}
+    if device != "cpu" or backend not in ("ort", "openvino"):
+        return facts
+    facts["note"] = cpu_mismatch(proto, int8_model.name, here)
+    if facts["note"] and here.saturates:
+        say("measuring what saturation costs here: the INT8 model again, with exact int8 semantics")
+        exact = evaluate(int8_model, qe.dataset, **{**common, "backend": "ort-reference"})
+        cost = main_metric_of(exact.metrics) - main_metric_of(qe.metrics)
+        facts["saturation_cost_points"] = cost
+        facts["note"] += f"; measured here: {cost:+.2f} points of the main metric lost to saturation"
+    return facts
+
+
 # ---- the gate ----------------------------------------------------------------------------------
 
 
@@ -242,6 +273,7 @@ def gate(
         qe = evaluate(int8_model, data, **common)
     except ModelOutputError as e:
         raise BrokenInt8Error(f"gate FAIL: {e}") from None
+    cpu = _cpu_facts(int8_model, backend, device, common, main_metric_of=lambda m: _main(fe.format, m), qe=qe, say=say)
     ds = open_dataset(data, input_size=fmeta.input_size, format=fe.format, split=fe.split)
     people = ds.people[:limit] if limit else ds.people
     assert len(people) == fe.people == qe.people, "both evaluations must cover the same people"
@@ -267,7 +299,8 @@ def gate(
     worst_people = [{"index": int(i), "image": str(people[i].image), "disagreement": float(d[i])} for i in order]
     result = GateResult(
         not reasons, reasons, checks, str(float_model), str(int8_model), str(data), f"{fe.format.upper()} {fe.split}",
-        fe.people, backend, device, flip, main, scores, groups, joints, speedup, latency, fe, qe, worst_people)
+        fe.people, backend, device, flip, main, scores, groups, joints, speedup, latency, fe, qe, worst_people,
+        cpu=cpu)
     if report_dir is not None:
         say(f"writing the report to {report_dir}")
         result.report_files = write_report(result, report_dir, fmeta, [people[i] for i in order])

@@ -52,13 +52,30 @@ def _check_rows(result) -> list[list[str]]:
 CHECK_HEADERS = ["check", "float", "INT8", "change", "budget", "result"]
 
 
+def cpu_lines(result) -> list[str]:
+    """This CPU's kind and the one the INT8 graph was made for; the note when they differ in a way that matters."""
+    c = result.cpu or {}
+    if not c:
+        return []
+    lines = [f"cpu: this machine is {c['here']}; the INT8 graph was made for {c.get('made_for') or 'an unknown kind'}"]
+    if c.get("note"):
+        lines.append(f"note: {c['note']}")
+    return lines
+
+
+def _other_warnings(result) -> list[str]:
+    note = (result.cpu or {}).get("note") or ""
+    return [w for w in result.latency.warnings if not (note and note.startswith(w))]  # bench's copy of the note
+
+
 def format_gate(result) -> str:
     head = (f"gate: {'PASS' if result.passed else 'FAIL'}  ({result.dataset}, {result.people} people, flip "
             f"{'on' if result.flip else 'off'}; {result.backend} on {result.device})")
     lines = [head, format_table(CHECK_HEADERS, _check_rows(result))]
     lines += [f"  failed: {r}" for r in result.reasons]
+    lines += [f"  {line}" for line in cpu_lines(result)]
     if result.latency:
-        lines += [f"  warning: {w}" for w in result.latency.warnings]
+        lines += [f"  warning: {w}" for w in _other_warnings(result)]
     if result.report_files:
         lines.append(f"report: {result.report_files[0]}")
     return "\n".join(lines)
@@ -86,6 +103,7 @@ def format_markdown(result, png: str | None) -> str:
           f"{'on' if result.flip else 'off'}); evaluated and timed on {result.backend} ({result.device})", ""]
     if result.reasons:
         md += ["Failed:", ""] + [f"- {r}" for r in result.reasons] + [""]
+    md += [f"- {line}" for line in cpu_lines(result)] + ([""] if cpu_lines(result) else [])
     md += ["## Checks", "", _md_table(CHECK_HEADERS, _check_rows(result)), "",
            "Changes are INT8 minus float, in points (COCO AP x 100, PCK/PCKh in percent).", "",
            "## Metrics", "", _md_table(["metric", "float", "INT8", "change"], _delta_rows(result.scores)), "",

@@ -21,9 +21,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from posequant.core.cpu import cpu_kind
 from posequant.core.errors import MetadataError, PosequantError
 
-from .machine import gpu_name, has_bf16, has_int8_dot, machine_facts, usable_cores
+from .machine import gpu_name, has_bf16, machine_facts, usable_cores
 from .runners import BACKENDS, BackendError, Runner, make_runner
 
 DEVICE_BACKENDS = {"cpu": ("torch", "ort", "openvino"), "cuda": ("torch", "ort", "tensorrt")}
@@ -48,6 +49,7 @@ class BenchModel:
     conv_transpose: int = 0
     conv_transpose_unquantized: int = 0  # ConvTranspose without a DequantizeLinear in front
     module: Any = None  # torch.nn.Module when a checkpoint was given
+    cpu_note: str | None = None  # an INT8 graph made for another CPU kind than this one (saturation.cpu_mismatch)
 
 
 def onnx_precision(model) -> str:
@@ -110,9 +112,15 @@ def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) 
             raise PosequantError(f"{path} has no posequant metadata and no fixed input size: "
                                  "export it with `posequant export-pose`") from None
         size, group = facts["hw"], path.stem
-    return BenchModel(str(path), onnx_path, onnx_precision(proto), tuple(size), facts["fixed_batch"], group,
+    precision = onnx_precision(proto)
+    note = None
+    if precision == "int8":
+        from posequant.calibration.saturation import cpu_mismatch
+
+        note = cpu_mismatch(proto, path.name, cpu_kind())
+    return BenchModel(str(path), onnx_path, precision, tuple(size), facts["fixed_batch"], group,
                       path.stat().st_size / 2**20, facts["conv_transpose"], facts["conv_transpose_unquantized"],
-                      module)
+                      module, note)
 
 
 # ---- which backends can run here ---------------------------------------------------------------
@@ -282,10 +290,13 @@ def _rows(configs: list[_Config]) -> list[BenchRow]:
 def _warnings(models: list[BenchModel], configs: list[_Config], device: str, threads: int | None) -> list[str]:
     out = []
     int8 = [c for c in configs if c.precision == "int8"]
-    if device == "cpu" and int8 and not has_int8_dot():
-        out.append("this CPU has no VNNI (AVX-512 VNNI / AVX-VNNI) or AMX-INT8: INT8 convolutions run at "
-                   "about FP32 speed here, so INT8 timings do not show what a VNNI machine would")
+    here = cpu_kind()
+    if device == "cpu" and int8 and not here.fast_int8:
+        out.append(f"this CPU ({here.describe()}) has no fast int8 dot product: INT8 convolutions run at about "
+                   "FP32 speed here, so INT8 timings do not show what an AVX2, VNNI or AMX machine would")
     for m in models:
+        if device == "cpu" and m.precision == "int8" and m.cpu_note:
+            out.append(m.cpu_note)
         if m.precision != "int8" or not m.conv_transpose:
             continue
         if m.conv_transpose_unquantized:
@@ -409,8 +420,8 @@ def format_bench(result: BenchResult) -> str:
     from posequant.core.table import format_table
 
     m = result.machine
-    flags = ", ".join(k for k, v in m["cpu_flags"].items() if v and k != "avx2") or "none of VNNI/BF16/AMX"
-    lines = [f"{m['cpu']} ({flags}); {m['threads']} threads of {m['cores']} cores"
+    flags = ", ".join(k for k, v in m["cpu_flags"].items() if v) or "none of AVX2/AVX-512/VNNI/BF16/AMX"
+    lines = [f"{m['cpu']}: {m.get('cpu_kind_title', '?')}; flags {flags}; {m['threads']} threads of {m['cores']} cores"
              + (f"; GPU {m['gpu']}" if m.get("gpu") else "")]
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     s = result.settings

@@ -11,45 +11,14 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
-# /proc/cpuinfo flags that matter here: VNNI is what makes INT8 convolutions fast on x86
-# (4 int8 multiply-adds per 32-bit lane per instruction), AMX even more; BF16/AMX-BF16 is what
-# OpenVINO's default bf16 precision needs.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+from posequant.core.cpu import cpu_flags, cpu_kind, cpu_model
+
 LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino")
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor block of /proc/cpuinfo ({} off Linux)."""
-    try:
-        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
-    except OSError:
-        return {}
-    info: dict[str, str] = {}
-    for line in text.split("\n\n")[0].splitlines():
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-    return info
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> dict[str, bool]:
-    flags = set(_cpuinfo().get("flags", "").split())
-    return {f: f in flags for f in CPU_FLAGS}
-
-
-def has_int8_dot() -> bool:
-    """VNNI (AVX-512 or AVX) or AMX-INT8: without one of them INT8 runs at about FP32 speed."""
-    f = cpu_flags()
-    return f["avx512_vnni"] or f["avx_vnni"] or f["amx_int8"]
 
 
 def has_bf16() -> bool:
     f = cpu_flags()
     return f["avx512_bf16"] or f["amx_bf16"]
-
-
-def cpu_model() -> str:
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def usable_cores() -> int:
@@ -104,6 +73,8 @@ def openvino_default_precision() -> str | None:
 def machine_facts(threads: int | None = None) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "cpu": cpu_model(),
+        "cpu_kind": cpu_kind().name,
+        "cpu_kind_title": cpu_kind().describe(),
         "cpu_flags": cpu_flags(),
         "cores": usable_cores(),
         "threads": threads or usable_cores(),

@@ -40,6 +40,10 @@ class OrtRunner:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if self.backend == "ort-reference":
+            # DequantizeLinear -> float op -> QuantizeLinear, unfused: a QDQ graph's own semantics, exact on
+            # every CPU (no int8 kernels, so no int16 pair saturation), slow
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if self.threads:
             opts.intra_op_num_threads = self.threads
         # spinning threads steal the cores from whatever runs next in this process
@@ -144,8 +148,15 @@ class TorchRunner:
             return self.module(x).float().cpu().numpy()
 
 
+@dataclass
+class OrtReferenceRunner(OrtRunner):
+    """ONNX Runtime with graph optimizations off: what an INT8 graph computes by its own definition."""
+
+    backend: str = "ort-reference"
+
+
 ONNX_RUNNERS: dict[str, Callable[..., Runner]] = {"ort": OrtRunner, "openvino": OpenVINORunner,
-                                                  "tensorrt": TensorRTRunner}
+                                                  "tensorrt": TensorRTRunner, "ort-reference": OrtReferenceRunner}
 BACKENDS = ("torch", "ort", "openvino", "tensorrt")
 
 

@@ -63,6 +63,18 @@ def _settings_line(s: dict[str, Any]) -> str:
             f"seed {s['seed']}" + (f", bias correction {s['bias_correction']}" if s.get("bias_correction") else ""))
 
 
+def cpu_line(s: dict[str, Any]) -> str:
+    """Which CPU kind the graph was made for, what that changed, and where it is exact."""
+    made_for = s.get("cpu", "portable")
+    line = f"made for {made_for} ({s.get('cpu_title', '')}; quantized on {s.get('quantized_on', '?')})"
+    fit = s.get("pair_fit")
+    if fit is not None:
+        coarsest = min(fit["effective_bits"].values(), default=8.0)
+        line += (f": weight scales fitted on {fit['channels_rescaled']} of {fit['channels']} channels so that no int16 "
+                 f"pair sum can saturate (coarsest {coarsest:.1f} bits)")
+    return line + f"; exact on {s.get('exact_on', '?')}"
+
+
 def _calibration_line(c: dict[str, Any]) -> str:
     where = c["format"].upper() + (f" {c['split']}" if c.get("split") else "")
     line = f"{c['people']} of {c['available_people']} people from {where} ({c['root']}), seed {c['seed']}"
@@ -103,6 +115,7 @@ def format_quantize(result) -> str:
         f"  settings     {_settings_line(result.settings)}",
         f"  calibration  {_calibration_line(result.calibration)}",
         f"  graph        {_prepared_line(result)}",
+        f"  cpu          {cpu_line(result.settings)}",
         "  deconvs      " + "; ".join(f"{backend}: {how}" for backend, how in result.deconvs.items()),
         "  in float     " + _short_list(result.kept_float),
     ]
@@ -166,6 +179,7 @@ def quantize_report_markdown(result) -> str:
         ["activations", s["activations"]], ["target runtime", s["target"]],
         ["deconvolution rewrite", _rewrite(s["rewrite_deconv"])],
         ["bias correction", s.get("bias_correction") or "-"],
+        ["CPU kind", cpu_line(s)],
         ["calibration samples asked", s["num_samples"]], ["seed", s["seed"]],
         ["validation", f"`{s['val']}`, flip {'on' if s['val_flip'] else 'off'}" if s["val"] else "none"],
         ["max drop", f"{s['max_drop']} points" if s["max_drop"] is not None else "-"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import json
 import sys
 import tempfile
 import time
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 
+from posequant.core.cpu import KINDS, CpuKind, cpu_kind
 from posequant.core.errors import DataError, MetadataError, PosequantError, VerificationError
 from posequant.core.fileio import check_writable, write_bytes_atomic
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, read_meta, write_meta
@@ -30,6 +32,7 @@ from .deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
 from .equalize import equalize_relu_ranges
 from .qdq import int8_deconvolutions, is_quantized, make_openvino_friendly, make_ort_friendly, make_tensorrt_friendly
 from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
+from .saturation import fit_pair_scales, input_means
 
 ENGINES = ("nncf", "ort")
 METHODS = ("auto", "minmax", "percentile", "entropy")
@@ -48,6 +51,9 @@ REWRITE_BY_TARGET: dict[str, bool | str] = {"ort": True, "openvino": "grouped", 
 REWRITE_RTOL = 1e-5
 EQUALIZE_CROPS = 64  # calibration crops for the channel ranges of the equalization
 QUANTIZABLE = ("Conv", "ConvTranspose", "Add", "MatMul", "Gemm")
+# --cpu: a kind from posequant.core.cpu, this machine's ("auto") or "portable" (exact on every kind)
+CPUS = ("auto", "portable", *KINDS)
+PAIR_FIT_CROPS = 32  # calibration crops for the mean inputs that the pair fit's bias change uses
 
 
 class QuantizeError(PosequantError):
@@ -180,7 +186,7 @@ def prepare_float(model: onnx.ModelProto, *, rewrite: bool | str, input_size: tu
 
 
 def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str, method: str, per_channel: bool,
-                   target: str, activations: str, ignored: Iterable[str], tmp: Path) -> onnx.ModelProto:
+                   target: str, activations: str, ignored: Iterable[str], tmp: Path, pair_fit: bool) -> onnx.ModelProto:
     ignored = sorted(ignored)
     symmetric = activations == "symmetric"
     if engine == "nncf":
@@ -195,9 +201,23 @@ def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str
         make_openvino_friendly(q)
     elif target == "tensorrt":
         make_tensorrt_friendly(q)
-    entry = q.metadata_props.add()  # read back (and removed) by quantize()
-    entry.key, entry.value = "_bias_correction", bias_correction
+    fit = _fit_pairs(q, model, calib) if pair_fit else None
+    for key, value in (("_bias_correction", bias_correction), ("_pair_fit", json.dumps(fit))):
+        entry = q.metadata_props.add()  # read back (and removed) by quantize()
+        entry.key, entry.value = key, value
     return q
+
+
+def _fit_pairs(q: onnx.ModelProto, prepared: onnx.ModelProto, calib: CalibrationSet) -> dict:
+    """Weight scales under which no int16 pair sum can saturate (``saturation.fit_pair_scales``), from the
+    float weights NNCF quantized, with the mean change moved into the biases."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in prepared.graph.initializer}
+    weights = {n.name or n.output[0]: numpy_helper.to_array(inits[n.input[1]]) for n in prepared.graph.node
+               if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and n.input[1] in inits}
+    means = input_means(q, itertools.islice(calib.crops.feeds(), PAIR_FIT_CROPS))
+    return fit_pair_scales(q, weights, input_means=means).to_dict()
 
 
 def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, symmetric, ignored) -> onnx.ModelProto:
@@ -293,6 +313,7 @@ def quantize(
     max_drop: float = 0.5,
     val_flip: bool = False,
     keep_float: Iterable[str] = (),
+    cpu: str = "auto",
     input_size: tuple[int, int] | None = None,
     keypoints: str | None = None,
     color: str | None = None,
@@ -306,12 +327,17 @@ def quantize(
     per-channel activations for depthwise convolutions; "tensorrt": per-tensor symmetric int8
     activations with zero point 0, the form TensorRT's explicit quantization takes). With ``val``,
     nodes are kept in float until the main metric drops by at most ``max_drop`` points.
+    ``cpu`` is the CPU kind the model will run on (``posequant.core.cpu``: "auto" is this machine's,
+    "portable" any): for kinds whose u8s8 kernels add products in saturating int16 pairs (AVX2, AVX-512
+    without VNNI) the weight scales are fitted so that no pair can saturate, which makes the graph exact
+    on every kind.
     Writes ``output`` (default: ``MODEL.int8.onnx``) unless it is None and ``model`` was given as a proto.
     """
     started = time.perf_counter()
     say = progress or (lambda _m: None)
-    if engine not in ENGINES or method not in METHODS or target not in TARGETS:
-        raise QuantizeError(f"engine/method/target must be one of {ENGINES} / {METHODS} / {TARGETS}")
+    if engine not in ENGINES or method not in METHODS or target not in TARGETS or cpu not in CPUS:
+        raise QuantizeError(f"engine/method/target/cpu must be one of {ENGINES} / {METHODS} / {TARGETS} / {CPUS}")
+    made_for = _made_for(cpu)
     model_path = Path(model)
     output = Path(output) if output else model_path.with_name(model_path.stem + ".int8.onnx")
     check_writable(output)
@@ -336,6 +362,8 @@ def quantize(
                 "rewrite_deconv": rewrite, "equalize": equalize, "weights": "int8 symmetric",
                 "activations": activations + (", per tensor" if target != "openvino" or engine == "ort"
                                               else ", per channel into depthwise convolutions (NNCF)"),
+                "cpu": made_for.name if made_for else "portable", "cpu_title": made_for.describe() if made_for else
+                "any CPU (pair sums kept within int16: exact on every kind)", "quantized_on": cpu_kind().name,
                 "seed": seed, "num_samples": num_samples, "max_drop": max_drop if val else None,
                 "val": str(val) if val else None, "val_flip": val_flip}
     ignored = set(keep_float)
@@ -343,7 +371,7 @@ def quantize(
         tmp = Path(tmp)
         say(f"calibrating on {len(calib_set.crops)} people ({engine})")
         run = dict(engine=engine, method=method, per_channel=per_channel, target=target, activations=activations,
-                   tmp=tmp)
+                   tmp=tmp, pair_fit=made_for is None or bool(made_for.saturates))
         q = _quantize_once(prepared, calib_set, ignored=ignored, **run)
         evaluation, steps = None, []
         if val_ds is not None:
@@ -356,6 +384,9 @@ def quantize(
         warn(f"{len(calib_set.skipped_images)} calibration images were missing or could not be decoded and were skipped "
              f"(e.g. {calib_set.skipped_images[0]})")
     settings["bias_correction"] = _pop_prop(q, "_bias_correction")
+    settings["pair_fit"] = json.loads(_pop_prop(q, "_pair_fit") or "null")
+    settings["exact_on"] = "every CPU kind" if settings["pair_fit"] is not None else \
+        ", ".join(k for k, kind in KINDS.items() if kind.saturates is False)
     _stamp(q, meta, settings, sorted(ignored))
     data = q.SerializeToString()
     result = QuantizeResult(
@@ -372,6 +403,13 @@ def quantize(
     return result
 
 
+def _made_for(cpu: str) -> CpuKind | None:
+    """The CPU kind ``--cpu`` names (None: portable). This machine's kind when it is "auto"."""
+    if cpu == "portable":
+        return None
+    return cpu_kind() if cpu == "auto" else KINDS[cpu]
+
+
 def _pop_prop(q: onnx.ModelProto, key: str) -> str | None:
     props = list(q.metadata_props)
     value = next((p.value for p in props if p.key == key), None)
@@ -381,8 +419,6 @@ def _pop_prop(q: onnx.ModelProto, key: str) -> str | None:
 
 
 def _stamp(q: onnx.ModelProto, meta: ModelMeta, settings: dict, kept_float: list[str]) -> None:
-    import json
-
     write_meta(q, meta.with_(precision="int8", posequant_version=__version__))
     entry = next((p for p in q.metadata_props if p.key == "quantization"), None) or q.metadata_props.add()
     entry.key = "quantization"

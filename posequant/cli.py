@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from posequant.core.cpu import KINDS as CPU_KINDS
 from posequant.core.errors import PosequantError
 from posequant.core.fileio import check_writable, write_text_atomic
 from posequant.core.metadata import parse_size
@@ -352,6 +353,11 @@ def _next_commands(result) -> str:
               help="Largest allowed drop with --val, in points of the main metric (COCO AP x 100, MPII PCKh@0.5 Mean).")
 @click.option("--flip/--no-flip", default=False, show_default=True, help="Flip test in the --val evaluation.")
 @click.option("--keep-float", multiple=True, metavar="NODE", help="Leave this node in float (repeatable).")
+@click.option("--cpu", type=click.Choice(["auto", "portable", *CPU_KINDS]),
+              default="auto", show_default=True,
+              help="CPU kind the model will run on: auto is this machine's. For avx2/avx512 (no VNNI), whose int8 "
+                   "kernels add products in saturating int16 pairs, and for portable, weight scales are fitted so "
+                   "that no pair can saturate: exact on every CPU.")
 @click.option("--input-size", callback=_size, metavar="HxW", help="For a model without posequant metadata.")
 @click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False),
               help="For a model without posequant metadata.")
@@ -360,8 +366,8 @@ def _next_commands(result) -> str:
 @click.option("--report", metavar="OUT.md", help="Also write a Markdown report.")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
 def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, seed, output, target, rewrite_deconv,
-                 equalize, activations, engine, val, val_split, max_drop, flip, keep_float, input_size, keypoints, color,
-                 report, json_out):
+                 equalize, activations, engine, val, val_split, max_drop, flip, keep_float, cpu, input_size, keypoints,
+                 color, report, json_out):
     """Static INT8 (QDQ) quantization calibrated on real person crops, with an optional accuracy budget."""
     from posequant.calibration.qreport import format_quantize, quantize_report_markdown
     from posequant.calibration.quantize import BudgetError, quantize
@@ -375,7 +381,7 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
             model, calib, output=output, format=fmt, split=split, num_samples=num_samples, method=method,
             per_channel=per_channel, seed=seed, target=target, rewrite_deconv=rewrite_deconv, equalize=equalize,
             activations=activations, engine=engine, val=val, val_split=val_split, max_drop=max_drop, val_flip=flip,
-            keep_float=keep_float,
+            keep_float=keep_float, cpu=cpu,
             input_size=input_size, keypoints=keypoints, color=color, progress=_progress, warn=_warn)
     except BudgetError as e:  # the summary and the report explain the failure; the model is not written
         result, failure = e.result, e

@@ -125,6 +125,25 @@ def _workflow():
     return env, steps
 
 
+def ci_gate_budgets() -> dict[str, str]:
+    """The defaults of scripts/ci_gate.sh's ``NAME=${NAME:-value}`` budget lines."""
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "scripts/ci_gate.sh").read_text()
+    return dict(re.findall(r"^(MAX_DROP|MAX_JOINT_DROP|MIN_SPEEDUP)=\$\{\1:-([0-9.]+)\}$", text, re.M))
+
+
+def test_demo_and_ci_gate_share_their_budgets():
+    from posequant.demo import TRAINED_BUDGET
+
+    ci = ci_gate_budgets()
+    assert set(ci) == {"MAX_DROP", "MAX_JOINT_DROP", "MIN_SPEEDUP"}
+    assert (float(ci["MAX_DROP"]), float(ci["MAX_JOINT_DROP"]), float(ci["MIN_SPEEDUP"])) == (
+        TRAINED_BUDGET.max_drop, TRAINED_BUDGET.max_joint_drop, TRAINED_BUDGET.min_speedup)
+
+
 @pytest.mark.shared
 @needs_shared(TRAINED_CKPT, COCO_MINI)
 def test_github_workflow_commands_gate_the_trained_model(tmp_path):
@@ -137,8 +156,9 @@ def test_github_workflow_commands_gate_the_trained_model(tmp_path):
     env, steps = _workflow()
     assert [n for n, _ in steps][:1] == ["Install posequant (CPU torch first; a bare torch pulls several GB of CUDA wheels)"]
     assert {"CHECKPOINT", "ARCH", "EXPORT_OPTIONS", "CALIB", "VAL", "MAX_DROP", "BACKEND"} <= set(env)
+    ci = ci_gate_budgets()  # the CI gate's budgets for 68 people
     env.update(CHECKPOINT=str(TRAINED_CKPT), ARCH=TRAINED_ARCH, CALIB=str(COCO_MINI),
-               VAL=str(COCO_MINI), MAX_DROP="1.0", MAX_JOINT_DROP="3.0")  # the CI gate's budgets for 68 people
+               VAL=str(COCO_MINI), MAX_DROP=ci["MAX_DROP"], MAX_JOINT_DROP=ci["MAX_JOINT_DROP"])
     run_env = {**os.environ, **env, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
     for name, script in steps[1:]:
         res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=run_env,

@@ -429,10 +429,15 @@ def test_same_inputs_and_seed_give_identical_bytes(trained, tmp_path):
 @pytest.mark.shared
 @needs_shared(TRAINED_CKPT, COCO_MINI)
 def test_tight_budget_reverts_nodes(trained, tmp_path):
-    """With --max-drop 0 the loop keeps nodes in float step by step; it meets the budget or fails cleanly."""
+    """With --max-drop 0 the loop keeps nodes in float step by step; it meets the budget or fails cleanly.
+
+    A deliberately poor recipe (ORT's MinMax, one weight scale per tensor, no equalization, no deconvolution
+    rewrite: about 5 points of AP lost) makes INT8 worse than float on every CPU; a good one can score above
+    float on 68 people, and then there is nothing for the loop to do."""
     out, js, md = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "q.md"
     res = invoke("quantize", trained, "--calib", COCO_MINI, "--split", "train", "--num-samples", 32,
-                 "--engine", "ort", "--val", COCO_MINI, "--max-drop", 0, "-o", out, "--json", js, "--report", md)
+                 "--engine", "ort", "--per-tensor", "--no-equalize", "--no-rewrite-deconv",
+                 "--val", COCO_MINI, "--max-drop", 0, "-o", out, "--json", js, "--report", md)
     assert res.exit_code in (0, 1), res.output
     data = json.loads(js.read_text())
     steps = data["budget_steps"]

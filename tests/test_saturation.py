@@ -1,0 +1,348 @@
+"""INT8 on CPUs whose u8s8 kernels saturate: the CPU kinds, the numpy model of the int16 pair sums (checked
+against ONNX Runtime on whatever CPU runs the tests), and the pair-fitted graphs that cannot saturate."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from posequant.calibration import saturation as S
+from posequant.calibration.quantize import quantize
+from posequant.calibration.reader import calibration_set
+from posequant.core.cpu import KINDS, classify, cpu_kind
+from posequant.core.metadata import read_meta
+
+from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
+
+HERE = cpu_kind()
+
+
+# ---- CPU kinds ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("machine, flags, kind", [
+    ("x86_64", {"avx2"}, "avx2"),
+    ("x86_64", {"avx2", "avx512f", "avx512bw"}, "avx512"),
+    ("x86_64", {"avx2", "avx512f", "avx512bw", "avx512_vnni"}, "vnni"),
+    ("x86_64", {"avx2", "avx_vnni"}, "vnni"),
+    ("x86_64", {"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "amx"),
+    ("x86_64", {"sse4_1"}, "x86"),
+    ("x86_64", set(), "x86"),
+    ("aarch64", {"asimddp"}, "arm64"),
+    ("riscv64", set(), "other"),
+    ("", set(), "other"),
+])
+def test_cpu_kinds(machine, flags, kind):
+    k = classify(machine, flags)
+    assert k.name == kind
+    assert k.saturates is {"avx2": True, "avx512": True, "x86": True, "vnni": False, "amx": False,
+                           "arm64": False, "other": None}[kind]
+    assert k.describe()
+    assert classify(machine, {f: True for f in flags}) == k  # the dict form of the flags too
+
+
+def test_this_machine_has_a_kind():
+    assert HERE.name in KINDS
+
+
+# ---- one convolution, against ONNX Runtime ------------------------------------------------------------
+
+
+def _conv_model(w: np.ndarray, b: np.ndarray | None, sx: float, zx: int, sw: np.ndarray, sy: float, zy: int, *,
+                group: int = 1, pads=(0, 0, 0, 0), strides=(1, 1)) -> onnx.ModelProto:
+    """uint8 codes -> DequantizeLinear -> Conv (int8 weights, int32 bias) -> QuantizeLinear: ORT fuses it
+    into QLinearConv, i.e. runs it on its int8 kernels."""
+    inits = [numpy_helper.from_array(np.array(sx, np.float32), "sx"), numpy_helper.from_array(np.array(zx, np.uint8), "zx"),
+             numpy_helper.from_array(w.astype(np.int8), "w"), numpy_helper.from_array(sw.astype(np.float32), "sw"),
+             numpy_helper.from_array(np.zeros(sw.size, np.int8), "zw"),
+             numpy_helper.from_array(np.array(sy, np.float32), "sy"), numpy_helper.from_array(np.array(zy, np.uint8), "zy")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=0)]
+    conv_in = ["xf", "wf"]
+    if b is not None:
+        inits += [numpy_helper.from_array(b.astype(np.int32), "b"),
+                  numpy_helper.from_array((np.float32(sx) * sw).astype(np.float32), "sb"),
+                  numpy_helper.from_array(np.zeros(sw.size, np.int32), "zb")]
+        nodes.append(helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"], axis=0))
+        conv_in.append("bf")
+    nodes += [helper.make_node("Conv", conv_in, ["yf"], group=group, pads=list(pads), strides=list(strides),
+                               kernel_shape=list(w.shape[2:])),
+              helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["n", "c", "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, ["n", "m", "ho", "wo"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray, *, fused: bool = True) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not fused:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+# (in channels, out channels, kernel, group, pads): ORT's paths on x86 -- channels a multiple of 4, >= 16 outputs:
+# the symmetric conv kernel; 3 channels / 17 outputs: im2col + QGEMM, pairs across taps; grouped: QGEMM per group
+PATHS = {"convsym_1x1": (32, 32, 1, 1, (0, 0, 0, 0)), "convsym_3x3": (16, 16, 3, 1, (1, 1, 1, 1)),
+         "gemm_stem": (3, 16, 3, 1, (1, 1, 1, 1)), "gemm_17_outputs": (24, 17, 1, 1, (0, 0, 0, 0)),
+         "gemm_grouped": (8, 8, 3, 2, (1, 1, 1, 1))}
+
+
+def _saturating_case(cin, cout, k, group, pads, seed=0):
+    """A convolution whose pair sums saturate: large same-sign weights on neighbouring channels, big input codes."""
+    rng = np.random.default_rng(seed)
+    cg = cin // group
+    w = rng.integers(-127, 128, (cout, cg, k, k)).astype(np.int8)
+    w[:, :, :, :] = np.where(rng.random(w.shape) < 0.5, 120, w)  # many pairs of 120 + 120 > 128
+    x = rng.integers(150, 256, (2, cin, 7, 6)).astype(np.uint8)
+    b = rng.integers(-5000, 5000, cout).astype(np.int32)
+    sw = rng.uniform(0.001, 0.003, cout).astype(np.float32)
+    return w, b, x, sw
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_pair_model_matches_onnxruntime_on_this_cpu(path):
+    """The numpy model, saturating or exact as this CPU's kind says, equals ORT's fused int8 kernel bit for bit;
+    and the two models differ on this data, so the comparison tells them apart."""
+    cin, cout, k, group, pads = PATHS[path]
+    w, b, x, sw = _saturating_case(cin, cout, k, group, pads)
+    sx, zx = 0.02, 3
+    probe = _conv_model(w, b, sx, zx, sw, 1.0, 0, group=group, pads=pads)
+    (conv,) = S.quantized_convs(probe)
+    exact_acc = S.conv_accumulators(conv, w, x, saturate=False) + b.reshape(1, -1, 1, 1)
+    real = exact_acc * (sx * sw).reshape(1, -1, 1, 1)
+    sy = float(real.max() - real.min()) / 255
+    zy = int(np.clip(round(-real.min() / sy), 0, 255))
+    model = _conv_model(w, b, sx, zx, sw, sy, zy, group=group, pads=pads)
+    (conv,) = S.quantized_convs(model)
+    exact = S.conv_output_codes(conv, w, b, x, sy, zy, saturate=False)
+    saturated = S.conv_output_codes(conv, w, b, x, sy, zy, saturate=True)
+    assert (exact != saturated).mean() > 0.05  # this case does saturate, visibly
+    got = _ort(model, x)
+    expected = saturated if HERE.saturates else exact
+    assert np.array_equal(got, expected), f"{(got != expected).mean():.4f} of outputs differ on a {HERE.name} CPU"
+    # with optimizations off ORT runs DequantizeLinear -> float Conv -> QuantizeLinear: the graph's own semantics
+    reference = _ort(model, x, fused=False)
+    assert np.abs(reference.astype(int) - exact).max() <= 1
+
+
+def test_saturation_count_sees_the_saturating_pairs():
+    cin, cout, k, group, pads = PATHS["convsym_3x3"]
+    w, b, x, sw = _saturating_case(cin, cout, k, group, pads)
+    (conv,) = S.quantized_convs(_conv_model(w, b, 0.02, 3, sw, 1.0, 0, group=group, pads=pads))
+    r = S.conv_saturation(conv, w, x)
+    assert r.saturated > 0 and r.worst > 32767
+    # brute force over every pair of every position: the same count
+    cols = S.im2col(x.astype(np.int32), conv)[..., 0, :]  # (N, Ho, Wo, K), one group
+    w2 = S.reduction_weights(w, conv).astype(np.int32)
+    sums = cols[..., None, 0::2] * w2[:, 0::2] + cols[..., None, 1::2] * w2[:, 1::2]
+    assert r.saturated == int(((sums > 32767) | (sums < -32768)).sum())
+    assert r.pairs == sums.size
+
+
+@pytest.mark.parametrize("cin", [3, 8])
+def test_pair_layouts(cin):
+    flat, tap = S.pair_index(cin, 9, "flat"), S.pair_index(cin, 9, "tap")
+    assert (flat[:, 1] - flat[:, 0] == 1).all() and (flat[:, 0] % 2 == 0).all()
+    assert (tap[:, 0] // cin == tap[:, 1] // cin).all()  # never across a kernel tap
+    if cin % 2 == 0:
+        assert np.array_equal(np.unique(flat, axis=0), np.unique(tap, axis=0))
+    else:  # odd channels: ORT's flattened pairs cross taps, oneDNN's do not
+        assert (flat[:, 0] // cin != flat[:, 1] // cin).any()
+
+
+# ---- the pair fit -------------------------------------------------------------------------------------
+
+
+def _float_conv_graph(cin=16, cout=24, k=3, seed=1) -> tuple[onnx.ModelProto, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
+    w[:, 1::2] = np.abs(w[:, 1::2]) * np.sign(w[:, 0::2])  # neighbours of the same sign: many risky pairs
+    return w
+
+
+def test_fit_leaves_no_pair_that_can_saturate_and_keeps_the_mean():
+    w_float = _float_conv_graph()
+    cout = w_float.shape[0]
+    amax = np.abs(w_float).reshape(cout, -1).max(axis=1)
+    sw = (amax / 127).astype(np.float32)
+    w8 = np.clip(np.rint(w_float / sw.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+    rng = np.random.default_rng(2)
+    b = rng.integers(-300, 300, cout).astype(np.int32)
+    sx, zx = 0.05, 10
+    model = _conv_model(w8, b, sx, zx, sw, 0.5, 128, pads=(1, 1, 1, 1))
+    (conv,) = S.quantized_convs(model)
+    assert len(S.risky(S.reduction_weights(w8, conv).astype(np.int32), S.conv_pairs(conv))) > 0
+    x = rng.integers(0, 256, (4, 16, 9, 8)).astype(np.uint8)
+    means = {conv.codes: x.astype(np.float64).mean(axis=(0, 2, 3))}
+    before = S.conv_accumulators(conv, w8, x, saturate=False) * (sx * sw).reshape(1, -1, 1, 1) \
+        + (b * sx * sw).reshape(1, -1, 1, 1)
+
+    report = S.fit_pair_scales(model, {conv.name: w_float}, input_means=means)
+    assert report.convs == 1 and 0 < report.channels <= cout and report.of_channels == cout
+    assert all(7.0 <= bits < 8.0 for bits in report.bits.values())
+    (conv,) = S.quantized_convs(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    w_new = inits[conv.weight]
+    assert len(S.risky(S.reduction_weights(w_new, conv).astype(np.int32), S.conv_pairs(conv))) == 0
+    assert S.conv_saturation(conv, w_new, np.full_like(x, 255)).saturated == 0  # the worst input cannot either
+    # the weights stay the float weights' nearest codes at the new scales, and the scales only grew
+    assert (conv.w_scale >= sw).all()
+    assert np.abs(w_new * conv.w_scale.reshape(-1, 1, 1, 1) - w_float).max() <= conv.w_scale.max() / 2 + 1e-6
+    # bias scale = x scale * weight scale (what ORT's QLinearConv assumes); the mean output is kept
+    assert np.allclose(inits["sb"], np.float32(sx) * conv.w_scale)
+    after = S.conv_accumulators(conv, w_new, x, saturate=False) * (sx * conv.w_scale).reshape(1, -1, 1, 1) \
+        + (inits["b"] * inits["sb"]).reshape(1, -1, 1, 1)
+    interior = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # borders read padding, not the mean
+    assert np.abs((after - before)[interior].mean(axis=(0, 2, 3))).max() < 0.1 * np.abs(before).mean()
+    assert onnx.checker.check_model(model) is None
+    # and ORT runs the fitted graph exactly, on any CPU
+    got = _ort(model, x)
+    assert np.array_equal(got, S.conv_output_codes(conv, w_new, inits["b"], x, 0.5, 128, saturate=False))
+
+
+def test_fit_touches_nothing_that_cannot_saturate():
+    rng = np.random.default_rng(3)
+    w8 = rng.integers(-60, 61, (16, 8, 1, 1)).astype(np.int8)  # |w_i| + |w_j| <= 120: safe already
+    sw = np.full(16, 0.01, np.float32)
+    model = _conv_model(w8, None, 0.1, 0, sw, 1.0, 0)
+    before = model.SerializeToString()
+    (conv,) = S.quantized_convs(model)
+    report = S.fit_pair_scales(model, {conv.name: w8 * 0.01})
+    assert report.convs == 1
+    assert report.channels == 0 and model.SerializeToString() == before
+
+
+# ---- the trained model: the graph made for AVX2 never saturates, the one made for VNNI would ----------
+
+
+@pytest.fixture(scope="module")
+def trained_graphs(tmp_path_factory):
+    from posequant.exporter import export_pose
+
+    d = tmp_path_factory.mktemp("sat")
+    float_path = d / "model.onnx"
+    export_pose(TRAINED_CKPT, float_path, arch=TRAINED_ARCH, input_size=(256, 192), keypoints="coco", color="rgb",
+                verify_model=False)
+    out = {"float": float_path}
+    for cpu in ("vnni", "avx2"):
+        out[cpu] = quantize(float_path, COCO_MINI, split="train", cpu=cpu, output=d / f"{cpu}.onnx").output
+    return out
+
+
+@pytest.mark.shared
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+def test_trained_avx2_graph_never_saturates_and_the_vnni_graph_would(trained_graphs):
+    meta = read_meta(trained_graphs["float"])
+    crops = calibration_set(COCO_MINI, meta, num_samples=8, split="train", warn=lambda m: None).crops
+    counts = {cpu: S.saturation_counts(onnx.load(str(trained_graphs[cpu])), crops.feeds()) for cpu in ("vnni", "avx2")}
+    vnni, avx2 = (sum(c.saturated for c in counts[k]) for k in ("vnni", "avx2"))
+    assert vnni > 1000, "the 8-bit graph saturates on an AVX2 CPU (the loss issue 12 measured)"
+    assert avx2 == 0
+    assert max(c.worst for c in counts["avx2"]) <= 32767
+    # by construction, too: no weight pair left that could reach int16's limit with any input
+    q = onnx.load(str(trained_graphs["avx2"]))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    for conv in S.quantized_convs(q):
+        if conv.saturates:
+            assert not len(S.risky(S.reduction_weights(inits[conv.weight], conv).astype(np.int32), S.conv_pairs(conv)))
+    stamped = read_meta(q)
+    assert stamped.precision == "int8"
+    import json
+
+    settings = json.loads(next(p.value for p in q.metadata_props if p.key == "quantization"))
+    assert settings["cpu"] == "avx2" and settings["exact_on"] == "every CPU kind"
+    assert settings["pair_fit"]["channels_rescaled"] > 0
+
+
+@pytest.mark.shared
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+def test_trained_graph_convolutions_match_onnxruntime_on_this_cpu(trained_graphs):
+    """Every quantized convolution of the real 8-bit graph, on real input codes: ORT's fused kernel equals the
+    numpy model of this CPU's kind (saturating on AVX2 / AVX-512 without VNNI, exact elsewhere)."""
+    q = onnx.load(str(trained_graphs["vnni"]))
+    meta = read_meta(q)
+    crops = calibration_set(COCO_MINI, meta, num_samples=2, split="train", warn=lambda m: None).crops
+    convs = [c for c in S.quantized_convs(q) if not c.transpose]
+    codes = next(S.capture_codes(q, convs, itertools.islice(crops.feeds(), 1)))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    differs = 0
+    for conv in convs:
+        w, x = inits[conv.weight], codes[conv.codes]
+        b = inits[conv.bias] if conv.bias and conv.bias_int else None
+        acc = S.conv_accumulators(conv, w, x, saturate=False) + (b.reshape(1, -1, 1, 1) if b is not None else 0)
+        real = acc * (conv.x_scale * S.output_scales(conv)).reshape(1, -1, 1, 1)
+        lo, hi = min(float(real.min()), 0.0), max(float(real.max()), 1e-6)
+        sy = (hi - lo) / 255
+        zy = int(round(-lo / sy))
+        model = _conv_model(w, b, conv.x_scale, conv.x_zero, conv.w_scale, sy, zy, group=conv.group, pads=conv.pads,
+                            strides=conv.strides)
+        got = _ort(model, x)
+        expected = S.conv_output_codes(conv, w, b, x, sy, zy, saturate=bool(HERE.saturates))
+        assert np.array_equal(got, expected), conv.name
+        differs += not np.array_equal(expected, S.conv_output_codes(conv, w, b, x, sy, zy, saturate=not HERE.saturates))
+    assert differs >= 3  # saturation changes real outputs: the comparison above can tell the kinds apart
+
+
+@pytest.mark.shared
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+def test_trained_avx2_graph_stays_as_close_to_float(trained_graphs):
+    """The pair fit costs at most a little fidelity: heatmap error vs float on the val crops (exact semantics)."""
+    from posequant.calibration import iter_batches, open_dataset
+
+    meta = read_meta(trained_graphs["float"])
+    ds = open_dataset(COCO_MINI, input_size=meta.input_size, split="val")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+                for k, p in trained_graphs.items()}
+    err = {"vnni": 0.0, "avx2": 0.0}
+    norm = 0.0
+    for batch in iter_batches(ds, meta, batch_size=8, limit=32):
+        f = sessions["float"].run(None, {"input": batch.inputs})[0].astype(np.float64)
+        norm += float((f ** 2).sum())
+        for k in err:
+            err[k] += float(((sessions[k].run(None, {"input": batch.inputs})[0] - f) ** 2).sum())
+    rel = {k: v / norm for k, v in err.items()}
+    assert rel["vnni"] < 0.02 and rel["avx2"] < 1.25 * rel["vnni"] + 0.002, rel
+
+
+# ---- gate and bench across CPU kinds --------------------------------------------------------------
+
+
+@pytest.mark.shared
+@needs_shared(TRAINED_CKPT, COCO_MINI)
+@pytest.mark.parametrize("pretend, graph", [("avx2", "vnni"), ("vnni", "avx2"), ("amx", "vnni")])
+def test_gate_and_bench_say_when_the_graph_was_made_for_another_cpu(trained_graphs, monkeypatch, pretend, graph):
+    """On a saturating CPU an 8-bit graph gets one line naming the fix and what saturation costs (measured
+    against the graph's exact semantics); a pair-fitted graph on an exact CPU gets one line naming what
+    --cpu would keep; a graph made for an exact kind on another exact kind gets none."""
+    from posequant.benchmarks import gate as gate_module
+    from posequant.benchmarks import latency
+    from posequant.benchmarks.gate import gate
+    from posequant.benchmarks.gate_report import format_gate
+
+    monkeypatch.setattr(gate_module, "cpu_kind", lambda: KINDS[pretend])
+    monkeypatch.setattr(latency, "cpu_kind", lambda: KINDS[pretend])
+    res = gate(trained_graphs["float"], trained_graphs[graph], COCO_MINI, min_speedup=0.0, runs=1, warmup=0,
+               flip=False, limit=16)
+    assert res.cpu["here"] == pretend and res.cpu["made_for"] == graph
+    text = format_gate(res)
+    note = res.cpu["note"]
+    if pretend == "avx2":
+        assert "saturating int16 pairs" in note and "--cpu avx2" in note and "measured here" in note
+        assert isinstance(res.cpu["saturation_cost_points"], float)
+    elif graph == "avx2":
+        assert "--cpu vnni would keep full 8-bit weights" in note and "saturation_cost_points" not in res.cpu
+    else:
+        assert note is None
+    assert text.count("note:") == (note is not None)  # said once, not again among bench's warnings
+    bench_notes = [w for w in latency.bench([trained_graphs[graph]], backends=["ort"], batches=(1,), runs=1,
+                                            warmup=0).warnings if "quantized for" in w]
+    assert len(bench_notes) == (note is not None)
