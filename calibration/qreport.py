@@ -69,9 +69,8 @@ def cpu_line(s: dict[str, Any]) -> str:
     line = f"made for {made_for} ({s.get('cpu_title', '')}; quantized on {s.get('quantized_on', '?')})"
     fit = s.get("pair_fit")
     if fit is not None:
-        coarsest = min(fit["effective_bits"].values(), default=8.0)
         line += (f": weight scales fitted on {fit['channels_rescaled']} of {fit['channels']} channels so that no int16 "
-                 f"pair sum can saturate (coarsest {coarsest:.1f} bits)")
+                 f"pair sum can saturate (coarsest {fit['coarsest_bits']:.1f} bits)")
     return line + f"; exact on {s.get('exact_on', '?')}"
 
 

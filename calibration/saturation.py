@@ -195,7 +195,7 @@ class PairFit:
 
     def to_dict(self) -> dict:
         return {"convs": self.convs, "channels_rescaled": self.channels, "channels": self.of_channels,
-                "effective_bits": self.bits}
+                "coarsest_bits": min(self.bits.values(), default=8.0)}
 
 
 def _pair_peak(w2: np.ndarray, pairs: np.ndarray) -> np.ndarray:

@@ -15,12 +15,13 @@ if [[ ! -f $MODEL/ultralight_simplepose_coco_256x192.pth || ! -d $DATA ]]; then
   echo "ci gate: skipped ($SHARED has no trained model or coco-mini)"
   exit 0
 fi
-# Budgets for 68 people (README, "CI gate"): AP (x100) may drop 1 point (one person's joints move AP
-# by about one point; measured 0.16-0.59 on three CPU kinds); a joint group (PCK@0.2) 4.5 points: a
-# group pools 47-178 joints (one joint is 0.6-2.1 points), and INT8's worst group moved 1.7-3.4 points
-# over CPU kinds and calibration draws (4.5: 5 Shoulder joints, 2 Ankle ones); INT8 must not be
-# slower than float on ONNX Runtime.
-MAX_DROP=${MAX_DROP:-1.0}
+# Budgets for 68 people (README, "CI gate", where the spread is measured): INT8 graphs of the same
+# fidelity to float (heatmap error) scored AP drops of up to 2.0 points and worst-group drops of 1.0-3.4
+# points over CPU kinds and calibration draws (14 runs, flip on): on 68 people one person's joints move
+# AP by about a point, and one joint of a 47-178-joint group is 0.6-2.1 points. So AP (x100) may drop
+# 2 points and a joint group (PCK@0.2) 4.5; a broken INT8 model (saturation, swapped flip pairs, a
+# wrong scale) loses far more. INT8 must not be slower than float on ONNX Runtime.
+MAX_DROP=${MAX_DROP:-2.0}
 MAX_JOINT_DROP=${MAX_JOINT_DROP:-4.5}
 MIN_SPEEDUP=${MIN_SPEEDUP:-1.0}
 

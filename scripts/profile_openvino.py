@@ -7,9 +7,11 @@ For each model: OpenVINO's own per-node timings (``PERF_COUNT``) over --runs bac
 batch 1, the multiply-adds of every convolution (from the reshaped graph), the rate each runs at,
 the kernels used, and the time of the smallest convolutions (a per-node fixed cost: their
 arithmetic takes a microsecond or two). ``--ort`` also times the model on ONNX Runtime (no
-spinning, as ``bench``). ``--peak`` compiles a 30-line C loop with the system C compiler and
-measures the CPU's int8 (AVX-512 VNNI ``vpdpbusd``) and fp32 (FMA) multiply-add peaks with one
-process per thread, so rates read as a fraction of what the silicon can do.
+spinning, as ``bench``). ``--peak`` compiles a small C loop with the system C compiler and
+measures the CPU's int8 and fp32 (FMA) multiply-add peaks with one process per thread, on the int8
+path its kernels use (AVX-512 VNNI / AVX-VNNI ``vpdpbusd``; AVX2 / AVX-512BW ``vpmaddubsw`` +
+``vpmaddwd``), so rates read as a fraction of what the silicon can do; ``--peak-isa avx2`` also
+measures another path the CPU can run.
 
 This explains ``scripts/bench_goals.py``'s figures; it is not a benchmark of its own (runs are
 back to back, not interleaved). Models: ``bench_goals.py --keep DIR`` leaves its float and INT8
@@ -33,44 +35,122 @@ import numpy as np
 CONVS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
 SMALL_MACS = 3e6  # convolutions below this are all fixed cost at these rates
 
+# The int8 dot product each CPU kind's kernels use, against FP32 FMA at the same vector width, as one C
+# loop with 12 independent accumulators (started apart so the compiler cannot merge them). -D picks it.
 PEAK_C = r"""
 #include <immintrin.h>
 #include <stdio.h>
 #include <time.h>
-/* 12 independent accumulators in registers, each started apart so the compiler cannot merge them */
 #define X12(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
-#define DECL_I(k) __m512i c##k = _mm512_set1_epi32(k);
-#define DECL_F(k) __m512 f##k = _mm512_set1_ps((float)k);
-#define DOT(k) c##k = _mm512_dpbusd_epi32(c##k, a, b); /* 64 u8*s8 multiply-adds */
-#define FMA(k) f##k = _mm512_fmadd_ps(x, y, f##k);     /* 16 fp32 multiply-adds */
-#define SUM_I(k) s += _mm512_reduce_add_epi32(c##k);
-#define SUM_F(k) g += _mm512_reduce_add_ps(f##k);
+#if defined(W512)
+typedef __m512i VI; typedef __m512 VF;
+#define SETI(v) _mm512_set1_epi32(v)
+#define SET8(v) _mm512_set1_epi8(v)
+#define SETF(v) _mm512_set1_ps(v)
+#define FMAF(x, y, f) _mm512_fmadd_ps(x, y, f)
+#define SUMI(v) _mm512_reduce_add_epi32(v)
+#define SUMF(v) _mm512_reduce_add_ps(v)
+#define LANES 16
+#else
+typedef __m256i VI; typedef __m256 VF;
+#define SETI(v) _mm256_set1_epi32(v)
+#define SET8(v) _mm256_set1_epi8(v)
+#define SETF(v) _mm256_set1_ps(v)
+#define FMAF(x, y, f) _mm256_fmadd_ps(x, y, f)
+static int SUMI(__m256i v){int o[8];_mm256_storeu_si256((__m256i*)o,v);int s=0;for(int i=0;i<8;i++)s+=o[i];return s;}
+static float SUMF(__m256 v){float o[8];_mm256_storeu_ps(o,v);float s=0;for(int i=0;i<8;i++)s+=o[i];return s;}
+#define LANES 8
+#endif
+#if defined(VNNI512)   /* AVX-512 VNNI: 4 u8*s8 products per 32-bit lane, summed in int32 */
+#define DOT(c, a, b) _mm512_dpbusd_epi32(c, a, b)
+#elif defined(VNNI256) /* AVX-VNNI */
+#define DOT(c, a, b) _mm256_dpbusd_avx_epi32(c, a, b)
+/* Without VNNI: VPMADDUBSW (u8*s8 pairs into saturating int16) + VPMADDWD (pairs into int32) + VPADDD, what
+   ORT's and oneDNN's u8s8 kernels run. Each accumulator multiplies its own u8 operand, reloaded from memory
+   every iteration (as the kernels load activations): constant operands would let the compiler hoist the
+   multiplies out of the loop. */
+#elif defined(W512)
+#define PAIRS 1
+#define DOT(c, a, b) _mm512_add_epi32(c, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), ones))
+#define LOAD(k) _mm512_load_si512((const void*)(buf + 64 * k))
+#else
+#define PAIRS 1
+#define DOT(c, a, b) _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones))
+#define LOAD(k) _mm256_load_si256((const __m256i*)(buf + 64 * k))
+#endif
+#define DECL_I(k) VI c##k = SETI(k);
+#define DECL_F(k) VF f##k = SETF((float)k);
+#if defined(PAIRS)
+static unsigned char buf[12 * 64] __attribute__((aligned(64)));
+#define STEP_I(k) c##k = DOT(c##k, LOAD(k), b);
+#else
+#define STEP_I(k) c##k = DOT(c##k, a, b);
+#endif
+#define STEP_F(k) f##k = FMAF(x, y, f##k);
+#define ADD_I(k) s += SUMI(c##k);
+#define ADD_F(k) g += SUMF(f##k);
 static double now(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
 int main(void){
   const long iters = 100000000L;
-  __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(2);
-  __m512 x = _mm512_set1_ps(1.0001f), y = _mm512_set1_ps(0.9999f);
+  VI a = SET8(1), b = SET8(2);
+#if !defined(VNNI512) && !defined(VNNI256)
+#if defined(W512)
+  const __m512i ones = _mm512_set1_epi16(1);
+#else
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
+#endif
+  VF x = SETF(1.0001f), y = SETF(0.9999f);
   X12(DECL_I) X12(DECL_F)
   double t = now();
-  for (long i = 0; i < iters; i++) { X12(DOT) }
-  double vnni = iters * 12 * 64.0 / (now() - t);
+#if defined(PAIRS)
+  for (int i = 0; i < 12 * 64; i++) buf[i] = (unsigned char)(i * 7);
+  for (long i = 0; i < iters; i++) { __asm__ volatile("" ::: "memory"); X12(STEP_I) }
+#else
+  for (long i = 0; i < iters; i++) { X12(STEP_I) }
+#endif
+  double int8 = iters * 12 * LANES * 4.0 / (now() - t);   /* 4 multiply-adds per 32-bit lane */
   t = now();
-  for (long i = 0; i < iters; i++) { X12(FMA) }
-  double fma = iters * 12 * 16.0 / (now() - t);
+  for (long i = 0; i < iters; i++) { X12(STEP_F) }
+  double fp32 = iters * 12 * LANES * 1.0 / (now() - t);
   int s = 0; float g = 0;
-  X12(SUM_I) X12(SUM_F)
-  printf("%f %f %d %f\n", vnni / 1e9, fma / 1e9, s, g);  /* the sums keep the loops alive */
+  X12(ADD_I) X12(ADD_F)
+  printf("%f %f %d %f\n", int8 / 1e9, fp32 / 1e9, s, g);  /* the sums keep the loops alive */
   return 0;
 }
 """
+# int8 path -> (what it is, compiler flags); the fp32 side is FMA at the same width
+PEAK_ISAS = {
+    "vnni512": ("AVX-512 VNNI vpdpbusd vs AVX-512 FMA", ["-DW512", "-DVNNI512", "-mavx512f", "-mavx512bw", "-mavx512vnni"]),
+    "vnni256": ("AVX-VNNI vpdpbusd vs AVX2 FMA", ["-DVNNI256", "-mavx2", "-mfma", "-mavxvnni"]),
+    "avx512": ("AVX-512BW vpmaddubsw+vpmaddwd vs AVX-512 FMA", ["-DW512", "-mavx512f", "-mavx512bw"]),
+    "avx2": ("AVX2 vpmaddubsw+vpmaddwd vs AVX2 FMA", ["-mavx2", "-mfma"]),
+}
 
 
-def cpu_peak(threads: int) -> dict | None:
-    """int8 VNNI and fp32 FMA multiply-add peaks (GMAC/s) with ``threads`` processes at once, or None."""
-    from posequant.benchmarks.machine import machine_facts
+def peak_isa_for(flags: dict[str, bool]) -> str | None:
+    """The int8 path this CPU's kernels use (ONNX Runtime's and oneDNN's choice order), or None off x86."""
+    if flags.get("avx512_vnni"):
+        return "vnni512"
+    if flags.get("avx_vnni"):
+        return "vnni256"
+    if flags.get("avx512bw"):
+        return "avx512"
+    if flags.get("avx2"):
+        return "avx2"
+    return None
 
-    if not machine_facts(threads)["cpu_flags"].get("avx512_vnni"):
-        print("--peak: this CPU has no AVX-512 VNNI; skipped", file=sys.stderr)
+
+def cpu_peak(threads: int, isa: str | None = None) -> dict | None:
+    """int8 and fp32 multiply-add peaks (GMAC/s) with ``threads`` processes at once on the int8 path ``isa``
+    (default: the one this CPU's kernels use; AMX machines run ORT's convolutions on VNNI), or None."""
+    from posequant.core.cpu import cpu_flags
+
+    flags = cpu_flags()
+    isa = isa or peak_isa_for(flags)
+    needs = {"vnni512": "avx512_vnni", "vnni256": "avx_vnni", "avx512": "avx512bw", "avx2": "avx2"}
+    if isa is None or not flags.get(needs[isa]):
+        print(f"--peak: this CPU cannot run the {isa or 'x86 SIMD'} int8 path; skipped", file=sys.stderr)
         return None
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -79,10 +159,12 @@ def cpu_peak(threads: int) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp, "peak.c"), Path(tmp, "peak")
         src.write_text(PEAK_C)
-        subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-o", str(exe), str(src)], check=True)
+        subprocess.run([cc, "-O2", *PEAK_ISAS[isa][1], "-o", str(exe), str(src)], check=True)
         procs = [subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True) for _ in range(threads)]
         rates = [[float(v) for v in p.communicate()[0].split()[:2]] for p in procs]
-    return {"int8_gmacs": sum(r[0] for r in rates), "fp32_gmacs": sum(r[1] for r in rates), "threads": threads}
+    int8, fp32 = sum(r[0] for r in rates), sum(r[1] for r in rates)
+    return {"isa": isa, "what": PEAK_ISAS[isa][0], "int8_gmacs": int8, "fp32_gmacs": fp32,
+            "ratio": int8 / fp32, "threads": threads}
 
 
 def conv_macs(model) -> dict[str, int]:
@@ -190,6 +272,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--ort", action="store_true", help="also time each model on ONNX Runtime")
     ap.add_argument("--peak", action="store_true", help="measure the CPU's int8/fp32 multiply-add peaks")
+    ap.add_argument("--peak-isa", choices=list(PEAK_ISAS), action="append",
+                    help="measure this int8 path too (repeatable), e.g. avx2 on a VNNI machine [default: this CPU's]")
     ap.add_argument("--top", type=int, default=10, help="slowest convolutions listed per model")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -199,9 +283,11 @@ def main() -> None:
     from posequant.core.table import format_table
 
     peak = cpu_peak(args.threads) if args.peak else None
-    if peak:
-        print(f"CPU peak with {args.threads} processes: int8 VNNI {peak['int8_gmacs'] / 1e3:.2f} TMAC/s, "
-              f"fp32 FMA {peak['fp32_gmacs'] / 1e3:.2f} TMAC/s ({peak['int8_gmacs'] / peak['fp32_gmacs']:.1f}x)")
+    peaks = [peak] if peak else []
+    peaks += [p for isa in args.peak_isa or [] if (p := cpu_peak(args.threads, isa)) and isa != (peak or {}).get("isa")]
+    for p in peaks:
+        print(f"CPU peak with {args.threads} processes, {p['what']}: int8 {p['int8_gmacs'] / 1e3:.2f} TMAC/s, "
+              f"fp32 {p['fp32_gmacs'] / 1e3:.2f} TMAC/s ({p['ratio']:.2f}x)")
     results = []
     for path in args.models:
         size = (tuple(int(v) for v in args.input_size.split("x")) if args.input_size
@@ -235,7 +321,7 @@ def main() -> None:
                            [[c["node"][-60:], c["kernel"], f"{c['ms']:.3f}", f"{c['mmac']:.1f}", f"{c['tmacs']:.2f}"]
                             for c in r["slowest_convs"][:args.top]]))
     if args.json:
-        args.json.write_text(json.dumps({"peak": peak, "models": results}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"peak": peak, "peaks": peaks, "models": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -156,9 +156,9 @@ def test_github_workflow_commands_gate_the_trained_model(tmp_path):
     env, steps = _workflow()
     assert [n for n, _ in steps][:1] == ["Install posequant (CPU torch first; a bare torch pulls several GB of CUDA wheels)"]
     assert {"CHECKPOINT", "ARCH", "EXPORT_OPTIONS", "CALIB", "VAL", "MAX_DROP", "BACKEND"} <= set(env)
-    ci = ci_gate_budgets()  # the CI gate's budgets for 68 people
+    ci = ci_gate_budgets()  # the CI gate's accuracy budgets for 68 people; speed is for scripts, not tests
     env.update(CHECKPOINT=str(TRAINED_CKPT), ARCH=TRAINED_ARCH, CALIB=str(COCO_MINI),
-               VAL=str(COCO_MINI), MAX_DROP=ci["MAX_DROP"], MAX_JOINT_DROP=ci["MAX_JOINT_DROP"])
+               VAL=str(COCO_MINI), MAX_DROP=ci["MAX_DROP"], MAX_JOINT_DROP=ci["MAX_JOINT_DROP"], MIN_SPEEDUP="0")
     run_env = {**os.environ, **env, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
     for name, script in steps[1:]:
         res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=run_env,

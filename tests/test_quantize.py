@@ -836,3 +836,43 @@ def test_ort_target_heatmaps_rearranged_last_and_the_harm_ranking_runs(tmp_path,
     in_q = {n.name for n in q.graph.node}
     convs = {n.name for n in prepared.graph.node if n.op_type == "Conv" and n.name in in_q}
     assert set(ranking) == convs and {"/pw/pw.0/Conv", "/out/Conv"} <= convs
+
+
+# ---- --cpu: graphs for the CPU they will run on ---------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["ort", "openvino"])
+def test_cpu_kind_decides_the_pair_fit(tmp_path, images, target):
+    """--cpu portable (or a saturating kind) fits the weight scales: no int16 pair can saturate, the metadata
+    says so; --cpu vnni keeps 8-bit weights; auto is this machine's kind."""
+    from posequant.calibration.saturation import quantization_settings, risky_pairs
+    from posequant.core.cpu import cpu_kind
+
+    path = _head_file(tmp_path)
+    made = {cpu: quantize(path, images, output=tmp_path / f"{cpu}.onnx", target=target, cpu=cpu, **HEAD_KW)
+            for cpu in ("portable", "avx2", "vnni", "auto")}
+    for cpu in ("portable", "avx2"):
+        s = made[cpu].settings
+        assert s["cpu"] == cpu and s["exact_on"] == "every CPU kind" and s["pair_fit"]["convs"] >= 1
+        assert risky_pairs(made[cpu].model) == 0
+        assert quantization_settings(onnx.load(str(made[cpu].output)))["cpu"] == cpu
+    assert made["vnni"].settings["pair_fit"] is None and "avx2" not in made["vnni"].settings["exact_on"]
+    assert made["auto"].settings["cpu"] == made["auto"].settings["quantized_on"] == cpu_kind().name
+    assert (made["auto"].settings["pair_fit"] is None) == (not cpu_kind().saturates)
+    # the fitted graph computes about what the 8-bit one does (on the graph's own, exact semantics)
+    x = np.random.default_rng(4).standard_normal((1, 3, 12, 10)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    run = {k: ort.InferenceSession(str(r.output), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+           for k, r in made.items()}
+    f = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    err = {k: float(np.sqrt(np.mean((v - f) ** 2))) for k, v in run.items()}
+    assert err["portable"] <= 1.5 * err["vnni"] + 1e-3, err
+
+
+def test_cpu_option_is_checked(tmp_path, images):
+    path = _head_file(tmp_path)
+    res = CliRunner().invoke(main, ["quantize", str(path), "--calib", str(images), "--cpu", "avx3"])
+    assert res.exit_code == 2 and "avx3" in res.output and not (tmp_path / "head.int8.onnx").exists()
+    with pytest.raises(PosequantError, match="cpu"):
+        quantize(path, images, output=tmp_path / "x.onnx", cpu="avx3", **HEAD_KW)
