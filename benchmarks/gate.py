@@ -23,7 +23,7 @@ from posequant.core.metadata import ModelMeta, read_meta
 from .evaluate import EvalResult, ModelOutputError, evaluate
 from .gate_report import prepare_report_dir, write_report
 from .latency import BenchResult, bench, check_backend, onnx_precision
-from .metrics import box_size, pck
+from .metrics import box_size, main_metric, pck
 
 # COCO joints pooled into the groups MPII's PCKh table reports, so both read alike.
 COCO_GROUPS = {
@@ -199,12 +199,7 @@ def disagreement(people, float_preds: np.ndarray, int8_preds: np.ndarray) -> np.
     return mean / np.maximum(size, 1e-6)
 
 
-def _main(fmt: str, metrics: dict[str, Any]) -> float:
-    return 100.0 * metrics["AP"] if fmt == "coco" else float(metrics["PCKh@0.5"]["Mean"])
-
-
-def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, main_metric_of, qe: EvalResult,
-               say) -> dict[str, Any]:
+def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, qe: EvalResult, say) -> dict[str, Any]:
     """This CPU's kind, the one the INT8 graph was made for, and a note when they differ in a way that
     matters; when this CPU may saturate a graph not made for it, what that costs, measured: the INT8 model
     evaluated again with its exact semantics (ONNX Runtime, optimizations off)."""
@@ -222,7 +217,7 @@ def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, mai
     if facts["note"] and here.saturates:
         say("measuring what saturation costs here: the INT8 model again, with exact int8 semantics")
         exact = evaluate(int8_model, qe.dataset, **{**common, "backend": "ort-reference"})
-        cost = main_metric_of(exact.metrics) - main_metric_of(qe.metrics)
+        cost = main_metric(exact.metrics)[1] - main_metric(qe.metrics)[1]
         facts["saturation_cost_points"] = cost
         facts["note"] += f"; measured here: {cost:+.2f} points of the main metric lost to saturation"
     return facts
@@ -273,7 +268,7 @@ def gate(
         qe = evaluate(int8_model, data, **common)
     except ModelOutputError as e:
         raise BrokenInt8Error(f"gate FAIL: {e}") from None
-    cpu = _cpu_facts(int8_model, backend, device, common, main_metric_of=lambda m: _main(fe.format, m), qe=qe, say=say)
+    cpu = _cpu_facts(int8_model, backend, device, common, qe=qe, say=say)
     ds = open_dataset(data, input_size=fmeta.input_size, format=fe.format, split=fe.split)
     people = ds.people[:limit] if limit else ds.people
     assert len(people) == fe.people == qe.people, "both evaluations must cover the same people"

@@ -368,3 +368,10 @@ def _check_image_ids(image_ids: Sequence[Any], results: list[dict], coco_gt: Any
     if outside:
         raise DataError(f"results for {len(outside)} images outside image_ids (e.g. {outside[0]!r}): "
                         "pass the image ids of every evaluated person")
+
+
+def main_metric(metrics: dict[str, Any]) -> tuple[str, float]:
+    """The dataset's main metric in points: COCO AP x 100, MPII PCKh@0.5 Mean (percent)."""
+    if "AP" in metrics:
+        return "AP", 100.0 * metrics["AP"]
+    return "PCKh@0.5", float(metrics["PCKh@0.5"]["Mean"])

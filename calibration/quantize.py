@@ -448,14 +448,9 @@ def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool) -> dict[st
     return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip).metrics
 
 
-def main_metric(metrics: dict[str, Any]) -> tuple[str, float]:
-    """The dataset's main metric in points: COCO AP x 100, MPII PCKh@0.5 Mean (percent)."""
-    if "AP" in metrics:
-        return "AP", 100.0 * metrics["AP"]
-    return "PCKh@0.5", float(metrics["PCKh@0.5"]["Mean"])
-
-
 def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, flip, ignored, requant, say):
+    from posequant.benchmarks.metrics import main_metric
+
     say(f"evaluating float and INT8 on {len(val_ds.people)} people")
     float_metrics = _evaluate(prepared, tmp / "float.onnx", val_ds, flip)
     name, float_value = main_metric(float_metrics)

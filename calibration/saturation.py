@@ -65,7 +65,6 @@ class QConv:
     strides: tuple[int, int]
     pads: tuple[int, int, int, int]
     dilations: tuple[int, int]
-    output_q: onnx.NodeProto | None = None  # the QuantizeLinear right after it, when there is one
     in_channels: int = 0  # per group
     out_channels: int = 0  # in all
 
@@ -91,7 +90,7 @@ def quantized_convs(model: onnx.ModelProto) -> list[QConv]:
     """The Conv/ConvTranspose nodes whose input and weights come through DequantizeLinear from integer codes."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    producers, consumers = links(g)
+    producers, _ = links(g)
     out = []
     for n in g.node:
         if n.op_type not in ("Conv", "ConvTranspose") or len(n.input) < 2:
@@ -121,14 +120,12 @@ def quantized_convs(model: onnx.ModelProto) -> list[QConv]:
         transpose = n.op_type == "ConvTranspose"
         kernel = tuple(int(k) for k in w.shape[2:])
         pads = tuple(int(p) for p in _attr(n, "pads", [0, 0, 0, 0]))
-        readers = consumers.get(n.output[0], [])
-        out_q = readers[0] if len(readers) == 1 and readers[0].op_type == "QuantizeLinear" else None
         in_ch = w.shape[0] // group if transpose else w.shape[1]
         out_ch = w.shape[1] * group if transpose else w.shape[0]
         out.append(QConv(n, dx.input[0], float(sx.reshape(-1)[0]), zero, signed, dw.input[0],
                          _const(inits, dw.input[1]).reshape(-1).astype(np.float32), bias, bias_int, group,
                          transpose, kernel, tuple(int(s) for s in _attr(n, "strides", [1, 1])), pads,
-                         tuple(int(d) for d in _attr(n, "dilations", [1, 1])), out_q, in_ch, out_ch))
+                         tuple(int(d) for d in _attr(n, "dilations", [1, 1])), in_ch, out_ch))
     return out
 
 
@@ -144,14 +141,6 @@ def reduction_weights(w: np.ndarray, conv: QConv) -> np.ndarray:
         w = w.reshape(conv.group, cin_g, m_g, kh, kw).transpose(0, 2, 3, 4, 1).reshape(conv.group * m_g, -1)
         return w
     return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
-
-
-def _from_reduction(w2: np.ndarray, conv: QConv, shape: tuple[int, ...]) -> np.ndarray:
-    kh, kw = conv.kernel
-    if conv.transpose:
-        cin_g, m_g = conv.in_channels, shape[1]
-        return w2.reshape(conv.group, m_g, kh, kw, cin_g).transpose(0, 4, 1, 2, 3).reshape(shape)
-    return w2.reshape(shape[0], kh, kw, shape[1]).transpose(0, 3, 1, 2)
 
 
 def pair_index(channels: int, taps: int, layout: str) -> np.ndarray:
