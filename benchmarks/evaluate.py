@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +41,7 @@ class EvalResult:
     maxvals: np.ndarray  # N x J x 1
     seconds: float
     skipped: list[str] = field(default_factory=list)
+    skipped_records: list[str] = field(default_factory=list)  # degenerate ground truth, left out
     # True when the metrics cover only part of the split (--limit, skipped images): scored
     # against just those people (MPII) or just their images (COCO), not the whole split.
     partial: bool = False
@@ -52,7 +54,8 @@ class EvalResult:
         return {"model": self.model, "dataset": self.dataset, "format": self.format, "split": self.split,
                 "people": self.people, "backend": self.backend, "device": self.device, "flip": self.flip,
                 "batch": self.batch, "metrics": self.metrics, "seconds": self.seconds,
-                "people_per_s": self.people_per_s, "skipped_images": self.skipped, "partial": self.partial}
+                "people_per_s": self.people_per_s, "skipped_images": self.skipped,
+                "skipped_records": self.skipped_records, "partial": self.partial}
 
 
 def _load_model(model: Path, export_options: dict, tmp: Path, progress):
@@ -100,12 +103,16 @@ def score(meta: ModelMeta, ds, people, preds: np.ndarray, maxvals: np.ndarray, *
         gt = mpii_ground_truth(ds) if gt is None else gt
         columns = [p.index for p in people]
         subset = {k: (np.asarray(gt[k])[..., columns] if k in MPII_PER_PERSON else v) for k, v in gt.items()}
-        return dict(mpii_pckh(preds, subset, one_based=False).table)
+        table = dict(mpii_pckh(preds, subset, one_based=False).table)
+        if not np.isfinite(table["PCKh@0.5"]["Mean"]):
+            raise DataError(f"no joint of the {len(people)} people in {ds.root} can be scored (none labelled with a "
+                            f"non-zero head box in annot/gt_{ds.split}.mat): check the ground truth")
+        return table
     image_ids = [p.image_id for p in people]
     # Unpredicted people count as missed: a partial run is scored on its own images only.
     whole = len(people) == len(ds.people) and not ds.skipped
     ap = coco_keypoint_ap(ds.coco_json, coco_results(image_ids, preds, maxvals),
-                          image_ids=None if whole else image_ids)
+                          image_ids=None if whole else image_ids, exclude_ann_ids=ds.invalid_ann_ids)
     gt = np.stack([p.joints for p in people])
     vis = np.stack([p.joints_vis for p in people])
     norm = box_size(np.stack([p.bbox for p in people]))
@@ -130,8 +137,16 @@ def evaluate(
     export_options: dict | None = None,
     progress: Callable[[str], None] | None = None,
     progress_bar: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Evaluate an .onnx model (its metadata drives preprocessing) or a checkpoint on MPII or COCO."""
+    """Evaluate an .onnx model (its metadata drives preprocessing) or a checkpoint on MPII or COCO.
+
+    People whose ground truth is degenerate (see ``open_dataset``) are left out of the run and of
+    the scoring, named in one ``warn`` line (a ``UserWarning`` when ``warn`` is None) and in
+    ``skipped_records``; the result is then ``partial``. Data that cannot be scored at all (no
+    joint evaluable, pycocotools' AP -1) raises :class:`DataError` instead of giving a number.
+    """
+    say_warning = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
     model, data = Path(model), Path(data)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, meta, module = _load_model(model, export_options or {}, Path(tmp), progress)
@@ -140,6 +155,9 @@ def evaluate(
         if flip and not meta.flip_pairs:
             raise PosequantError(f"{model} has no flip pairs ({meta.keypoints} keypoints): use --no-flip")
         gt = mpii_ground_truth(ds) if ds.format == "mpii" else None  # a bad gt file fails before inference
+        for message in (ds.invalid_warning(), zero_head_boxes(ds, gt) if gt is not None else None):
+            if message:
+                say_warning(message)
         runner = make_runner(backend, onnx_path=onnx_path, module=module, device=device, threads=threads)
         people = ds.people[:limit] if limit else ds.people
         # --skip-missing also goes on past images that exist but do not decode
@@ -166,9 +184,22 @@ def evaluate(
     preds, maxv = np.concatenate(coords), np.concatenate(maxvals)
     skipped = [str(p) for p in ds.skipped + batches.skipped]
     metrics = score(meta, ds, done, preds, maxv, gt=gt)
-    partial = len(done) < len(ds.people) or bool(skipped)
+    partial = len(done) < len(ds.people) or bool(skipped) or bool(ds.invalid)
     return EvalResult(str(model), str(data), ds.format, ds.split, len(preds), backend, device, flip, batch,
-                      metrics, preds, maxv, seconds, skipped, partial)
+                      metrics, preds, maxv, seconds, skipped, list(ds.invalid), partial)
+
+
+def zero_head_boxes(ds, gt: dict[str, Any]) -> str | None:
+    """A warning naming the people whose head box in gt_{split}.mat has zero size: PCKh cannot scale
+    their errors, so none of their joints is scored (official code divides by zero there)."""
+    boxes = np.asarray(gt["headboxes_src"], dtype=np.float64)
+    zero = np.linalg.norm(boxes[1] - boxes[0], axis=0) == 0
+    names = [f"{p.image.name} (record {p.index})" for p in ds.people if zero[p.index]]
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{len(names)} people have a zero-size head box in annot/gt_{ds.split}.mat and are not scored: "
+            f"{shown}")
 
 
 def _check_finite(heatmaps: np.ndarray, people, model: Path) -> None:

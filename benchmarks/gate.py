@@ -19,6 +19,7 @@ from posequant.calibration import open_dataset
 from posequant.core.cpu import cpu_kind
 from posequant.core.errors import PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
+from posequant.core.numbers import check_number
 
 from .evaluate import EvalResult, ModelOutputError, evaluate
 from .gate_report import prepare_report_dir, write_report
@@ -36,10 +37,21 @@ COCO_GROUPS = {
     "Ankle": ("left_ankle", "right_ankle"),
 }
 MPII_GROUPS = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle")
+# Below this (COCO AP x 100, MPII PCKh@0.5 Mean) the float model itself is not being scored: wrong
+# preprocessing, joint order or data. A trained model scores tens of points; a drop measured from
+# near zero says nothing about INT8, so the gate refuses to judge (exit 2) instead of passing.
+FLOAT_FLOOR = 5.0
+# Metadata the two models must share (besides input size and keypoints, which are always required):
+# the float checkpoint they were made from, and how their inputs are prepared and outputs decoded.
+SAME_SOURCE_FIELDS = ("source_sha256", "color", "mean", "std", "flip_pairs", "heatmap_size")
 
 
 class GateInputError(PosequantError):
     """The two models cannot be compared (wrong kind, different inputs or keypoints)."""
+
+
+class UnscorableError(PosequantError):
+    """The data or the float model cannot be scored (no people, NaN or -1 metrics, float near zero)."""
 
 
 class BrokenInt8Error(PosequantError):
@@ -109,7 +121,8 @@ class GateResult:
 # ---- input checks ------------------------------------------------------------------------------
 
 
-def _check_models(float_model: Path, int8_model: Path) -> tuple[ModelMeta, ModelMeta]:
+def _check_models(float_model: Path, int8_model: Path, allow_different_source: bool = False
+                  ) -> tuple[ModelMeta, ModelMeta]:
     for opt, path in (("--float", float_model), ("--int8", int8_model)):
         if not path.is_file():
             raise GateInputError(f"{opt} {path} not found: check the path")
@@ -130,7 +143,32 @@ def _check_models(float_model: Path, int8_model: Path) -> tuple[ModelMeta, Model
         raise GateInputError(f"the models predict different keypoint sets ({fmeta.keypoints}, {fmeta.num_joints} "
                              f"joints float; {qmeta.keypoints}, {qmeta.num_joints} INT8): gate a model against "
                              "its own quantized version")
+    differing = different_source(fmeta, qmeta)
+    if differing and not allow_different_source:
+        raise GateInputError(f"the models differ in {', '.join(differing)} (metadata of {float_model.name} and "
+                             f"{int8_model.name}): the INT8 model was not made from this float model, or is "
+                             "prepared differently; quantize this float export, or pass --allow-different-source "
+                             "if that is intended")
     return fmeta, qmeta
+
+
+def different_source(a: ModelMeta, b: ModelMeta) -> list[str]:
+    """Which of :data:`SAME_SOURCE_FIELDS` differ between two models' metadata (mean/std to 1e-6)."""
+    out = []
+    for name in SAME_SOURCE_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        if name in ("mean", "std"):
+            same = len(x) == len(y) and np.allclose(x, y, rtol=0, atol=1e-6)
+        else:
+            same = x == y
+        if not same:
+            out.append(f"{name} ({_short(x)} float, {_short(y)} INT8)")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else str(list(value) if isinstance(value, tuple) else value)
+    return (text[:12] + "...") if len(text) > 15 else (text or "none")
 
 
 def _hw(meta: ModelMeta) -> str:
@@ -184,7 +222,22 @@ def _scores(meta: ModelMeta, fmt: str, people, fe: EvalResult, qe: EvalResult):
 
 def _drop_check(name: str, d: dict[str, float], budget: float) -> Check:
     drop = -d["delta"]
-    return Check(name, drop, budget, drop <= budget, "drop", d["float"], d["int8"])
+    return Check(name, drop, budget, bool(np.isfinite(drop) and drop <= budget), "drop", d["float"], d["int8"])
+
+
+def check_scorable(main: str, scores: dict[str, dict[str, float]], people: int, dataset: str) -> None:
+    """Refuse to judge what cannot be scored: no people, a NaN main metric, or a float model near zero."""
+    if people < 1:
+        raise UnscorableError(f"no people of {dataset} were scored: check the dataset")
+    f, q = scores[main]["float"], scores[main]["int8"]
+    unit = "AP x 100" if main == "AP" else main
+    if not (np.isfinite(f) and np.isfinite(q)):
+        raise UnscorableError(f"{unit} on {dataset} is not a number (float {f}, INT8 {q}): the data cannot be "
+                              "scored; check its annotations")
+    if f < FLOAT_FLOOR:
+        raise UnscorableError(f"the float model scores {unit} {f:.2f} on {dataset} (below {FLOAT_FLOOR:g}): it is "
+                              "not being scored at all, so no drop can be judged; check the model's preprocessing "
+                              "(colour, mean/std, input size) and joint order against the data")
 
 
 def disagreement(people, float_preds: np.ndarray, int8_preds: np.ndarray) -> np.ndarray:
@@ -216,7 +269,7 @@ def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, qe:
     facts["note"] = cpu_mismatch(proto, int8_model.name, here)
     if facts["note"] and here.saturates:
         say("measuring what saturation costs here: the INT8 model again, with exact int8 semantics")
-        exact = evaluate(int8_model, qe.dataset, **{**common, "backend": "ort-reference"})
+        exact = evaluate(int8_model, qe.dataset, **{**common, "backend": "ort-reference"}, warn=lambda m: None)
         cost = main_metric(exact.metrics)[1] - main_metric(qe.metrics)[1]
         facts["saturation_cost_points"] = cost
         facts["note"] += f"; measured here: {cost:+.2f} points of the main metric lost to saturation"
@@ -245,6 +298,7 @@ def gate(
     runs: int = 30,
     report_dir: str | Path | None = None,
     worst: int = 6,
+    allow_different_source: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> GateResult:
     """Evaluate and time ``int8_model`` against ``float_model`` on ``data`` (MPII or COCO).
@@ -252,20 +306,27 @@ def gate(
     Drops are in points: COCO AP x 100, MPII PCKh@0.5, and per joint group PCK@0.2 (COCO) or
     PCKh@0.5 (MPII). The speedup is the float model's median batch-1 latency over the INT8 model's,
     both on ``backend`` (float at fp32; fp16 on TensorRT). Bad input raises :class:`PosequantError`.
+    The two models must come from the same source checkpoint and share their preprocessing
+    (:data:`SAME_SOURCE_FIELDS`) unless ``allow_different_source``. Data that cannot be scored (no
+    people, NaN or -1 metrics, the float model below :data:`FLOAT_FLOOR`) raises :class:`UnscorableError`.
     """
     say = progress or (lambda msg: None)
+    max_drop, max_joint_drop = check_number("max_drop", max_drop), check_number("max_joint_drop", max_joint_drop)
+    min_speedup = check_number("min_speedup", min_speedup)
     float_model, int8_model, data = Path(float_model), Path(int8_model), Path(data)
-    fmeta, _ = _check_models(float_model, int8_model)
+    fmeta, _ = _check_models(float_model, int8_model, allow_different_source)
     check_backend(backend, device)
     if report_dir is not None:
         report_dir = prepare_report_dir(report_dir)
 
     common = dict(split=split, flip=flip, backend=backend, device=device, batch=batch, limit=limit, threads=threads)
     say(f"evaluating the float model {float_model.name}")
-    fe = evaluate(float_model, data, **common)
+    fe = evaluate(float_model, data, **common, warn=lambda m: say(f"warning: {m}"))
+    name, value = main_metric(fe.metrics)  # a float model scoring ~0 fails here, before the INT8 run
+    check_scorable(name, {name: _delta(value, value)}, fe.people, f"{fe.format.upper()} {fe.split}")
     say(f"evaluating the INT8 model {int8_model.name}")
     try:
-        qe = evaluate(int8_model, data, **common)
+        qe = evaluate(int8_model, data, **common, warn=lambda m: None)  # the same records: said once
     except ModelOutputError as e:
         raise BrokenInt8Error(f"gate FAIL: {e}") from None
     cpu = _cpu_facts(int8_model, backend, device, common, qe=qe, say=say)
@@ -273,6 +334,7 @@ def gate(
     people = ds.people[:limit] if limit else ds.people
     assert len(people) == fe.people == qe.people, "both evaluations must cover the same people"
     main, scores, groups, joints = _scores(fmeta, fe.format, people, fe, qe)
+    check_scorable(main, scores, fe.people, f"{fe.format.upper()} {fe.split}")
 
     say(f"timing both on {backend} ({device})")
     latency = bench([float_model, int8_model], device=device, backends=[backend], batches=(1,), threads=threads,

@@ -301,13 +301,15 @@ def coco_results(
 
 
 def coco_keypoint_ap(
-    coco_json_path: str | os.PathLike, results: list[dict], *, image_ids: Sequence[Any] | None = None
+    coco_json_path: str | os.PathLike, results: list[dict], *, image_ids: Sequence[Any] | None = None,
+    exclude_ann_ids: Sequence[Any] = (),
 ) -> CocoKeypointAP:
     """pycocotools ``COCOeval(iouType="keypoints")`` of ``results`` against a COCO keypoints json.
 
     Every image of the json is evaluated, or only ``image_ids`` (with all their annotations) when
     given: people without a result count as missed, so a run over part of the people must name
-    its images. Images with no people are fine. pycocotools' prints are captured into ``summary``.
+    its images. Images with no people are fine. ``exclude_ann_ids`` are taken out of the ground
+    truth (annotations left out as degenerate). pycocotools' prints are captured into ``summary``.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -316,6 +318,10 @@ def coco_keypoint_ap(
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         coco_gt = _load_coco_gt(COCO, path)
+        if exclude_ann_ids:
+            excluded = set(exclude_ann_ids)
+            coco_gt.dataset["annotations"] = [a for a in coco_gt.dataset["annotations"] if a.get("id") not in excluded]
+            coco_gt.createIndex()
         _check_results(results, coco_gt, path)
         if image_ids is not None:
             _check_image_ids(image_ids, results, coco_gt, path)
@@ -329,6 +335,9 @@ def coco_keypoint_ap(
         evaluator.accumulate()
         evaluator.summarize()
     metrics = {name: float(v) for name, v in zip(COCO_STATS, evaluator.stats)}
+    if not metrics["AP"] >= 0:  # pycocotools' -1: no ground truth to match (all ignored, or lost to id clashes)
+        raise DataError(f"{path}: pycocotools found no ground truth to score against (AP {metrics['AP']:g}): "
+                        "check that the annotations have keypoints (num_keypoints > 0) and unique ids")
     return CocoKeypointAP(metrics=metrics, summary=log.getvalue())
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ import numpy as np
 from posequant.core.errors import DataError
 from posequant.core.keypoints import COCO, MPII, KeypointSet
 
-from .images import IMAGE_SUFFIXES, default_workers, read_image
+from .images import IMAGE_SUFFIXES, default_workers, image_size, read_image
 
 FORMATS = ("mpii", "coco", "folder")
 PIXEL_STD = 200.0  # the pose repos' box convention: scale = box size / 200 px
@@ -39,6 +39,8 @@ DEFAULT_SPLITS = {
     ("coco", "calib"): ("train", "val"),
 }
 Purpose = Literal["eval", "calib"]
+# An MPII scale is the person's height / 200 px: above 100 (a person 20000 px tall) it is no person.
+MAX_MPII_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,18 @@ class PoseDataset:
     skipped: list[Path] = field(default_factory=list)
     coco_json: Path | None = None
     listed: int | None = None  # MPII: records in annot/{split}.json, one per column of gt_{split}.mat
+    # Records left out because their ground truth is degenerate ("image (entry 3): scale nan"); COCO
+    # also lists their annotation ids, which scoring removes from the ground truth too.
+    invalid: list[str] = field(default_factory=list)
+    invalid_ann_ids: list[Any] = field(default_factory=list)
+    annotation_file: Path | None = None
+
+    def invalid_warning(self) -> str | None:
+        """One line naming the records left out as degenerate (None when there are none)."""
+        if not self.invalid:
+            return None
+        return (f"{len(self.invalid)} records of {self.annotation_file} have degenerate ground truth and were "
+                f"left out: {_examples(self.invalid)}")
 
     def __len__(self) -> int:
         return len(self.people)
@@ -130,6 +144,12 @@ def open_dataset(
     if fmt == "mpii":
         return _load_mpii(root, chosen, skip_missing)
     return _load_coco(root, chosen, input_size, skip_missing)
+
+
+def available_splits(root: str | os.PathLike, format: str) -> list[str]:
+    """The splits of an MPII or COCO dataset that have annotations (and, for COCO, images)."""
+    root = Path(root)
+    return _mpii_splits(root) if format == "mpii" else _coco_splits(root) if format == "coco" else []
 
 
 def box_to_center_scale(
@@ -303,8 +323,51 @@ def _load_mpii(root: Path, split: str, skip_missing: bool) -> PoseDataset:
         _mpii_person(_Entry(ann_file, f"entry {i}", r), root / "images", i, need_joints=split != "test")
         for i, r in enumerate(records)
     ]
+    people, invalid = _without_invalid(people, _mpii_problems(people, records), ann_file)
     people, skipped = _drop_missing(people, ann_file, skip_missing)
-    return PoseDataset(root, "mpii", split, MPII, people, skipped, listed=len(records))
+    return PoseDataset(root, "mpii", split, MPII, people, skipped, listed=len(records),
+                       invalid=[label for _, label in invalid], annotation_file=ann_file)
+
+
+def _mpii_problems(people: list[Person], records: list[dict]) -> list[str | None]:
+    """What is degenerate about each record (None: nothing): scale, centre, joints, visibility flags."""
+    images = list(dict.fromkeys(p.image for p in people))
+    with ThreadPoolExecutor(max_workers=default_workers()) as pool:  # headers only, for the centre check
+        sizes = dict(zip(images, pool.map(image_size, images)))
+    return [_mpii_problem(p, np.asarray(r["center"], np.float64), float(r["scale"]), sizes[p.image])
+            for p, r in zip(people, records)]
+
+
+def _mpii_problem(p: Person, center: np.ndarray, scale: float, size: tuple[int, int] | None) -> str | None:
+    """``center``/``scale`` as the file has them (1-based; centre -1 is the official "none")."""
+    if not np.isfinite(scale) or scale <= 0:
+        return f"scale {scale:g}"
+    if scale > MAX_MPII_SCALE:
+        return f"scale {scale:g} (a person {scale * PIXEL_STD:.0f} px tall)"
+    if not np.isfinite(center).all():
+        return f"centre {center.tolist()}"
+    if p.joints is not None:
+        if not np.isfinite(p.joints).all():
+            return "joints hold NaN or inf"
+        flags = set(np.unique(p.joints_vis).tolist()) - {0.0, 1.0}
+        if flags:
+            return f"joints_vis holds {sorted(flags)[0]:g} (expected 0 or 1)"
+    if size is not None and center[0] != -1:
+        box = float(p.scale[0]) * PIXEL_STD
+        (h, w), (x, y) = size, p.center
+        if not (-box <= x <= w - 1 + box and -box <= y <= h - 1 + box):
+            return f"centre {center.tolist()} is far outside the {w}x{h} image"
+    return None
+
+
+def _without_invalid(people: list[Person], problems: list[str | None], ann_file: Path
+                     ) -> tuple[list[Person], list[tuple[Person, str]]]:
+    """The people whose ground truth is usable, and the others with a label naming image, record and problem."""
+    invalid = [(p, f"{p.image.name} (record {p.index}): {why}") for p, why in zip(people, problems) if why]
+    if people and len(invalid) == len(people):
+        raise DataError(f"every one of the {len(people)} people in {ann_file} has degenerate ground truth "
+                        f"({_examples([label for _, label in invalid])}): fix or regenerate the annotation file")
+    return [p for p, why in zip(people, problems) if not why], invalid
 
 
 def _mpii_person(entry: _Entry, image_dir: Path, index: int, *, need_joints: bool) -> Person:
@@ -359,20 +422,67 @@ def _load_coco(root: Path, split: str, input_size: tuple[int, int], skip_missing
     image_dir = _coco_image_dir(root, split)
     assert image_dir is not None  # _coco_splits lists only splits with images
     person_ids = _coco_person_category_ids(data["categories"], ann_file)
+    _check_unique_ids(data, ann_file)
     anns_by_image: dict[Any, list[int]] = defaultdict(list)
     for i, ann in enumerate(data["annotations"]):
         anns_by_image[_Entry(ann_file, f"annotations[{i}]", ann).get("image_id")].append(i)
-    people = []
+    people, invalid, invalid_ids = [], [], []
     # Official order: images as listed, then each image's annotations as listed.
     for j, image in enumerate(data["images"]):
         image_entry = _Entry(ann_file, f"images[{j}]", image)
         for i in anns_by_image.get(image_entry.get("id"), []):
             entry = _Entry(ann_file, f"annotations[{i}]", data["annotations"][i])
+            why = _coco_problem(entry, image_entry, person_ids)
+            if why:
+                invalid.append(f"{image_entry.text('file_name')} (annotations[{i}], id {entry.get('id')}): {why}")
+                invalid_ids.append(entry.get("id"))
+                continue
             person = _coco_person(entry, i, image_entry, image_dir, person_ids, input_size)
             if person is not None:
                 people.append(person)
+    if invalid and not people:
+        raise DataError(f"every person annotation in {ann_file} has degenerate ground truth "
+                        f"({_examples(invalid)}): fix or regenerate the annotation file")
     people, skipped = _drop_missing(people, ann_file, skip_missing)
-    return PoseDataset(root, "coco", split, COCO, people, skipped, coco_json=ann_file)
+    return PoseDataset(root, "coco", split, COCO, people, skipped, coco_json=ann_file, invalid=invalid,
+                       invalid_ann_ids=invalid_ids, annotation_file=ann_file)
+
+
+def _check_unique_ids(data: dict, ann_file: Path) -> None:
+    """pycocotools indexes images and annotations by id: a repeated id silently replaces its twin
+    (AP -1 when every match is lost), so refuse them."""
+    for key in ("images", "annotations"):
+        ids = [_Entry(ann_file, f"{key}[{i}]", x).get("id") for i, x in enumerate(data[key])]
+        counts = Counter(ids)
+        repeated = [i for i, n in counts.items() if n > 1]
+        if repeated:
+            shown = ", ".join(repr(i) for i in repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+            raise DataError(f"{ann_file}: {len(repeated)} {key} ids occur more than once ({shown}): every "
+                            f"{key[:-1]} needs its own id; fix or regenerate the annotation file")
+
+
+def _coco_problem(entry: _Entry, image: _Entry, person_ids: set[Any]) -> str | None:
+    """What is degenerate about a person annotation HRNet would use (None: nothing, or HRNet drops it anyway)."""
+    if entry.get("iscrowd") or entry.get("category_id") not in person_ids:
+        return None  # the official code leaves these out silently
+    width, height = image.number("width"), image.number("height")
+    if not (np.isfinite([width, height]).all() and width > 0 and height > 0):
+        return f"image size {width:g}x{height:g}"
+    box = entry.array("bbox", (4,), "[x, y, w, h]")
+    if not np.isfinite(box).all():
+        return f"bbox {box.tolist()}"
+    if box[2] <= 0 or box[3] <= 0:
+        return f"bbox size {box[2]:g}x{box[3]:g}"
+    if not np.isfinite(entry.number("area")):
+        return f"area {entry.number('area')}"
+    n = COCO.num_joints
+    keypoints = entry.array("keypoints", (n * 3,), f"{n} x [x, y, v] numbers").reshape(n, 3)
+    if not np.isfinite(keypoints).all():
+        return "keypoints hold NaN or inf"
+    flags = set(np.unique(keypoints[:, 2]).tolist()) - {0.0, 1.0, 2.0}
+    if flags:
+        return f"keypoint visibility {sorted(flags)[0]:g} (expected 0, 1 or 2)"
+    return None
 
 
 def _coco_image_dir(root: Path, split: str) -> Path | None:

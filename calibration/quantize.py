@@ -26,6 +26,7 @@ from posequant.core.cpu import KINDS, CpuKind, cpu_kind
 from posequant.core.errors import DataError, MetadataError, PosequantError, VerificationError
 from posequant.core.fileio import check_writable, write_bytes_atomic
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, read_meta, write_meta
+from posequant.core.numbers import check_number
 from posequant.core.version import __version__
 
 from .deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
@@ -337,13 +338,17 @@ def quantize(
     say = progress or (lambda _m: None)
     if engine not in ENGINES or method not in METHODS or target not in TARGETS or cpu not in CPUS:
         raise QuantizeError(f"engine/method/target/cpu must be one of {ENGINES} / {METHODS} / {TARGETS} / {CPUS}")
+    max_drop = check_number("max_drop", max_drop)  # NaN: every "drop > budget" false, a budget that cannot fail
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or num_samples < 1:
+        raise QuantizeError(f"seed must be an integer >= 0 and num_samples >= 1, got {seed!r} and {num_samples!r}")
     made_for = _made_for(cpu)
     model_path = Path(model)
     output = Path(output) if output else model_path.with_name(model_path.stem + ".int8.onnx")
     check_writable(output)
     float_model = _load(model_path)
     meta = model_meta(float_model, str(model_path), input_size=input_size, keypoints=keypoints, color=color)
-    val_ds = _open_val(val, meta, val_split) if val else None
+    keep_float = check_node_names(keep_float, float_model, str(model_path))
+    val_ds = _open_val(val, meta, val_split, warn) if val else None
     rewrite = REWRITE_BY_TARGET[target] if rewrite_deconv is None else rewrite_deconv
     activations = activations or ACTIVATIONS_BY_TARGET[target]
     if activations not in ACTIVATIONS:
@@ -354,10 +359,18 @@ def quantize(
     input_name = float_model.graph.input[0].name
     calib_set = calibration_set(calib, meta, num_samples=num_samples, seed=seed, format=format, split=split,
                                 input_name=input_name, warn=warn)
+    overlap = eval_split_overlap(calib_set.root, calib_set.format, calib_set.split, val_ds)
+    if overlap and warn:
+        warn(overlap)
     say("preparing the float graph")
     feeds = itertools.islice(calib_set.crops.feeds(), EQUALIZE_CROPS) if equalize else None
     prep = prepare_float(float_model, rewrite=rewrite, input_size=meta.input_size, equalize_with=feeds)
     prepared = prep.model
+    rewritten = sorted(set(keep_float) - {n.name for n in prepared.graph.node})
+    if rewritten:
+        raise QuantizeError(f"--keep-float {rewritten[0]} is not in the graph that is quantized (a folded BatchNorm, "
+                            "or a ConvTranspose the deconvolution rewrite replaced): keep the nodes that replace it, "
+                            "or add --no-rewrite-deconv")
     settings = {"engine": engine, "method": method, "per_channel": per_channel, "target": target,
                 "rewrite_deconv": rewrite, "equalize": equalize, "weights": "int8 symmetric",
                 "activations": activations + (", per tensor" if target != "openvino" or engine == "ort"
@@ -379,7 +392,7 @@ def quantize(
                 prepared, q, calib_set, val_ds, meta, tmp, max_drop=max_drop, flip=val_flip, ignored=ignored,
                 requant=lambda names: _quantize_once(prepared, calib_set, ignored=names, **run),
                 say=say)
-    calibration = calib_set.to_dict()
+    calibration = {**calib_set.to_dict(), "eval_split_overlap": overlap}
     if calib_set.skipped_images and warn:
         warn(f"{len(calib_set.skipped_images)} calibration images were missing or could not be decoded and were skipped "
              f"(e.g. {calib_set.skipped_images[0]})")
@@ -395,7 +408,7 @@ def quantize(
         rewrite_max_rel_diff=prep.max_rel_diff, kept_float=sorted(ignored),
         deconvs=int8_deconvolutions(q), float_bytes=model_path.stat().st_size, int8_bytes=len(data),
         evaluation=evaluation, budget_steps=steps, seconds=time.perf_counter() - started, model=q)
-    if evaluation is not None and evaluation.drop > max_drop:
+    if evaluation is not None and not evaluation.drop <= max_drop:  # a NaN drop fails too
         raise BudgetError(f"INT8 drops {evaluation.metric} by {evaluation.drop:.2f} points even with "
                           f"{len(ignored)} nodes in float (budget {max_drop}): nothing written; try "
                           "--method percentile, more calibration data, or a larger --max-drop", result)
@@ -425,10 +438,61 @@ def _stamp(q: onnx.ModelProto, meta: ModelMeta, settings: dict, kept_float: list
     entry.value = json.dumps({**settings, "kept_float": kept_float}, sort_keys=True)
 
 
-def _open_val(val, meta: ModelMeta, split):
+def check_node_names(names: Iterable[str], model: onnx.ModelProto, where: str) -> tuple[str, ...]:
+    """``names`` (--keep-float) when every one is a node of ``model``; else one line with the closest real names."""
+    import difflib
+
+    names = tuple(names)
+    known = [n.name for n in model.graph.node if n.name]
+    unknown = [n for n in names if n not in set(known)]
+    if not unknown:
+        return names
+    close = difflib.get_close_matches(unknown[0], known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"its nodes are named like {', '.join(known[:3])}"
+    more = f" (and {len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""
+    raise QuantizeError(f"--keep-float {unknown[0]}{more}: {where} has no node of that name; {hint}")
+
+
+# The splits eval and gate score on by default (calibration.datasets.DEFAULT_SPLITS for "eval").
+EVAL_SPLITS = {"mpii": "valid", "coco": "val"}
+
+
+def eval_split_overlap(root: Path, fmt: str, split: str | None, val_ds=None) -> str | None:
+    """A warning when the calibration people come from the split that will score the INT8 model: the
+    ``--val`` split, or the split eval/gate default to (MPII valid, COCO val when there is no train)."""
+    if val_ds is not None:
+        if (Path(val_ds.root).resolve(), val_ds.split) == (Path(root).resolve(), split):
+            return (f"calibrating on {fmt.upper()} {split!r} of {root}, the split --val scores: the budget is then "
+                    "measured on the calibration people (optimistic); calibrate on another split")
+        return None
+    if fmt in EVAL_SPLITS and split == EVAL_SPLITS[fmt]:
+        return (f"calibrating on {fmt.upper()} {split!r} of {root}, the split eval and gate score by default: their "
+                "scores will be optimistic; calibrate on a train split, or evaluate on another split")
+    return None
+
+
+def heldout_hint(result: "QuantizeResult") -> tuple[str, str]:
+    """For the printed ``next:`` commands when calibration used the split they would score on: the
+    ``--split`` to evaluate on instead ("" when there is no other) and a note saying so ("" when fine)."""
+    from posequant.calibration.datasets import available_splits
+
+    c = result.calibration
+    if not c.get("eval_split_overlap") or result.settings.get("val"):
+        return "", ""
+    others = [s for s in available_splits(c["root"], c["format"]) if s != c["split"] and s != "test"]
+    if others:
+        return (f" --split {others[0]}",
+                f"      (calibrated on {c['split']!r}: these score the held-out split {others[0]!r} instead)")
+    return "", (f"      (note: these score {c['split']!r}, the split calibration used: optimistic; "
+                "use held-out data for a real verdict)")
+
+
+def _open_val(val, meta: ModelMeta, split, warn=None):
     from posequant.calibration.datasets import open_dataset
 
     ds = open_dataset(val, input_size=meta.input_size, split=split)
+    if ds.invalid_warning() and warn:
+        warn(f"--val: {ds.invalid_warning()}")
     if ds.keypoints is None:
         raise DataError(f"--val {val} is a plain image folder: the accuracy budget needs MPII or COCO ground truth")
     if ds.keypoints.num_joints != meta.num_joints:
@@ -445,7 +509,8 @@ def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool) -> dict[st
     from posequant.benchmarks.evaluate import evaluate
 
     onnx.save(model, str(path))
-    return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip).metrics
+    # degenerate records were named once, when --val was opened
+    return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip, warn=lambda m: None).metrics
 
 
 def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, flip, ignored, requant, say):
@@ -469,7 +534,7 @@ def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, f
     chunk = 1
     # keeping most of the model in float is not an INT8 model any more: give up past a quarter
     cap = max(1, len(ranking) // 4)
-    while evaluation.drop > max_drop and ranking and len(ignored) < cap:
+    while not evaluation.drop <= max_drop and ranking and len(ignored) < cap:
         take = min(chunk, cap - len(ignored))
         ignored = ignored | set(ranking[:take])
         ranking = ranking[take:]

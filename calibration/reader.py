@@ -100,6 +100,8 @@ def calibration_set(root: str | os.PathLike, meta: ModelMeta, *, num_samples: in
         # the crops would still be people, but a mismatch is almost always the wrong folder
         raise DataError(f"the model predicts {meta.num_joints} joints but {root} is {ds.format.upper()} with "
                         f"{ds.keypoints.num_joints}: calibrate on matching data (or a plain image folder)")
+    if ds.invalid_warning():  # degenerate ground truth: left out of calibration as of evaluation
+        (warn or warnings.warn)(ds.invalid_warning())
     available = len(ds.people)
     if available < num_samples:
         (warn or warnings.warn)(f"{root} has {available} people, fewer than --num-samples {num_samples}: using all of them")

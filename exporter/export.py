@@ -18,6 +18,7 @@ from posequant.core.errors import ExportError, PosequantError, VerificationError
 from posequant.core.fileio import atomic_path, check_writable
 from posequant.core.keypoints import keypoint_set_for
 from posequant.core.metadata import ModelMeta, write_meta
+from posequant.core.numbers import check_number, normalisation
 from posequant.core.version import __version__
 
 from .checkpoint import Checkpoint, load_checkpoint
@@ -60,18 +61,6 @@ def default_output(checkpoint: Path) -> Path:
             name = name[: -len(suffix)]
             break
     return checkpoint.with_name(name + ".onnx")
-
-
-def _normalisation(values, name: str):
-    if values is None:
-        return None
-    vals = tuple(float(v) for v in values)
-    if len(vals) != 3:
-        raise PosequantError(f"--{name} needs 3 values (one per channel), got {len(vals)}")
-    if name == "std" and any(v <= 0 for v in vals):
-        raise PosequantError(f"--std values must be positive, got {vals}")
-    # mmpose-style 0-255 values (e.g. 123.675,116.28,103.53) are converted to our 0-1 units
-    return tuple(v / 255 for v in vals) if any(v > 1.0 for v in vals) else vals
 
 
 def probe_output(module: torch.nn.Module, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
@@ -175,7 +164,8 @@ def export_pose(
         raise PosequantError(f"--color must be rgb or bgr, got {color!r}")
     output = Path(output) if output else default_output(checkpoint)
     check_writable(output)  # before minutes of work, not after
-    mean, std = _normalisation(mean, "mean"), _normalisation(std, "std")
+    mean, std = normalisation(mean, "mean"), normalisation(std, "std")
+    rtol = check_number("--rtol", rtol, above=True)  # NaN would pass every comparison
 
     say(f"loading {checkpoint}")
     ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)

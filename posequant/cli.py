@@ -15,6 +15,7 @@ from posequant.core.cpu import KINDS as CPU_KINDS
 from posequant.core.errors import PosequantError
 from posequant.core.fileio import check_writable, write_text_atomic
 from posequant.core.metadata import parse_size
+from posequant.core.numbers import OptionError, check_number, normalisation
 from posequant.core.version import __version__
 
 
@@ -48,7 +49,30 @@ def _triple(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not three comma-separated numbers, e.g. 0.485,0.456,0.406") from None
     if len(vals) != 3:
         raise click.BadParameter(f"needs 3 comma-separated values, got {len(vals)}")
+    try:  # units, NaN/inf, std > 0: checked now; the library converts 0-255 units
+        normalisation(vals, param.name)
+    except OptionError as e:
+        raise click.BadParameter(str(e)) from None
     return vals
+
+
+class Number(click.ParamType):
+    """A float option: finite and in range (posequant.core.numbers), for every numeric option alike."""
+
+    name = "number"
+
+    def __init__(self, minimum: float = 0.0, above: bool = False):
+        self.minimum, self.above = minimum, above
+
+    def convert(self, value, param, ctx):
+        option = max(param.opts, key=len) if param else "value"
+        try:
+            return check_number(option, value, minimum=self.minimum, above=self.above)
+        except OptionError as e:
+            self.fail(str(e), param, ctx)
+
+
+BUDGET = Number()  # drops and speedups: finite, >= 0
 
 
 def _batch(ctx, param, value):
@@ -123,7 +147,7 @@ def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
 @click.option("--data", type=click.Path(path_type=Path), metavar="ROOT",
               help="Also verify on real person crops from this dataset (MPII, COCO or an image folder).")
 @click.option("--data-samples", type=click.IntRange(1), default=8, show_default=True, help="Crops to verify on.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
+@click.option("--rtol", type=Number(above=True), default=1e-4, show_default=True,
               help="Tolerance: max abs diff relative to the output's max.")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch.")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
@@ -176,7 +200,7 @@ def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_
                           trust_pickle=trust_pickle)
     result = evaluate(model, data, split=split, format=fmt, flip=flip, backend=backend, device=device,
                       batch=batch, limit=limit, skip_missing=skip_missing, export_options=export_options,
-                      progress=_progress, progress_bar=sys.stderr.isatty())
+                      progress=_progress, progress_bar=sys.stderr.isatty(), warn=_warn)
     click.echo(format_eval(result))
     if save_preds:
         if result.format != "mpii":
@@ -271,11 +295,11 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
 @click.option("--int8", "int8_model", required=True, type=click.Path(dir_okay=False, path_type=Path),
               metavar="Q.onnx", help="Its quantized version.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), metavar="ROOT", help="MPII or COCO dataset root.")
-@click.option("--max-drop", type=float, default=0.5, show_default=True,
+@click.option("--max-drop", type=BUDGET, default=0.5, show_default=True,
               help="Largest allowed drop of the main metric, in points (COCO AP x 100, MPII PCKh@0.5).")
-@click.option("--max-joint-drop", type=float, default=2.0, show_default=True,
+@click.option("--max-joint-drop", type=BUDGET, default=2.0, show_default=True,
               help="Largest allowed drop per joint group (head, shoulder, ... ankle), in points of PCK/PCKh.")
-@click.option("--min-speedup", type=float, default=1.5, show_default=True,
+@click.option("--min-speedup", type=BUDGET, default=1.5, show_default=True,
               help="INT8 must be at least this many times faster than float (median, batch 1).")
 @device_option
 @click.option("--backend", type=click.Choice(["ort", "openvino", "tensorrt"]), default="ort", show_default=True,
@@ -287,9 +311,12 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
 @click.option("--runs", type=click.IntRange(1), default=30, show_default=True, help="Timed rounds.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Write report.md, report.json and disagreements.png here.")
+@click.option("--allow-different-source", is_flag=True,
+              help="Gate models whose metadata differ in source checkpoint (source_sha256) or preprocessing "
+                   "(colour, mean/std, flip pairs, heatmap size): refused otherwise.")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
 def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedup, device, backend, split, flip,
-             limit, threads, runs, report_dir, json_out):
+             limit, threads, runs, report_dir, allow_different_source, json_out):
     """Pass (exit 0) or fail (exit 1) an INT8 model against its float original: accuracy and speed."""
     from posequant.benchmarks.gate import gate
     from posequant.benchmarks.gate_report import format_gate
@@ -299,7 +326,8 @@ def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedu
         check_writable(json_out)
     result = gate(float_model, int8_model, data, max_drop=max_drop, max_joint_drop=max_joint_drop,
                   min_speedup=min_speedup, device=device, backend=backend, split=split, flip=flip, limit=limit,
-                  threads=threads, runs=runs, report_dir=report_dir, progress=_progress)
+                  threads=threads, runs=runs, report_dir=report_dir, allow_different_source=allow_different_source,
+                  progress=_progress)
     click.echo(format_gate(result))
     _write_json(json_out, result.to_dict())
     sys.exit(0 if result.passed else 1)
@@ -313,11 +341,15 @@ def _next_commands(result) -> str:
     """What to run on the INT8 model next: evaluate it, then gate it against the float model."""
     import shlex
 
+    from posequant.calibration.quantize import heldout_hint
+
     c = result.calibration
     data = result.settings["val"] or (c["root"] if c["format"] in ("mpii", "coco") else "VAL_ROOT")
     q = shlex.quote
-    return (f"next: posequant eval {q(str(result.output))} --data {q(str(data))}\n"
-            f"      posequant gate --float {q(str(result.input))} --int8 {q(str(result.output))} --data {q(str(data))}")
+    split, note = heldout_hint(result)  # never hint at scoring on the calibration people
+    return (f"next: posequant eval {q(str(result.output))} --data {q(str(data))}{split}\n"
+            f"      posequant gate --float {q(str(result.input))} --int8 {q(str(result.output))} --data {q(str(data))}"
+            f"{split}" + (f"\n{note}" if note else ""))
 
 
 @main.command("quantize")
@@ -331,7 +363,7 @@ def _next_commands(result) -> str:
 @click.option("--method", type=click.Choice(["auto", "minmax", "entropy", "percentile"]), default="auto",
               show_default=True, help="Activation range estimation (entropy needs --engine ort).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the calibration people.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed for drawing the calibration people.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="INT8 ONNX file to write [default: MODEL.int8.onnx].")
 @click.option("--target", type=click.Choice(["ort", "openvino", "tensorrt"]), default="ort", show_default=True,
@@ -349,7 +381,7 @@ def _next_commands(result) -> str:
 @click.option("--val", type=click.Path(path_type=Path), metavar="ROOT",
               help="MPII or COCO data with ground truth: evaluate float and INT8, keep nodes in float until within --max-drop.")
 @click.option("--val-split", help="Validation split [default: MPII valid, COCO val].")
-@click.option("--max-drop", type=float, default=0.5, show_default=True,
+@click.option("--max-drop", type=BUDGET, default=0.5, show_default=True,
               help="Largest allowed drop with --val, in points of the main metric (COCO AP x 100, MPII PCKh@0.5 Mean).")
 @click.option("--flip/--no-flip", default=False, show_default=True, help="Flip test in the --val evaluation.")
 @click.option("--keep-float", multiple=True, metavar="NODE", help="Leave this node in float (repeatable).")
@@ -414,9 +446,9 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
 @click.option("--num-samples", type=click.IntRange(1), default=300, show_default=True, help="Calibration people.")
 @click.option("--target", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
               help="Runtime the INT8 graph is shaped for, and the backend the gate evaluates and times on.")
-@click.option("--max-drop", type=float, default=0.5, show_default=True, help="See gate.")
-@click.option("--max-joint-drop", type=float, default=2.0, show_default=True, help="See gate.")
-@click.option("--min-speedup", type=float, default=1.5, show_default=True, help="See gate.")
+@click.option("--max-drop", type=BUDGET, default=0.5, show_default=True, help="See gate.")
+@click.option("--max-joint-drop", type=BUDGET, default=2.0, show_default=True, help="See gate.")
+@click.option("--min-speedup", type=BUDGET, default=1.5, show_default=True, help="See gate.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test in the gate's evaluation.")
 @click.option("--runs", type=click.IntRange(1), default=30, show_default=True, help="Timed rounds in the gate.")
 def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, color, trust_pickle, num_samples,

@@ -28,6 +28,7 @@ from posequant.calibration.qreport import quantize_report_markdown
 from posequant.calibration.quantize import QuantizeResult, quantize
 from posequant.core.errors import PosequantError
 from posequant.core.fileio import write_text_atomic
+from posequant.core.numbers import check_number
 from posequant.core.table import format_table
 from posequant.exporter import ExportResult, export_pose
 
@@ -41,6 +42,11 @@ class GateBudget:
     max_drop: float = 0.5  # main metric, points (COCO AP x 100, MPII PCKh@0.5)
     max_joint_drop: float = 2.0  # per joint group, points of PCK@0.2 / PCKh@0.5
     min_speedup: float = 1.5  # float p50 / INT8 p50, batch 1, on the target backend
+
+    def __post_init__(self) -> None:
+        # NaN would make every "drop > budget" false: a gate that cannot fail
+        for name in ("max_drop", "max_joint_drop", "min_speedup"):
+            object.__setattr__(self, name, check_number(name, getattr(self, name)))
 
 
 @dataclass
