@@ -49,7 +49,7 @@ def normalisation(values: Sequence[float] | None, name: str) -> tuple[float, flo
     if len(vals) != 3:
         raise OptionError(f"{option} needs 3 values (one per channel), got {len(vals)}")
     if name == "std" and min(vals) <= 0:
-        raise OptionError(f"{option} {_show(vals)}: every std must be greater than 0")
+        raise OptionError(f"{option} {_show(vals)}: every std must be positive")
     if max(vals) > 255:
         raise OptionError(f"{option} {_show(vals)}: values above 255 are neither 0-1 nor 0-255 units")
     large = [v > 1.0 for v in vals if v != 0]
