@@ -24,7 +24,7 @@ from posequant.core.numbers import check_number
 from .evaluate import EvalResult, ModelOutputError, evaluate
 from .gate_report import prepare_report_dir, write_report
 from .latency import BenchResult, bench, check_backend, onnx_precision
-from .metrics import box_size, main_metric, pck
+from .metrics import FLOAT_FLOOR, box_size, main_metric, pck
 
 # COCO joints pooled into the groups MPII's PCKh table reports, so both read alike.
 COCO_GROUPS = {
@@ -37,10 +37,6 @@ COCO_GROUPS = {
     "Ankle": ("left_ankle", "right_ankle"),
 }
 MPII_GROUPS = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle")
-# Below this (COCO AP x 100, MPII PCKh@0.5 Mean) the float model itself is not being scored: wrong
-# preprocessing, joint order or data. A trained model scores tens of points; a drop measured from
-# near zero says nothing about INT8, so the gate refuses to judge (exit 2) instead of passing.
-FLOAT_FLOOR = 5.0
 # Metadata the two models must share (besides input size and keypoints, which are always required):
 # the float checkpoint they were made from, and how their inputs are prepared and outputs decoded.
 SAME_SOURCE_FIELDS = ("source_sha256", "color", "mean", "std", "flip_pairs", "heatmap_size")

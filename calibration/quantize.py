@@ -391,7 +391,7 @@ def quantize(
             q, ignored, evaluation, steps = _meet_budget(
                 prepared, q, calib_set, val_ds, meta, tmp, max_drop=max_drop, flip=val_flip, ignored=ignored,
                 requant=lambda names: _quantize_once(prepared, calib_set, ignored=names, **run),
-                say=say)
+                say=say, warn=warn)
     calibration = {**calib_set.to_dict(), "eval_split_overlap": overlap}
     if calib_set.skipped_images and warn:
         warn(f"{len(calib_set.skipped_images)} calibration images were missing or could not be decoded and were skipped "
@@ -513,12 +513,16 @@ def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool) -> dict[st
     return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip, warn=lambda m: None).metrics
 
 
-def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, flip, ignored, requant, say):
-    from posequant.benchmarks.metrics import main_metric
+def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, flip, ignored, requant, say,
+                 warn=None):
+    from posequant.benchmarks.metrics import FLOAT_FLOOR, main_metric
 
     say(f"evaluating float and INT8 on {len(val_ds.people)} people")
     float_metrics = _evaluate(prepared, tmp / "float.onnx", val_ds, flip)
     name, float_value = main_metric(float_metrics)
+    if float_value < FLOAT_FLOOR and warn:
+        warn(f"the float model scores {name} {float_value:.2f} on --val {val_ds.root} (below {FLOAT_FLOOR:g}): it is "
+             "not being scored, so the budget measures nothing; check its preprocessing and joint order")
 
     def measure(model):
         metrics = _evaluate(model, tmp / "int8.onnx", val_ds, flip)

@@ -68,8 +68,8 @@ class Number(click.ParamType):
         option = max(param.opts, key=len) if param else "value"
         try:
             return check_number(option, value, minimum=self.minimum, above=self.above)
-        except OptionError as e:
-            self.fail(str(e), param, ctx)
+        except OptionError as e:  # click names the option already
+            self.fail(str(e).removeprefix(f"{option} "), param, ctx)
 
 
 BUDGET = Number()  # drops and speedups: finite, >= 0
@@ -207,7 +207,8 @@ def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_
             raise PosequantError("--save-preds writes MPII predictions; this dataset is COCO")
         if result.partial:
             raise PosequantError(f"--save-preds needs every person of the split; {len(result.skipped)} image(s) "
-                                 "were skipped: restore them to save predictions")
+                                 f"were skipped and {len(result.skipped_records)} degenerate record(s) left out: "
+                                 "restore them to save predictions")
         save_mpii_preds(save_preds, result.preds)
         click.echo(f"wrote {save_preds}")
     _write_json(json_out, result.to_dict())
