@@ -457,8 +457,9 @@ def _check_unique_ids(data: dict, ann_file: Path) -> None:
         repeated = [i for i, n in counts.items() if n > 1]
         if repeated:
             shown = ", ".join(repr(i) for i in repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
-            raise DataError(f"{ann_file}: {len(repeated)} {key} ids occur more than once ({shown}): every "
-                            f"{key[:-1]} needs its own id; fix or regenerate the annotation file")
+            what = "image" if key == "images" else "annotation"
+            raise DataError(f"{ann_file}: {len(repeated)} {what} id(s) occur more than once ({shown}): every "
+                            f"{what} needs its own id; fix or regenerate the annotation file")
 
 
 def _coco_problem(entry: _Entry, image: _Entry, person_ids: set[Any]) -> str | None:

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
+import numpy as np
 import pytest
 import scipy.io
 import torch
@@ -27,6 +29,7 @@ from posequant.benchmarks.gate import FLOAT_FLOOR, UnscorableError, _drop_check,
 from posequant.benchmarks.metrics import coco_keypoint_ap
 from posequant.benchmarks.synthetic import make_coco_set
 from posequant.calibration.datasets import open_dataset
+from posequant.calibration.images import image_size
 from posequant.calibration.quantize import eval_split_overlap, quantize
 from posequant.calibration.reader import calibration_set
 from posequant.cli import main
@@ -229,8 +232,8 @@ def _no_keypoints_counted(doc):  # pycocotools ignores ground truth with num_key
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (_dup_ann, "annotations ids occur more than once (1)"),
-    (_dup_image, "images ids occur more than once (1)"),
+    (_dup_ann, "1 annotation id(s) occur more than once (1)"),
+    (_dup_image, "1 image id(s) occur more than once (1)"),
     (_no_keypoints_counted, "no ground truth to score against (AP -1)"),
 ])
 def test_coco_sets_that_cannot_be_scored_are_refused(models, coco, tmp_path, mutate, message):
@@ -489,3 +492,24 @@ def test_eval_split_overlap_points_at_the_other_split(models, coco, tmp_path):
     assert res.exit_code == 0, res.output
     hint = res.output.split("next:")[1]
     assert "--split train" in hint and "held-out split 'train'" in hint
+
+
+@pytest.mark.parametrize("suffix,params,known", [
+    (".jpg", [], True),
+    (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], True),
+    (".png", [], True),
+    (".bmp", [], False),  # not read from the header: the centre check is left out, nothing is refused
+])
+def test_image_size_from_the_header(tmp_path, suffix, params, known):
+    path = tmp_path / f"x{suffix}"
+    cv2.imwrite(str(path), np.zeros((37, 53, 3), np.uint8), params)
+    assert image_size(path) == ((37, 53) if known else None)
+    path.write_bytes(path.read_bytes()[:12])  # truncated header: unknown, never an exception
+    assert image_size(path) is None
+
+
+def test_many_duplicate_ids_are_summarised(coco, tmp_path):
+    def every_twice(doc):  # every annotation twice: 6 ids repeated, 5 named
+        doc["annotations"] = [dict(a, id=a["id"]) for a in doc["annotations"]] * 2
+    with pytest.raises(DataError, match=r"6 annotation id\(s\) occur more than once \(.* and 1 more\)"):
+        open_dataset(coco_variant(coco, tmp_path / "c", every_twice), input_size=SIZE)
