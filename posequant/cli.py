@@ -52,7 +52,7 @@ def _triple(ctx, param, value):
     try:  # units, NaN/inf, std > 0: checked now; the library converts 0-255 units
         normalisation(vals, param.name)
     except OptionError as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.BadParameter(str(e).removeprefix(f"--{param.name} ")) from None
     return vals
 
 
