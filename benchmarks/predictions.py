@@ -72,7 +72,11 @@ def eval_mpii_preds(
     """PCKh of a saved predictions file; ``gt`` is ``gt_valid.mat`` (or a dataset root) or its dict."""
     gt = load_mpii_gt(gt) if isinstance(gt, (str, os.PathLike)) else gt
     preds = load_mpii_preds(preds_path, num_people=np.shape(gt["pos_gt_src"])[-1])
-    return mpii_pckh(preds, gt, one_based=not zero_based)
+    result = mpii_pckh(preds, gt, one_based=not zero_based)
+    if not np.isfinite(result.table["PCKh@0.5"]["Mean"]):  # never print a score on what cannot be scored
+        raise DataError("no joint of the ground truth can be scored (none labelled with a non-zero head box): "
+                        "use the official gt_valid.mat")
+    return result
 
 
 # ---- readers: each returns the stored array ---------------------------------------------------

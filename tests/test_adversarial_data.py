@@ -514,3 +514,14 @@ def test_many_duplicate_ids_are_summarised(coco, tmp_path):
         doc["annotations"] = [dict(a, id=a["id"]) for a in doc["annotations"]] * 2
     with pytest.raises(DataError, match=r"6 annotation id\(s\) occur more than once \(.* and 1 more\)"):
         open_dataset(coco_variant(coco, tmp_path / "c", every_twice), input_size=SIZE)
+
+
+def test_eval_preds_on_ground_truth_that_cannot_be_scored(tmp_path):
+    def all_zero(gt):
+        gt["headboxes_src"][:] = 5.0
+    root = mpii_set(tmp_path / "m", gt_mutate=all_zero)
+    preds = tmp_path / "p.npy"
+    np.save(preds, np.full((4, 16, 2), 20.0))
+    out = tmp_path / "r.json"
+    res = invoke("eval-preds", preds, "--gt", root / "annot" / "gt_valid.mat", "--json", out)
+    assert "no joint of the ground truth can be scored" in one_error_line(res) and not out.exists()
