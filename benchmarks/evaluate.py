@@ -10,9 +10,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from posequant.calibration import average_flip, decode_heatmaps, iter_batches, load_mpii_gt, open_dataset
+from posequant.calibration import (
+    average_flip,
+    decode_heatmaps,
+    iter_batches,
+    load_mpii_gt,
+    open_dataset,
+    skipped_image_warnings,
+)
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
+from posequant.core.quiet import warn
 
 from .metrics import box_size, coco_keypoint_ap, coco_results, mpii_pckh, pck
 from .runners import make_runner
@@ -165,6 +173,8 @@ def evaluate(
         raise DataError(f"none of the {len(people)} people's images in {data} could be read: check the dataset")
     preds, maxv = np.concatenate(coords), np.concatenate(maxvals)
     skipped = [str(p) for p in ds.skipped + batches.skipped]
+    for line in skipped_image_warnings(skipped):  # --skip-missing: say which, and why
+        warn(line)
     metrics = score(meta, ds, done, preds, maxv, gt=gt)
     partial = len(done) < len(ds.people) or bool(skipped)
     return EvalResult(str(model), str(data), ds.format, ds.split, len(preds), backend, device, flip, batch,
