@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from posequant.calibration import average_flip, decode_heatmaps, iter_batches, load_mpii_gt, open_dataset
+from posequant.calibration import (
+    average_flip,
+    decode_heatmaps,
+    iter_batches,
+    load_mpii_gt,
+    open_dataset,
+    skipped_image_warnings,
+)
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
+from posequant.core.quiet import warn as posequant_warn
 
 from .metrics import box_size, coco_keypoint_ap, coco_results, mpii_pckh, pck
 from .runners import make_runner
@@ -142,11 +149,11 @@ def evaluate(
     """Evaluate an .onnx model (its metadata drives preprocessing) or a checkpoint on MPII or COCO.
 
     People whose ground truth is degenerate (see ``open_dataset``) are left out of the run and of
-    the scoring, named in one ``warn`` line (a ``UserWarning`` when ``warn`` is None) and in
+    the scoring, named in one ``warn`` line (a ``PosequantWarning`` when ``warn`` is None) and in
     ``skipped_records``; the result is then ``partial``. Data that cannot be scored at all (no
     joint evaluable, pycocotools' AP -1) raises :class:`DataError` instead of giving a number.
     """
-    say_warning = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+    say_warning = warn or posequant_warn
     model, data = Path(model), Path(data)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, meta, module = _load_model(model, export_options or {}, Path(tmp), progress)
@@ -183,6 +190,8 @@ def evaluate(
         raise DataError(f"none of the {len(people)} people's images in {data} could be read: check the dataset")
     preds, maxv = np.concatenate(coords), np.concatenate(maxvals)
     skipped = [str(p) for p in ds.skipped + batches.skipped]
+    for line in skipped_image_warnings(skipped):  # --skip-missing: say which, and why
+        say_warning(line)
     metrics = score(meta, ds, done, preds, maxv, gt=gt)
     partial = len(done) < len(ds.people) or bool(skipped) or bool(ds.invalid)
     return EvalResult(str(model), str(data), ds.format, ds.split, len(preds), backend, device, flip, batch,

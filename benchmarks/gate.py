@@ -90,7 +90,7 @@ class GateResult:
     main_metric: str  # "AP" (x100) or "PCKh@0.5"
     scores: dict[str, dict[str, float]]  # metric -> {"float", "int8", "delta"} in points; delta = INT8 - float
     groups: dict[str, dict[str, float]]  # per joint group (checked): COCO PCK@0.2, MPII PCKh@0.5; same layout
-    joints: dict[str, dict[str, float]]  # per joint (COCO PCK@0.2; MPII: the groups again), same layout
+    joints: dict[str, dict[str, float]]  # per joint, COCO PCK@0.2; empty for MPII (its PCKh groups are the pairs)
     speedup: float | None
     latency: BenchResult | None
     float_eval: EvalResult = field(repr=False)
@@ -204,7 +204,9 @@ def _scores(meta: ModelMeta, fmt: str, people, fe: EvalResult, qe: EvalResult):
         scores = {main: _delta(f["Mean"], q["Mean"]),
                   "PCKh@0.1": _delta(fe.metrics["PCKh@0.1"]["Mean"], qe.metrics["PCKh@0.1"]["Mean"])}
         groups = {g: _delta(f[g], q[g]) for g in MPII_GROUPS if g in f}
-        return main, scores, groups, {g: d for g, d in groups.items()}
+        # MPII's official PCKh table is per group (a left/right pair; Head is the head top):
+        # no finer per-joint numbers to add, so the groups are not repeated as "joints"
+        return main, scores, groups, {}
     main = "AP"
     scores = {k: _delta(100 * fe.metrics[k], 100 * qe.metrics[k]) for k in ("AP", "AP50", "AP75", "AR")}
     fp, qp = fe.metrics["PCK@0.2"], qe.metrics["PCK@0.2"]
@@ -349,7 +351,8 @@ def gate(
 
     d = disagreement(people, fe.preds, qe.preds)
     order = np.argsort(-d, kind="stable")[:worst]
-    worst_people = [{"index": int(i), "image": str(people[i].image), "disagreement": float(d[i])} for i in order]
+    worst_people = [{"index": int(i), "image": str(people[i].image), "person": people[i].index,
+                     "ann_id": people[i].ann_id, "disagreement": float(d[i])} for i in order]
     result = GateResult(
         not reasons, reasons, checks, str(float_model), str(int8_model), str(data), f"{fe.format.upper()} {fe.split}",
         fe.people, backend, device, flip, main, scores, groups, joints, speedup, latency, fe, qe, worst_people,

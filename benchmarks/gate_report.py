@@ -16,7 +16,10 @@ from posequant.core.metadata import ModelMeta
 from posequant.core.table import format_table
 
 PANEL_HEIGHT = 256
-FLOAT_BGR, INT8_BGR = (80, 200, 0), (0, 140, 255)  # green, orange
+FLOAT_BGR, INT8_BGR, TRUTH_BGR = (80, 200, 0), (0, 140, 255), (255, 255, 255)  # green, orange, white
+LEGEND = (("float model", FLOAT_BGR, "line"), ("INT8 model", INT8_BGR, "line"), ("ground truth", TRUTH_BGR, "cross"))
+BAND = 22  # px: the legend strip and each row's label
+FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def prepare_report_dir(path: str | Path) -> Path:
@@ -107,21 +110,39 @@ def format_markdown(result, png: str | None) -> str:
     md += ["## Checks", "", _md_table(CHECK_HEADERS, _check_rows(result)), "",
            "Changes are INT8 minus float, in points (COCO AP x 100, PCK/PCKh in percent).", "",
            "## Metrics", "", _md_table(["metric", "float", "INT8", "change"], _delta_rows(result.scores)), "",
-           "## Per-joint deltas", "", _md_table(["joint group", "float", "INT8", "change"] + (
-               ["labelled joints"] if any("joints" in d for d in result.groups.values()) else []),
-               _delta_rows(result.groups))]
-    if result.joints != result.groups:
-        md += ["", _md_table(["joint", "float", "INT8", "change"], _delta_rows(result.joints))]
+           "## Per-joint deltas", "", *joint_sections(result)]
     if result.latency:
         md += ["", "## Latency", "", _latency_markdown(result.latency)]
     md += ["", "## Where the models disagree most", ""]
     if png:
         md += [f"![float (left) and INT8 (right) skeletons]({png})", ""]
     md.append("Skeletons over the labelled joints; white crosses are the ground truth.\n")
-    md.append(_md_table(["#", "image", "mean distance of labelled joints (% of person size)"],
-                        [[i + 1, f"`{Path(p['image']).name}`", f"{100 * p['disagreement']:.2f}"]
-                         for i, p in enumerate(result.disagreements)]))
+    md.append(_md_table(["#", "image", "person", "mean distance of labelled joints (% of person size)"],
+                        [[i + 1, f"`{Path(p['image']).name}`", _who(p.get("person"), p.get("ann_id")),
+                          f"{100 * p['disagreement']:.2f}"] for i, p in enumerate(result.disagreements)]))
     return "\n".join(md) + "\n"
+
+
+def joint_sections(result) -> list[str]:
+    """Markdown lines after "Per-joint deltas": each joint group once (its numbers are a check above), then
+    the joints one by one where the dataset scores them (COCO's PCK@0.2; MPII's PCKh columns are the groups)."""
+    lines = ["Each joint group's float and INT8 scores are in the checks above."]
+    pooled = {g: d["joints"] for g, d in result.groups.items() if "joints" in d}
+    if pooled:  # COCO: how many labelled joints each group pools (one joint is 100 / n points)
+        lines += ["", _md_table(["joint group", "labelled joints pooled", "one joint (points)"],
+                                [[g, n, f"{100 / n:.2f}" if n else "-"] for g, n in pooled.items()])]
+    if result.joints:
+        lines += ["", _md_table(["joint", "float", "INT8", "change"], _delta_rows(result.joints))]
+    else:
+        lines += ["", "MPII's PCKh is reported per joint pair (left and right together; Head is the head "
+                      "top), as the official table does: there are no finer per-joint numbers."]
+    return lines
+
+
+def _who(index, ann_id) -> str:
+    if index is None:
+        return "-"
+    return f"{index}" + (f" (annotation {ann_id})" if ann_id is not None else "")
 
 
 def _latency_markdown(latency) -> str:
@@ -144,9 +165,39 @@ def _latency_markdown(latency) -> str:
 
 
 def _label(img: np.ndarray, text: str, color) -> None:
-    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+    (w, h), base = cv2.getTextSize(text, FONT, 0.45, 1)
     cv2.rectangle(img, (0, 0), (w + 8, h + base + 6), (0, 0, 0), -1)
-    cv2.putText(img, text, (4, h + 3), cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
+    cv2.putText(img, text, (4, h + 3), FONT, 0.45, color, 1, cv2.LINE_AA)
+
+
+def _text_band(width: int, text: str, scale: float = 0.45) -> np.ndarray:
+    """A dark strip BAND px high with ``text`` in white, shrunk until it fits."""
+    band = np.full((BAND, width, 3), 40, np.uint8)
+    while scale > 0.25 and cv2.getTextSize(text, FONT, scale, 1)[0][0] > width - 8:
+        scale -= 0.05
+    cv2.putText(band, text, (4, BAND - 7), FONT, scale, TRUTH_BGR, 1, cv2.LINE_AA)
+    return band
+
+
+def legend_band(width: int) -> np.ndarray:
+    """What the colours mean: a swatch (a line or the cross) and a name for each of :data:`LEGEND`."""
+    band = np.full((BAND, width, 3), 40, np.uint8)
+    x, mid = 6, BAND // 2
+    for name, color, mark in LEGEND:
+        if mark == "line":
+            cv2.line(band, (x, mid), (x + 16, mid), color, 3)
+        else:
+            cv2.drawMarker(band, (x + 8, mid), color, cv2.MARKER_CROSS, 9, 1)
+        x += 22
+        cv2.putText(band, name, (x, mid + 5), FONT, 0.4, TRUTH_BGR, 1, cv2.LINE_AA)
+        x += cv2.getTextSize(name, FONT, 0.4, 1)[0][0] + 14
+    return band
+
+
+def row_label(rank: int, person, score: float) -> str:
+    """Which person a row shows: rank, image file, record index (COCO: annotation id), drift."""
+    who = _who(person.index, person.ann_id)
+    return f"#{rank} {Path(person.image).name}, person {who}: drift {100 * score:.2f}% of person size"
 
 
 def _to_crop(points: np.ndarray, trans: np.ndarray) -> np.ndarray:
@@ -175,24 +226,26 @@ def draw_disagreements(meta: ModelMeta, people, float_preds: np.ndarray, int8_pr
                        scores: Sequence[float]) -> np.ndarray | None:
     """One row per person: the float skeleton (left) and the INT8 one (right) on the same crop.
 
-    Only labelled joints are drawn (elsewhere both models guess); white crosses are the ground truth.
+    A legend on top says which colour is which; each row is headed by :func:`row_label` (image, person,
+    drift). Only labelled joints are drawn (elsewhere both models guess); white crosses are the ground truth.
     """
     h = PANEL_HEIGHT
     w = int(round(h * meta.input_size[1] / meta.input_size[0]))
     rows = []
-    for person, fp, qp, score in zip(people, float_preds, int8_preds, scores):
+    for rank, (person, fp, qp, score) in enumerate(zip(people, float_preds, int8_preds, scores), 1):
         try:
             image = read_image(person.image)
         except DataError:
             continue
         crop, trans = crop_person(image, person.center, person.scale, (h, w))
         gap = np.full((h, 6, 3), 255, np.uint8)
-        rows.append(np.hstack([_panel(crop, trans, fp, person, meta.skeleton, FLOAT_BGR, "float"), gap,
-                               _panel(crop, trans, qp, person, meta.skeleton, INT8_BGR, f"INT8 {100 * score:.1f}%")]))
+        panels = np.hstack([_panel(crop, trans, fp, person, meta.skeleton, FLOAT_BGR, "float"), gap,
+                            _panel(crop, trans, qp, person, meta.skeleton, INT8_BGR, f"INT8 {100 * score:.1f}%")])
+        rows.append(np.vstack([_text_band(panels.shape[1], row_label(rank, person, score)), panels]))
     if not rows:
         return None
     sep = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
-    return np.vstack([x for r in rows for x in (r, sep)][:-1])
+    return np.vstack([legend_band(rows[0].shape[1]), sep, *[x for r in rows for x in (r, sep)][:-1]])
 
 
 # ---- the folder --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from posequant.core.errors import PosequantError
+from posequant.core.quiet import ort_session, quiet
 
 
 class BackendError(PosequantError):
@@ -39,7 +40,6 @@ class OrtRunner:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
         if self.backend == "ort-reference":
             # DequantizeLinear -> float op -> QuantizeLinear, unfused: a QDQ graph's own semantics, exact on
             # every CPU (no int8 kernels, so no int16 pair saturation), slow
@@ -48,7 +48,9 @@ class OrtRunner:
             opts.intra_op_num_threads = self.threads
         # spinning threads steal the cores from whatever runs next in this process
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), opts, providers=self._providers(ort))
+        # a provider that fails to start (ORT prints "*** EP Error ***" and falls back) is refused: the
+        # results would be labelled with a device they did not run on
+        self.session = ort_session(str(self.path), opts, self._providers(ort), fallback="error")
         self.input_name = self.session.get_inputs()[0].name
 
     def _providers(self, ort) -> list:
@@ -105,15 +107,20 @@ class OpenVINORunner:
         if self.threads:
             self.config["INFERENCE_NUM_THREADS"] = self.threads
         self.core = ov.Core()
-        self.model = self.core.read_model(str(self.path))  # an unreadable graph fails here, at load
+        with quiet():
+            self.model = self.core.read_model(str(self.path))  # an unreadable graph fails here, at load
         self.compiled_by_shape: dict[tuple, object] = {}
-        self.compiled = None if self.static_shapes else self.core.compile_model(self.model, "CPU", self.config)
+        self.compiled = None if self.static_shapes else self._compile(self.model)
+
+    def _compile(self, model):
+        with quiet():  # OpenVINO's own warnings (--verbose shows them)
+            return self.core.compile_model(model, "CPU", self.config)
 
     def _compiled_for(self, shape: tuple):
         if shape not in self.compiled_by_shape:
             model = self.model.clone()
             model.reshape({model.inputs[0]: list(shape)})
-            self.compiled_by_shape[shape] = self.core.compile_model(model, "CPU", self.config)
+            self.compiled_by_shape[shape] = self._compile(model)
         return self.compiled_by_shape[shape]
 
     def infer(self, inputs: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from .datasets import (
     load_mpii_gt,
     open_dataset,
 )
-from .images import default_workers, read_image
+from .images import TruncatedImageError, default_workers, image_problem, read_image, skipped_image_warnings
 from .preprocess import (
     Batch,
     BatchIterator,
@@ -54,6 +54,9 @@ __all__ = [
     "normalize",
     "open_dataset",
     "read_image",
+    "image_problem",
+    "skipped_image_warnings",
+    "TruncatedImageError",
     "refine_quarter_pixel",
     "shift_heatmaps",
     "transform_preds",

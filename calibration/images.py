@@ -17,12 +17,60 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # as JointsDataset: EXIF rotation ignored
 
 
+class TruncatedImageError(DataError):
+    """An image file that ends early: decoders fill the rest with grey (and libjpeg says so on stderr)."""
+
+
+def image_truncated(data: bytes) -> bool:
+    """Whether encoded JPEG or PNG bytes end before the format's end marker (other formats: False)."""
+    if data[:2] == b"\xff\xd8":
+        # the end-of-image marker must follow the last scan's header; scan data never holds 0xFF 0xD9
+        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-256:]
+    return False
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The image at ``path`` as BGR uint8 H x W x 3, decoded as the official code does."""
-    image = cv2.imread(str(path), IMREAD_FLAGS)
+    """The image at ``path`` as BGR uint8 H x W x 3, decoded as the official code does (``cv2.imread``).
+
+    A truncated JPEG or PNG raises :class:`TruncatedImageError` before it is decoded: libjpeg would
+    decode it with a grey bottom (and print "Premature end of JPEG file" from a worker thread).
+    """
+    try:
+        data = np.fromfile(str(path), np.uint8)
+    except OSError:
+        data = None
+    if data is not None and data.size and image_truncated(data.tobytes()):
+        raise TruncatedImageError(f"image {path} is truncated (it ends before the image does): replace or remove it")
+    image = cv2.imdecode(data, IMREAD_FLAGS) if data is not None and data.size else None
     if image is None:
         raise DataError(f"cannot decode image {path}: the file is missing, truncated or not an image; replace or remove it")
     return image
+
+
+def image_problem(path: str | os.PathLike) -> str:
+    """Why an image cannot be used, in a word or two: "missing", "truncated" or "not decodable"."""
+    try:
+        read_image(path)
+    except TruncatedImageError:
+        return "truncated"
+    except DataError:
+        return "missing" if not os.path.isfile(path) else "not decodable"
+    return "readable"
+
+
+def skipped_image_warnings(paths, what: str = "image", limit: int = 5) -> list[str]:
+    """One line per reason: "1 image truncated, skipped: a.jpg" (the first ``limit`` names)."""
+    by_reason: dict[str, list[str]] = {}
+    for p in dict.fromkeys(str(p) for p in paths):
+        by_reason.setdefault(image_problem(p), []).append(p)
+    lines = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        noun = what if len(names) == 1 else what + "s"
+        lines.append(f"{len(names)} {noun} {reason}, skipped: {shown}")
+    return lines
 
 
 def default_workers() -> int:

@@ -60,7 +60,10 @@ def _settings_line(s: dict[str, Any]) -> str:
     return (f"engine {s['engine']}, method {s['method']}, weights {s['weights']} {granularity}, activations "
             f"{s['activations']}, target {s['target']}, deconvolution rewrite {_rewrite(s['rewrite_deconv'])}, "
             f"ReLU range equalization {_rewrite(s.get('equalize', False))}, "
-            f"seed {s['seed']}" + (f", bias correction {s['bias_correction']}" if s.get("bias_correction") else ""))
+            f"seed {s['seed']}" + (f", bias correction {s['bias_correction']}" if s.get("bias_correction") else "")
+            # NNCF's full correction gives up part-way on some graphs (its bar stops, hidden without --verbose)
+            + (" (NNCF's full bias correction cannot cut this graph into sub-graphs)"
+               if s.get("bias_correction") == "fast" else ""))
 
 
 def cpu_line(s: dict[str, Any]) -> str:

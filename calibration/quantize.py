@@ -8,11 +8,9 @@ validation set keep the most harmful nodes in float until the accuracy budget ho
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,10 +25,12 @@ from posequant.core.errors import DataError, MetadataError, PosequantError, Veri
 from posequant.core.fileio import check_writable, write_bytes_atomic
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, read_meta, write_meta
 from posequant.core.numbers import check_number
+from posequant.core.quiet import quiet
 from posequant.core.version import __version__
 
 from .deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
 from .equalize import equalize_relu_ranges
+from .images import skipped_image_warnings
 from .qdq import int8_deconvolutions, is_quantized, make_openvino_friendly, make_ort_friendly, make_tensorrt_friendly
 from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
 from .saturation import fit_pair_scales, input_means
@@ -252,13 +252,14 @@ def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, symmetri
                              ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False),
                              advanced_parameters=AdvancedQuantizationParameters(**advanced))
 
+    # NNCF's progress bars (frozen part-way when full bias correction gives up) and ORT's logs: --verbose
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: keep stdout for our summary
+        with quiet():
             return run(fast=False), "full"
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors on the sub-graphs NNCF's bias correction cuts
         if not _raised_in_bias_correction(e):
             raise
-        with contextlib.redirect_stdout(sys.stderr):
+        with quiet():
             return run(fast=True), "fast"
 
 
@@ -281,15 +282,16 @@ def _ort(model, calib: CalibrationSet, *, method, per_channel, symmetric, ignore
     # logging would install a stderr one for the rest of the process. A null handler keeps it quiet.
     import logging
 
-    quiet = logging.NullHandler()
-    logging.getLogger().addHandler(quiet)
+    null = logging.NullHandler()
+    logging.getLogger().addHandler(null)
     try:
-        quantize_static(str(src), str(dst), OrtCalibrationReader(calib.crops), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], nodes_to_exclude=list(ignored),
-                        extra_options={"ActivationSymmetric": symmetric})
+        with quiet():
+            quantize_static(str(src), str(dst), OrtCalibrationReader(calib.crops), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=methods[method], nodes_to_exclude=list(ignored),
+                            extra_options={"ActivationSymmetric": symmetric})
     finally:
-        logging.getLogger().removeHandler(quiet)
+        logging.getLogger().removeHandler(null)
     return onnx.load(str(dst))
 
 
@@ -394,8 +396,8 @@ def quantize(
                 say=say, warn=warn)
     calibration = {**calib_set.to_dict(), "eval_split_overlap": overlap}
     if calib_set.skipped_images and warn:
-        warn(f"{len(calib_set.skipped_images)} calibration images were missing or could not be decoded and were skipped "
-             f"(e.g. {calib_set.skipped_images[0]})")
+        for line in skipped_image_warnings(calib_set.skipped_images, "calibration image"):
+            warn(line)
     settings["bias_correction"] = _pop_prop(q, "_bias_correction")
     settings["pair_fit"] = json.loads(_pop_prop(q, "_pair_fit") or "null")
     settings["exact_on"] = "every CPU kind" if settings["pair_fit"] is not None else \

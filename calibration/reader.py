@@ -8,7 +8,6 @@ correction) and decodes images on the fly, so only a few crops are in memory at 
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,6 +16,7 @@ import numpy as np
 
 from posequant.core.errors import DataError
 from posequant.core.metadata import ModelMeta
+from posequant.core.quiet import warn as posequant_warn
 
 from .datasets import Person, open_dataset
 from .preprocess import iter_batches
@@ -101,10 +101,10 @@ def calibration_set(root: str | os.PathLike, meta: ModelMeta, *, num_samples: in
         raise DataError(f"the model predicts {meta.num_joints} joints but {root} is {ds.format.upper()} with "
                         f"{ds.keypoints.num_joints}: calibrate on matching data (or a plain image folder)")
     if ds.invalid_warning():  # degenerate ground truth: left out of calibration as of evaluation
-        (warn or warnings.warn)(ds.invalid_warning())
+        (warn or posequant_warn)(ds.invalid_warning())
     available = len(ds.people)
     if available < num_samples:
-        (warn or warnings.warn)(f"{root} has {available} people, fewer than --num-samples {num_samples}: using all of them")
+        (warn or posequant_warn)(f"{root} has {available} people, fewer than --num-samples {num_samples}: using all of them")
         chosen = list(ds.people)
     else:
         # sorted, so that people of one image stay together and each image is decoded once

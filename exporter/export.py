@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,7 @@ from posequant.core.fileio import atomic_path, check_writable
 from posequant.core.keypoints import keypoint_set_for
 from posequant.core.metadata import ModelMeta, write_meta
 from posequant.core.numbers import check_number, normalisation
+from posequant.core.quiet import ort_session, quiet
 from posequant.core.version import __version__
 
 from .checkpoint import Checkpoint, load_checkpoint
@@ -82,8 +82,7 @@ def _to_onnx(module: torch.nn.Module, input_size: tuple[int, int], opset: int, b
     dummy = torch.randn(batch or 1, 3, *input_size)
     buf = io.BytesIO()
     dynamic = None if batch else {"input": {0: "batch"}, "heatmaps": {0: "batch"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notes are not for users
+    with quiet():  # the TorchScript exporter's deprecation notes and prints are not for users (--verbose)
         try:
             torch.onnx.export(module, (dummy,), buf, dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=["heatmaps"],
@@ -97,7 +96,8 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxsim
 
     try:
-        simplified, ok = onnxsim.simplify(model)
+        with quiet():  # onnxsim's prints and ORT's logs from its checks
+            simplified, ok = onnxsim.simplify(model)
     except Exception as e:
         raise ExportError(f"onnxsim failed ({type(e).__name__}: {e}); retry with --no-simplify") from None
     if not ok:
@@ -106,11 +106,7 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _ort_session(model_bytes: bytes):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return ort_session(model_bytes)
 
 
 def _data_cases(data: str | Path, meta: ModelMeta, samples: int):

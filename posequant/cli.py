@@ -16,13 +16,15 @@ from posequant.core.errors import PosequantError
 from posequant.core.fileio import check_writable, write_text_atomic
 from posequant.core.metadata import parse_size
 from posequant.core.numbers import OptionError, check_number, normalisation
+from posequant.core.quiet import set_verbose, show_warnings
 from posequant.core.version import __version__
 
 
 class PosequantGroup(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with show_warnings(lambda line: click.echo(line, err=True)):
+                return super().invoke(ctx)
         except PosequantError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
@@ -97,10 +99,44 @@ def _progress(msg: str) -> None:
     click.echo(f"  {msg}", err=True)
 
 
+# One definition of the runtime names every command takes (eval, bench, gate, quantize, pipeline), with
+# the other spellings people use; checked against posequant.benchmarks.runners and calibration.quantize.
+DEVICES = ("cpu", "cuda")
+ONNX_BACKENDS = ("ort", "openvino", "tensorrt")  # what an .onnx model runs on; quantize's --target
+BACKENDS = ("torch", *ONNX_BACKENDS)
+ALIASES = {"onnxruntime": "ort", "ov": "openvino", "trt": "tensorrt", "pytorch": "torch", "gpu": "cuda"}
+
+
+def canonical(name: str) -> str:
+    name = str(name).strip().lower()
+    return ALIASES.get(name, name)
+
+
+class Names(click.Choice):
+    """A choice of backends/devices: any case, and the aliases above."""
+
+    def __init__(self, choices):
+        super().__init__(choices, case_sensitive=False)
+
+    def convert(self, value, param, ctx):
+        return super().convert(canonical(value), param, ctx)
+
+
+def backend_option(choices=ONNX_BACKENDS, default="ort", help=None, name="--backend"):
+    return click.option(name, type=Names(choices), default=default, show_default=True, help=help)
+
+
+device_option = click.option("--device", type=Names(DEVICES), default="cpu", show_default=True,
+                             help="Where the models run (cuda: an NVIDIA GPU).")
+
+
 @click.group(cls=PosequantGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="posequant")
-def main():
+@click.option("--verbose", is_flag=True,
+              help="Also show what the libraries underneath print (ONNX Runtime, NNCF, OpenVINO, torch, OpenCV).")
+def main(verbose):
     """Trained PyTorch pose models to fast, verified INT8 deployments."""
+    set_verbose(verbose)
 
 
 arch_option = click.option(
@@ -172,15 +208,18 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
 @click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
 @click.option("--format", "fmt", type=click.Choice(["mpii", "coco"]), help="Dataset layout [default: detected].")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
-@click.option("--backend", type=click.Choice(["torch", "ort", "openvino"]), default="ort", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--batch", type=click.IntRange(1), default=8, show_default=True)
+@backend_option(BACKENDS, help="Runtime the model is evaluated on (torch needs a checkpoint MODEL).")
+@device_option
+@click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="People per inference call.")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N people.")
-@click.option("--skip-missing", is_flag=True, help="Go on when annotated images are missing.")
+@click.option("--skip-missing", is_flag=True,
+              help="Go on when annotated images are missing, truncated or undecodable (a warning names them).")
 @arch_option
 @click.option("--input-size", callback=_size, metavar="HxW", help="For a checkpoint MODEL (see export-pose).")
-@click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False))
-@click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False))
+@click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False),
+              help="For a checkpoint MODEL (see export-pose).")
+@click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False),
+              help="For a checkpoint MODEL (see export-pose).")
 @trust_option
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
 @click.option("--save-preds", metavar="OUT.mat", help="Save MPII predictions (HRNet's pred.mat layout).")
@@ -245,9 +284,7 @@ def _int_list(ctx, param, value):
 def _backend_list(ctx, param, value):
     import difflib
 
-    from posequant.benchmarks.runners import BACKENDS
-
-    names = [n for v in value for n in v.replace(" ", "").split(",") if n]
+    names = [canonical(n) for v in value for n in v.replace(" ", "").split(",") if n]
     for n in names:
         if n not in BACKENDS:
             close = difflib.get_close_matches(n, BACKENDS, n=1)
@@ -258,8 +295,7 @@ def _backend_list(ctx, param, value):
 
 backend_list_option = click.option(
     "--backend", "backends", multiple=True, callback=_backend_list, metavar="NAME[,NAME]",
-    help="torch, ort, openvino, tensorrt; repeat or comma-separate [default: every backend of the device].")
-device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+    help=f"{', '.join(BACKENDS)}; repeat or comma-separate [default: every backend of the device].")
 
 
 @main.command("bench")
@@ -303,8 +339,7 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
 @click.option("--min-speedup", type=BUDGET, default=1.5, show_default=True,
               help="INT8 must be at least this many times faster than float (median, batch 1).")
 @device_option
-@click.option("--backend", type=click.Choice(["ort", "openvino", "tensorrt"]), default="ort", show_default=True,
-              help="Backend both models are evaluated and timed on.")
+@backend_option(help="Backend both models are evaluated and timed on.")
 @click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N people (a quick look, not a release gate).")
@@ -367,8 +402,7 @@ def _next_commands(result) -> str:
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed for drawing the calibration people.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="INT8 ONNX file to write [default: MODEL.int8.onnx].")
-@click.option("--target", type=click.Choice(["ort", "openvino", "tensorrt"]), default="ort", show_default=True,
-              help="Runtime the QDQ graph is shaped for.")
+@backend_option(name="--target", help="Runtime the QDQ graph is shaped for.")
 @click.option("--rewrite-deconv/--no-rewrite-deconv", default=None,
               help="Rewrite stride-s ConvTranspose as exact convolutions + DepthToSpace (int8 on ORT; per-channel "
                    "weight scales for depthwise ones) [default: on for ort and tensorrt; grouped (depthwise) "
@@ -445,8 +479,9 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
 @click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False), help="See export-pose.")
 @trust_option
 @click.option("--num-samples", type=click.IntRange(1), default=300, show_default=True, help="Calibration people.")
-@click.option("--target", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
-              help="Runtime the INT8 graph is shaped for, and the backend the gate evaluates and times on.")
+# no tensorrt: the pipeline's gate runs on the CPU (TensorRT needs --device cuda, which gate and eval take)
+@backend_option(("ort", "openvino"), name="--target",
+                help="Runtime the INT8 graph is shaped for, and the backend the gate evaluates and times on.")
 @click.option("--max-drop", type=BUDGET, default=0.5, show_default=True, help="See gate.")
 @click.option("--max-joint-drop", type=BUDGET, default=2.0, show_default=True, help="See gate.")
 @click.option("--min-speedup", type=BUDGET, default=1.5, show_default=True, help="See gate.")

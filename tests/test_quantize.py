@@ -301,7 +301,8 @@ def test_undecodable_images_are_skipped_counted_and_reported(model_copy, tmp_pat
                  "--num-samples", 3, "--engine", "ort")  # the faster engine: the data path is the same
     assert res.exit_code == 0, res.output
     warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
-    assert len(warnings) == 1 and "1 calibration images" in warnings[0] and "broken.jpg" in warnings[0], res.stderr
+    assert len(warnings) == 1 and "1 calibration image not decodable, skipped:" in warnings[0] \
+        and "broken.jpg" in warnings[0], res.stderr
     c = json.loads(js.read_text())["calibration"]
     assert c["people"] == 3 and c["skipped_images"] == [str(calib / "broken.jpg")]
     assert "1 image(s) skipped" in res.stdout

@@ -37,3 +37,7 @@ class DataError(PosequantError):
 
 class MetadataError(PosequantError):
     """An ONNX model lacks the posequant metadata a stage needs."""
+
+
+class PosequantWarning(UserWarning):
+    """Something the user should know that does not stop the work (skipped images, a fallback)."""
