@@ -34,6 +34,7 @@ class Checkpoint:
     module: torch.nn.Module | None  # set for TorchScript archives and trusted pickled models
     container: str  # how the weights were stored, for `posequant inspect`
     stripped_prefix: str = ""
+    meta: dict | None = None  # the 'meta' entry beside the weights (mmpose/mmengine: config text, ...)
 
     @property
     def num_parameters(self) -> int:
@@ -65,6 +66,33 @@ def _looks_like_checkpoint(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+# numpy arrays and scalars (mmengine saves the dataset's metainfo, numpy arrays, in checkpoint['meta']):
+# these globals only rebuild arrays from their dtype and bytes, so allowing them runs no other code.
+_NUMPY_DATA_GLOBALS = ("_reconstruct", "scalar", "ndarray", "dtype")
+
+
+def _numpy_data_globals(path: Path) -> list | None:
+    """The numpy globals ``path`` needs, when numpy arrays are all it pickles beyond tensors; else None."""
+    import importlib
+
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return None
+    found = []
+    for name in needed:
+        module, _, attr = name.rpartition(".")
+        ok = module.split(".")[0] == "numpy" and (attr in _NUMPY_DATA_GLOBALS or (
+            module == "numpy.dtypes" and attr.endswith("DType")))
+        if not ok:
+            return None
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            return None
+    return found or None
+
+
 def _read(path: Path, trust_pickle: bool) -> Any:
     head = path.open("rb").read(8)
     try:
@@ -72,7 +100,14 @@ def _read(path: Path, trust_pickle: bool) -> Any:
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
             if _is_torchscript(path):
                 return torch.jit.load(str(path), map_location="cpu")
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            except pickle.UnpicklingError as e:
+                allowed = None if trust_pickle or "Unsupported global" not in str(e) else _numpy_data_globals(path)
+                if not allowed:
+                    raise
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, zip and pickle errors for damage
         if not _looks_like_checkpoint(head):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint: expected a file saved with torch.save") from None
@@ -163,7 +198,8 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     if not sd:
         raise CheckpointError(f"{path} holds no weights")
     check_finite(sd, path)
-    return Checkpoint(path, sha256_of(path), sd, module, container, stripped)
+    meta = obj.get("meta") if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else None
+    return Checkpoint(path, sha256_of(path), sd, module, container, stripped, meta)
 
 
 __all__ = ["Checkpoint", "load_checkpoint", "check_finite", "sha256_of"]
