@@ -90,6 +90,11 @@ def _numpy_data_globals(path: Path) -> list | None:
             found.append(getattr(importlib.import_module(module), attr))
         except (ImportError, AttributeError):
             return None
+    if found:  # an array's dtype is rebuilt through its class (numpy.dtypes.Float32DType, ...), not listed above
+        import numpy as np
+
+        dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+        found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes else []
     return found or None
 
 

@@ -109,7 +109,7 @@ _SIZE_IN_NAME = re.compile(r"(?<![\dx])(\d{2,4})x(\d{2,4})(?!\d)")
 
 def _size_from_config(text: str) -> tuple[int, int] | None:
     # 1.x codec ``input_size=(192, 256)``; 0.x ``image_size=[192, 256]``: both (W, H)
-    m = re.search(r"\b(?:input_size|image_size)\s*=\s*[\[(]\s*(\d+)\s*,\s*(\d+)\s*[\])]", text)
+    m = re.search(r"\b(?:input_size|image_size)\s*=\s*[\[(]\s*(\d+)\s*,\s*(\d+)\s*,?\s*[\])]", text)
     return (int(m.group(2)), int(m.group(1))) if m else None
 
 
