@@ -98,6 +98,14 @@ def _numpy_data_globals(path: Path) -> list | None:
     return found or None
 
 
+def _openmmlab_globals(path: Path) -> list[str]:
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
+    return [g for g in needed if g.split(".")[0] in ("mmengine", "mmcv", "mmpose")]
+
+
 def _read(path: Path, trust_pickle: bool) -> Any:
     head = path.open("rb").read(8)
     try:
@@ -117,9 +125,20 @@ def _read(path: Path, trust_pickle: bool) -> Any:
         if not _looks_like_checkpoint(head):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint: expected a file saved with torch.save") from None
         if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            trainer = _openmmlab_globals(path)
+            if trainer:  # an mmengine/mmcv training checkpoint: its training state is pickled objects
+                raise CheckpointError(
+                    f"{path} holds OpenMMLab training state beside the weights ({trainer[0]}, ...), which is "
+                    "not loaded by default because unpickling runs code: keep only its 'meta' and "
+                    "'state_dict' (as mmpose's tools/misc/publish_model.py does), or if you trust the file "
+                    "and have that package installed, add --trust-pickle") from None
             raise CheckpointError(
                 f"{path} holds pickled Python objects (e.g. a whole model), which are not loaded by "
                 "default because unpickling runs code; if you trust the file, add --trust-pickle") from None
+        if isinstance(e, ModuleNotFoundError) and trust_pickle:
+            raise CheckpointError(
+                f"{path} pickles objects of the Python module {e.name!r}, which is not installed: install it, "
+                "or re-save only the weights (model.state_dict())") from None
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in str(e):
             reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")), reason)

@@ -265,6 +265,32 @@ def test_other_pickled_objects_in_meta_still_need_trust(tmp_path):
         load_checkpoint(path)
 
 
+def test_unpublished_mmengine_checkpoint_says_what_to_do(tmp_path, monkeypatch):
+    """A training checkpoint (epoch_210.pth) also pickles mmengine objects (message_hub's HistoryBuffer)."""
+    import sys
+    import types
+
+    mod = types.ModuleType("mmengine.logging.history_buffer")
+
+    class HistoryBuffer:
+        def __init__(self):
+            self.data = [1.0]
+
+    HistoryBuffer.__module__, HistoryBuffer.__qualname__ = mod.__name__, "HistoryBuffer"
+    mod.HistoryBuffer = HistoryBuffer
+    for name in ("mmengine", "mmengine.logging", mod.__name__):
+        monkeypatch.setitem(sys.modules, name, mod if name == mod.__name__ else types.ModuleType(name))
+    path = save(tmp_path / "epoch_210.pth", {"meta": mmengine_meta(), "state_dict": small(SMALL_RES).state_dict(),
+                                             "message_hub": {"log_scalars": {"loss": HistoryBuffer()}}})
+    for name in ("mmengine", "mmengine.logging", mod.__name__):
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(CheckpointError, match=r"OpenMMLab training state .*HistoryBuffer.*publish_model"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"pickles objects of the Python module 'mmengine', which is not "
+                                              r"installed"):
+        load_checkpoint(path, trust_pickle=True)
+
+
 @pytest.mark.parametrize("wrapper", ["plain", "state_dict", "mmcv meta"])
 def test_0x_hrnet_wrappers(tmp_path, wrapper):
     model = small(SMALL_HRNET_0)
