@@ -388,6 +388,16 @@ def test_other_mmpose_models_get_one_line(tmp_path, keys, match):
     assert "\n" not in str(e.value)
 
 
+def test_inspect_cli_shows_layout_and_trained_size(tmp_path, res1):
+    model, _ = res1
+    path = save(tmp_path / "m.pth", {"meta": mmengine_meta(CFG_1X.replace("(192, 256)", "(96, 128)")),
+                                     "state_dict": model.state_dict()})
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "pose_resnet_18 (pose_resnet)" in result.output and "layout: mmpose1" in result.output
+    assert "input        128x96 by default, RGB" in result.output
+
+
 def test_arch_option_must_agree(res1):
     _, path = res1
     assert resolve_model(load_checkpoint(path), "pose_resnet").family == "pose_resnet"
