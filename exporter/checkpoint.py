@@ -34,6 +34,7 @@ class Checkpoint:
     module: torch.nn.Module | None  # set for TorchScript archives and trusted pickled models
     container: str  # how the weights were stored, for `posequant inspect`
     stripped_prefix: str = ""
+    meta: dict | None = None  # the 'meta' entry beside the weights (mmpose/mmengine: config text, ...)
 
     @property
     def num_parameters(self) -> int:
@@ -65,6 +66,46 @@ def _looks_like_checkpoint(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+# numpy arrays and scalars (mmengine saves the dataset's metainfo, numpy arrays, in checkpoint['meta']):
+# these globals only rebuild arrays from their dtype and bytes, so allowing them runs no other code.
+_NUMPY_DATA_GLOBALS = ("_reconstruct", "scalar", "ndarray", "dtype")
+
+
+def _numpy_data_globals(path: Path) -> list | None:
+    """The numpy globals ``path`` needs, when numpy arrays are all it pickles beyond tensors; else None."""
+    import importlib
+
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return None
+    found = []
+    for name in needed:
+        module, _, attr = name.rpartition(".")
+        ok = module.split(".")[0] == "numpy" and (attr in _NUMPY_DATA_GLOBALS or (
+            module == "numpy.dtypes" and attr.endswith("DType")))
+        if not ok:
+            return None
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            return None
+    if found:  # an array's dtype is rebuilt through its class (numpy.dtypes.Float32DType, ...), not listed above
+        import numpy as np
+
+        dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+        found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes else []
+    return found or None
+
+
+def _openmmlab_globals(path: Path) -> list[str]:
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
+    return [g for g in needed if g.split(".")[0] in ("mmengine", "mmcv", "mmpose")]
+
+
 def _read(path: Path, trust_pickle: bool) -> Any:
     head = path.open("rb").read(8)
     try:
@@ -72,14 +113,32 @@ def _read(path: Path, trust_pickle: bool) -> Any:
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
             if _is_torchscript(path):
                 return torch.jit.load(str(path), map_location="cpu")
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            except pickle.UnpicklingError as e:
+                allowed = None if trust_pickle or "Unsupported global" not in str(e) else _numpy_data_globals(path)
+                if not allowed:
+                    raise
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, zip and pickle errors for damage
         if not _looks_like_checkpoint(head):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint: expected a file saved with torch.save") from None
         if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            trainer = _openmmlab_globals(path)
+            if trainer:  # an mmengine/mmcv training checkpoint: its training state is pickled objects
+                raise CheckpointError(
+                    f"{path} holds OpenMMLab training state beside the weights ({trainer[0]}, ...), which is "
+                    "not loaded by default because unpickling runs code: keep only its 'meta' and "
+                    "'state_dict' (as mmpose's tools/misc/publish_model.py does), or if you trust the file "
+                    "and have that package installed, add --trust-pickle") from None
             raise CheckpointError(
                 f"{path} holds pickled Python objects (e.g. a whole model), which are not loaded by "
                 "default because unpickling runs code; if you trust the file, add --trust-pickle") from None
+        if isinstance(e, ModuleNotFoundError) and trust_pickle:
+            raise CheckpointError(
+                f"{path} pickles objects of the Python module {e.name!r}, which is not installed: install it, "
+                "or re-save only the weights (model.state_dict())") from None
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in str(e):
             reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")), reason)
@@ -163,7 +222,8 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     if not sd:
         raise CheckpointError(f"{path} holds no weights")
     check_finite(sd, path)
-    return Checkpoint(path, sha256_of(path), sd, module, container, stripped)
+    meta = obj.get("meta") if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else None
+    return Checkpoint(path, sha256_of(path), sd, module, container, stripped, meta)
 
 
 __all__ = ["Checkpoint", "load_checkpoint", "check_finite", "sha256_of"]

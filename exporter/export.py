@@ -171,7 +171,7 @@ def export_pose(
     joints = pose.num_joints
     if joints is None:
         joints, _ = probe_output(pose.module, input_size or (256, 192))
-    size = tuple(input_size) if input_size else DEFAULT_INPUT_SIZE.get(joints, (256, 256))
+    size = tuple(input_size or pose.input_size or DEFAULT_INPUT_SIZE.get(joints, (256, 256)))
     out_joints, heatmap_size = probe_output(pose.module, size)
     kps = keypoint_set_for(out_joints, keypoints)
     meta = ModelMeta(

@@ -43,6 +43,6 @@ def inspect_checkpoint(path: str | Path, *, arch: str | None = None, trust_pickl
         stripped_prefix=ckpt.stripped_prefix, family=pose.family, name=pose.name,
         arch_config=pose.arch_config, num_joints=joints, num_parameters=pose.num_parameters,
         num_tensors=len(ckpt.state_dict),
-        default_input_size=DEFAULT_INPUT_SIZE.get(joints, (256, 256)) if joints else None,
+        default_input_size=pose.input_size or (DEFAULT_INPUT_SIZE.get(joints, (256, 256)) if joints else None),
         color=pose.color, mean=tuple(pose.mean), std=tuple(pose.std),
     )

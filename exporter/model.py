@@ -12,7 +12,7 @@ from posequant.core.errors import ArchitectureError
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD
 
 from .checkpoint import Checkpoint
-from .zoo import FAMILIES, build_custom, detect_architecture
+from .zoo import FAMILIES, build_custom, detect_architecture, mmpose
 
 
 class LastHeatmaps(torch.nn.Module):
@@ -39,6 +39,7 @@ class PoseModel:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     num_joints: int | None = None  # None until the model has been run (custom models)
+    input_size: tuple[int, int] | None = None  # what the checkpoint says it was trained at (mmpose), if anything
 
     @property
     def num_parameters(self) -> int:
@@ -87,11 +88,13 @@ def resolve_model(ckpt: Checkpoint, arch: str | None = None) -> PoseModel:
         load_strict(module, ckpt.state_dict, where)
         return PoseModel(LastHeatmaps(module).eval(), "custom", type(module).__name__,
                          {"builder": arch})
+    if arch and arch not in FAMILIES:
+        raise ArchitectureError(
+            f"--arch {arch!r} is not a known family{_suggest(arch, FAMILIES)}: use one of "
+            f"{', '.join(FAMILIES)} or FILE.py:build_fn")
+    if mmpose.layout_of(ckpt.state_dict):
+        return _resolve_mmpose(ckpt, arch)
     if arch:
-        if arch not in FAMILIES:
-            raise ArchitectureError(
-                f"--arch {arch!r} is not a known family{_suggest(arch, FAMILIES)}: use one of "
-                f"{', '.join(FAMILIES)} or FILE.py:build_fn")
         fam = FAMILIES[arch]
         if not fam.matches(ckpt.state_dict):
             raise ArchitectureError(
@@ -108,3 +111,26 @@ def resolve_model(ckpt: Checkpoint, arch: str | None = None) -> PoseModel:
     fam = det.family
     return PoseModel(LastHeatmaps(model).eval(), fam.name, det.name, det.config_dict(),
                      fam.color, fam.mean, fam.std, det.config.num_joints)
+
+
+def _resolve_mmpose(ckpt: Checkpoint, arch: str | None) -> PoseModel:
+    """An mmpose top-down heatmap checkpoint, in mmpose's module tree, with mmpose's test-time defaults."""
+    where = str(ckpt.path)
+    weights, mean, std = mmpose.split_preprocessor(ckpt.state_dict, where)
+    det = detect_architecture(weights, where)
+    if arch and det.family.name != arch:
+        raise ArchitectureError(f"{where} is an mmpose {det.family.title} checkpoint, not {arch}: drop --arch "
+                                f"or use --arch {det.family.name}")
+    pipeline = mmpose.read_pipeline(ckpt.meta, ckpt.path.name)
+    if pipeline.decoding != "default":
+        raise ArchitectureError(
+            f"{where} was trained for {pipeline.decoding.upper()} heatmap decoding (says {pipeline.evidence}); "
+            "posequant decodes as mmpose's default codec does (argmax + quarter-pixel offset) and has no "
+            f"{pipeline.decoding.upper()} decoding yet, so its scores would be wrong: use a non-"
+            f"{pipeline.decoding.upper()} mmpose checkpoint")
+    model = det.build()
+    load_strict(model, weights, where)
+    default_mean, default_std = mmpose.default_normalisation()
+    # mmpose feeds RGB (bgr_to_rgb / channel_order='rgb') for ResNet too, unlike Simple Baselines' BGR
+    return PoseModel(LastHeatmaps(model).eval(), det.family.name, det.name, det.config_dict(), "rgb",
+                     mean or default_mean, std or default_std, det.config.num_joints, pipeline.input_size)

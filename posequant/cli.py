@@ -168,7 +168,8 @@ def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="ONNX file to write [default: beside the checkpoint].")
 @arch_option
 @click.option("--input-size", callback=_size, metavar="HxW",
-              help="Input height x width, e.g. 256x192 [default: 256x256 for 16 joints (MPII), 256x192 for 17 (COCO)].")
+              help="Input height x width, e.g. 256x192 [default: the size an mmpose checkpoint records, else "
+                   "256x256 for 16 joints (MPII), 256x192 for 17 (COCO)].")
 @click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False),
               help="Keypoint set (names, flip pairs) [default: from the joint count].")
 @click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False),

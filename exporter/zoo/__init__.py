@@ -19,7 +19,7 @@ import torch
 from posequant.core.errors import ArchitectureError
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD
 
-from . import hourglass, pose_hrnet, pose_resnet
+from . import hourglass, mmpose, pose_hrnet, pose_resnet
 from ._common import Family, StateDict
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (pose_resnet.FAMILY, pose_hrnet.FAMILY, hourglass.FAMILY)}
@@ -46,6 +46,9 @@ class Detected:
 
 def detect_architecture(sd: StateDict, where: str = "checkpoint") -> Detected:
     """Which family and config produced ``sd``; ArchitectureError naming the expected keys if none."""
+    layout = mmpose.layout_of(sd)
+    if layout:
+        return detect_mmpose(sd, layout, where)
     for fam in FAMILIES.values():
         if fam.matches(sd):
             try:
@@ -59,6 +62,41 @@ def detect_architecture(sd: StateDict, where: str = "checkpoint") -> Detected:
     raise ArchitectureError(
         f"{where}: unknown architecture (keys start {sample}); expected the keys of one of "
         f"[{expected}]; for another model pass --arch FILE.py:build_fn")
+
+
+def detect_mmpose(sd: StateDict, layout: str, where: str = "checkpoint") -> Detected:
+    """An mmpose top-down checkpoint: the family from its backbone's keys, the head from the head's."""
+    title = mmpose.TITLE[layout]
+    backbone, head = mmpose.parts(sd, layout)
+    other = mmpose.not_heatmap_head(head)
+    if other:
+        raise ArchitectureError(f"{where} is an {title} model with {other}: not supported yet (posequant "
+                                "exports top-down heatmap models)")
+    view = {**backbone, **head}  # backbone and head key names do not overlap in these families
+    for fam in FAMILIES.values():
+        if fam.backbone_signature and all(k in backbone for k in fam.backbone_signature):
+            try:
+                cfg = fam.detect(view)
+            except (ValueError, KeyError, IndexError) as e:
+                raise ArchitectureError(
+                    f"{where} looks like an {title} {fam.title} but its layers are inconsistent ({e}); "
+                    "pass --arch FILE.py:build_fn to load it into your own model definition") from None
+            # mmpose never builds a deconvolution bias: such a key is left for the strict load to name
+            changes = {"layout": layout}
+            if hasattr(cfg, "deconv_with_bias"):
+                changes["deconv_with_bias"] = False
+            cfg = dataclasses.replace(cfg, **changes)
+            try:
+                pose_resnet.check_layout(cfg)
+            except ValueError as e:
+                raise ArchitectureError(f"{where}: {e} is not supported") from None
+            return Detected(fam, cfg)
+    known = "; ".join(f"{f.title}: backbone.{', backbone.'.join(f.backbone_signature)}"
+                      for f in FAMILIES.values() if f.backbone_signature)
+    sample = ", ".join(list(backbone)[:3])
+    raise ArchitectureError(
+        f"{where}: an {title} checkpoint whose backbone is not one posequant builds (keys start backbone."
+        f"{sample}); supported: [{known}]; for another model pass --arch FILE.py:build_fn")
 
 
 def import_builder(spec: str) -> Callable[[], torch.nn.Module]:
@@ -103,5 +141,6 @@ def build_custom(spec: str) -> torch.nn.Module:
 
 __all__ = [
     "FAMILIES", "PRESETS", "Family", "Detected", "detect_architecture", "import_builder",
-    "build_custom", "IMAGENET_MEAN", "IMAGENET_STD", "pose_resnet", "pose_hrnet", "hourglass",
+    "build_custom", "detect_mmpose", "IMAGENET_MEAN", "IMAGENET_STD", "pose_resnet", "pose_hrnet", "hourglass",
+    "mmpose",
 ]

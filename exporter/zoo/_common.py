@@ -25,6 +25,8 @@ class Family:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     presets: dict[str, Any] = field(default_factory=dict)
+    # backbone keys (prefix removed) that identify the family inside an mmpose checkpoint; () = none
+    backbone_signature: tuple[str, ...] = ()
 
     def matches(self, sd: StateDict) -> bool:
         return all(k in sd for k in self.signature)

@@ -2,6 +2,11 @@
 
 Module names and tensor shapes equal the official ones, so pose_hrnet_w32/w48 checkpoints load
 with strict=True. The training pipeline reads RGB, /255, ImageNet mean/std.
+
+mmpose's ``HRNet`` backbone has the official module names and shapes (its stem ``conv1``/``bn1``/
+``conv2``/``bn2``, ``layer1``, ``transition*``, ``stage*`` with the same blocks, fuse layers and
+single-output last module), so ``layout`` only moves it under ``backbone.`` and puts mmpose's
+heatmap head (``keypoint_head.*`` / ``head.*``, see pose_resnet.HeatmapHead) after it.
 """
 
 from __future__ import annotations
@@ -15,8 +20,18 @@ from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD
 
 from ._common import BN_MOMENTUM, Family, StateDict, count_indices, has
 
-# The official pose_hrnet.py defines the same two blocks as pose_resnet.py (same names and shapes).
-from .pose_resnet import BasicBlock, Bottleneck, make_res_layer
+# The official pose_hrnet.py defines the same two blocks as pose_resnet.py (same names and shapes);
+# mmpose's heatmap head and top-down wrapper are shared too.
+from .pose_resnet import (
+    HEAD_NAME,
+    BasicBlock,
+    Bottleneck,
+    HeatmapHead,
+    TopDown,
+    check_layout,
+    detect_head,
+    make_res_layer,
+)
 
 BLOCKS = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
 
@@ -48,6 +63,12 @@ class PoseHRNetConfig:
     stages: tuple[StageConfig, StageConfig, StageConfig]
     num_joints: int = 17
     final_conv_kernel: int = 1
+    layout: str = "official"  # pose_resnet.LAYOUTS
+    # mmpose heads only (the official HRNet has a bare final conv): deconvolutions and extra convs
+    deconv_filters: tuple[int, ...] = ()
+    deconv_kernels: tuple[int, ...] = ()
+    conv_channels: tuple[int, ...] = ()
+    conv_kernels: tuple[int, ...] = ()
 
     @property
     def width(self) -> int:
@@ -126,7 +147,9 @@ class HighResolutionModule(nn.Module):
         return fused
 
 
-class PoseHighResolutionNet(nn.Module):
+class HRNetBackbone(nn.Module):
+    """Stem, layer1, transitions and stages: returns the highest-resolution branch."""
+
     def __init__(self, cfg: PoseHRNetConfig):
         super().__init__()
         self.inplanes = 64
@@ -145,8 +168,7 @@ class PoseHighResolutionNet(nn.Module):
             modules, pre = self._make_stage(stage, channels, multi_scale_output=not last)
             setattr(self, f"stage{n + 1}", modules)
         self.branch_counts = [s.num_branches for s in cfg.stages]
-        k = cfg.final_conv_kernel
-        self.final_layer = nn.Conv2d(pre[0], cfg.num_joints, k, 1, 1 if k == 3 else 0)
+        self.out_channels = pre[0]
 
     def _make_transition_layer(self, pre, cur):
         layers = []
@@ -195,11 +217,34 @@ class PoseHighResolutionNet(nn.Module):
                 src = y_list[i] if i < len(y_list) else y_list[-1]
                 x_list.append(src if transition[i] is None else transition[i](src))
             y_list = getattr(self, f"stage{n + 1}")(x_list)
-        return self.final_layer(y_list[0])
+        return y_list[0]
 
 
-def build(cfg: PoseHRNetConfig) -> PoseHighResolutionNet:
-    return PoseHighResolutionNet(cfg).eval()
+class PoseHighResolutionNet(HRNetBackbone):
+    """The official tree: the backbone's modules and ``final_layer``."""
+
+    def __init__(self, cfg: PoseHRNetConfig):
+        super().__init__(cfg)
+        k = cfg.final_conv_kernel
+        self.final_layer = nn.Conv2d(self.out_channels, cfg.num_joints, k, 1, 1 if k == 3 else 0)
+
+    def forward(self, x):
+        return self.final_layer(super().forward(x))
+
+
+def build(cfg: PoseHRNetConfig) -> nn.Module:
+    check_layout(cfg)
+    if len(cfg.deconv_filters) != len(cfg.deconv_kernels):
+        raise ValueError("deconv_filters and deconv_kernels differ in length")
+    if cfg.layout == "official":
+        if cfg.deconv_filters:
+            raise ValueError("the official HRNet has no deconvolutions (mmpose layouts only)")
+        return PoseHighResolutionNet(cfg).eval()
+    assert cfg.layout in HEAD_NAME
+    backbone = HRNetBackbone(cfg)
+    head = HeatmapHead(cfg.layout, backbone.out_channels, cfg.num_joints, cfg.deconv_filters, cfg.deconv_kernels,
+                       cfg.conv_channels, cfg.conv_kernels, cfg.final_conv_kernel)
+    return TopDown(cfg.layout, backbone, head).eval()
 
 
 def _detect_stage(sd: StateDict, n: int) -> StageConfig:
@@ -215,12 +260,9 @@ def _detect_stage(sd: StateDict, n: int) -> StageConfig:
 
 
 def detect(sd: StateDict) -> PoseHRNetConfig:
-    final = sd["final_layer.weight"]
-    return PoseHRNetConfig(
-        stages=tuple(_detect_stage(sd, n) for n in (2, 3, 4)),
-        num_joints=final.shape[0],
-        final_conv_kernel=final.shape[2],
-    )
+    head = detect_head(sd)
+    del head["deconv_with_bias"]  # neither the official HRNet nor mmpose has a deconv bias
+    return PoseHRNetConfig(stages=tuple(_detect_stage(sd, n) for n in (2, 3, 4)), **head)
 
 
 FAMILY = Family(
@@ -235,4 +277,5 @@ FAMILY = Family(
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     presets={f"pose_hrnet_w{w}": PoseHRNetConfig(standard_stages(w)) for w in (18, 32, 48)},
+    backbone_signature=("conv1.weight", "transition1.0.0.weight", "stage2.0.branches.0.0.conv1.weight"),
 )
