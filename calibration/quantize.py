@@ -24,7 +24,7 @@ import onnx
 
 from posequant.core.cpu import KINDS, CpuKind, cpu_kind
 from posequant.core.errors import DataError, MetadataError, PosequantError, VerificationError
-from posequant.core.fileio import check_writable, write_bytes_atomic
+from posequant.core.fileio import check_outputs, write_bytes_atomic
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, read_meta, write_meta
 from posequant.core.version import __version__
 
@@ -339,8 +339,8 @@ def quantize(
         raise QuantizeError(f"engine/method/target/cpu must be one of {ENGINES} / {METHODS} / {TARGETS} / {CPUS}")
     made_for = _made_for(cpu)
     model_path = Path(model)
-    output = Path(output) if output else model_path.with_name(model_path.stem + ".int8.onnx")
-    check_writable(output)
+    output = Path(output) if output else default_output(model_path)
+    check_outputs({"-o": output}, {"MODEL": model_path, "--calib": calib, "--val": val})
     float_model = _load(model_path)
     meta = model_meta(float_model, str(model_path), input_size=input_size, keypoints=keypoints, color=color)
     val_ds = _open_val(val, meta, val_split) if val else None
@@ -401,6 +401,12 @@ def quantize(
                           "--method percentile, more calibration data, or a larger --max-drop", result)
     write_bytes_atomic(output, data)
     return result
+
+
+def default_output(model: str | Path) -> Path:
+    """``model.onnx`` -> ``model.int8.onnx`` beside it."""
+    model = Path(model)
+    return model.with_name(model.stem + ".int8.onnx")
 
 
 def _made_for(cpu: str) -> CpuKind | None:

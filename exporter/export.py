@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from posequant.core.errors import ExportError, PosequantError, VerificationError
-from posequant.core.fileio import atomic_path, check_writable
+from posequant.core.fileio import arch_file, atomic_path, check_outputs
 from posequant.core.keypoints import keypoint_set_for
 from posequant.core.metadata import ModelMeta, write_meta
 from posequant.core.version import __version__
@@ -174,7 +174,8 @@ def export_pose(
     if color is not None and color.lower() not in ("rgb", "bgr"):
         raise PosequantError(f"--color must be rgb or bgr, got {color!r}")
     output = Path(output) if output else default_output(checkpoint)
-    check_writable(output)  # before minutes of work, not after
+    # before minutes of work, not after; never onto the checkpoint, the --arch file or the data
+    check_outputs({"-o": output}, {"CHECKPOINT": checkpoint, "--arch": arch_file(arch), "--data": data})
     mean, std = _normalisation(mean, "mean"), _normalisation(std, "std")
 
     say(f"loading {checkpoint}")
