@@ -79,6 +79,8 @@ def _check_inputs(checkpoint: Path, calib: Path, val: Path, val_split: str | Non
                               "check the path")
     if not calib.exists():
         raise DataError(f"--calib {calib} does not exist: give an MPII or COCO dataset, or a folder of images")
+    if not val.exists():
+        raise DataError(f"--val {val} does not exist: give an MPII or COCO dataset with ground truth")
     ds = open_dataset(val, input_size=(256, 256), split=val_split)  # the size only scales COCO boxes
     if ds.keypoints is None:
         raise DataError(f"--val {val} is a plain image folder: the gate needs MPII or COCO ground truth")
