@@ -246,6 +246,15 @@ def test_fifo_output_is_refused(w, tmp_path, cmd, option, name):
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
+@pytest.mark.parametrize("device", ["/dev/stdout", "/dev/null"])
+@pytest.mark.parametrize("cmd,option", [("inspect", "--json"), ("export-pose", "-o"), ("eval", "--save-preds")])
+def test_device_paths_are_refused_and_left_alone(w, cmd, option, device):
+    """As root, an atomic write would replace /dev/null itself with a regular file."""
+    line = refused(invoke(args_for(w, cmd, option, device)))
+    assert option in line and "special file" in line, line
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
 @pytest.mark.parametrize("cmd,option,name", FILE_OPTIONS, ids=ids)
 def test_directory_output_is_refused(w, tmp_path, cmd, option, name):
     folder = tmp_path / name

@@ -31,6 +31,13 @@ def _named(option: str | None, path: PathLike) -> str:
 
 
 def _umask() -> int:
+    try:  # Linux: read it, without the set-and-restore dance that races other threads' files
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -50,6 +57,10 @@ def check_writable(path: PathLike, option: str | None = "-o", *, allow_stdout: b
     given = Path(path)
     target = Path(os.path.realpath(given))  # a symlink is written through to its target
     shown = _named(option, given)
+    hint = " (use - for standard output)" if allow_stdout else ""
+    if os.path.abspath(given).startswith(("/dev/", "/proc/")):  # /dev/stdout: replacing what it points to loses output
+        raise PosequantError(f"{shown} is a special file (pipe, device or socket), not a regular file: "
+                             f"give a file name{hint}")
     if given.is_dir():
         raise PosequantError(f"{shown} is a directory: give a file name, e.g. {given / 'out'}")
     try:
@@ -59,7 +70,6 @@ def check_writable(path: PathLike, option: str | None = "-o", *, allow_stdout: b
     except OSError as e:
         raise PosequantError(f"cannot check {shown} ({e.strerror}): choose another {option or 'path'}") from None
     if st is not None and not stat.S_ISREG(st.st_mode):
-        hint = " (use - for standard output)" if allow_stdout else ""
         raise PosequantError(f"{shown} is a special file (pipe, device or socket), not a regular file: "
                              f"give a file name{hint}")
     parent = target.parent
