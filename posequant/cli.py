@@ -264,7 +264,8 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
     """Latency, throughput and memory of ONNX models (fp32 or INT8) and checkpoints on every backend."""
     from posequant.benchmarks.latency import bench, format_bench
 
-    _check({"--json": json_out}, {**{f"MODEL {m}": m for m in models}, "--arch": arch_file(arch)})
+    _check({"--json": json_out}, {**{f"MODEL {i + 1}" if len(models) > 1 else "MODEL": m for i, m in enumerate(models)},
+            "--arch": arch_file(arch)})
     export_options = dict(arch=arch, input_size=input_size, trust_pickle=trust_pickle)
     result = bench(models, device=device, backends=backends, batches=batches, threads=threads, warmup=warmup,
                    runs=runs, export_options=export_options, progress=_progress)
