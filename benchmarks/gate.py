@@ -315,7 +315,7 @@ def gate(
     fmeta, _ = _check_models(float_model, int8_model, allow_different_source)
     check_backend(backend, device)
     if report_dir is not None:
-        report_dir = prepare_report_dir(report_dir)
+        report_dir = prepare_report_dir(report_dir, {"--float": float_model, "--int8": int8_model, "--data": data})
 
     common = dict(split=split, flip=flip, backend=backend, device=device, batch=batch, limit=limit, threads=threads)
     say(f"evaluating the float model {float_model.name}")

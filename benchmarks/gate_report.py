@@ -11,7 +11,7 @@ import numpy as np
 
 from posequant.calibration import crop_person, read_image
 from posequant.core.errors import DataError, PosequantError
-from posequant.core.fileio import write_bytes_atomic, write_text_atomic
+from posequant.core.fileio import check_outputs, write_bytes_atomic, write_text_atomic
 from posequant.core.metadata import ModelMeta
 from posequant.core.table import format_table
 
@@ -22,17 +22,14 @@ BAND = 22  # px: the legend strip and each row's label
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-def prepare_report_dir(path: str | Path) -> Path:
-    """Create the report folder now, so a bad path fails before minutes of evaluation."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PosequantError(f"cannot create the report folder {path} ({e.strerror}): "
-                             "choose another --report") from None
-    if not path.is_dir():
-        raise PosequantError(f"--report {path} is a file: give a folder")
-    return path
+REPORT_FILES = ("report.md", "report.json", "disagreements.png")
+
+
+def prepare_report_dir(path: str | Path, inputs: dict[str, str | Path | None] | None = None) -> Path:
+    """Check the report folder now, so a bad path fails before minutes of evaluation; it is created
+    only when the report is written (a failed gate leaves no empty folder behind)."""
+    check_outputs({"--report/": (path, REPORT_FILES)}, inputs or {})
+    return Path(path)
 
 
 # ---- terminal ----------------------------------------------------------------------------------
@@ -253,6 +250,10 @@ def draw_disagreements(meta: ModelMeta, people, float_preds: np.ndarray, int8_pr
 
 def write_report(result, folder: Path, meta: ModelMeta, people) -> list[str]:
     """Write disagreements.png (when the images can be read), report.md and report.json; their paths."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PosequantError(f"cannot create --report {folder} ({e.strerror}): choose another --report") from None
     idx = [p["index"] for p in result.disagreements]
     picture = draw_disagreements(meta, people, result.float_eval.preds[idx], result.int8_eval.preds[idx],
                                  [p["disagreement"] for p in result.disagreements])
@@ -262,9 +263,10 @@ def write_report(result, folder: Path, meta: ModelMeta, people) -> list[str]:
         ok, buf = cv2.imencode(".png", picture)
         if ok:
             png = "disagreements.png"
-            write_bytes_atomic(folder / png, buf.tobytes())
+            write_bytes_atomic(folder / png, buf.tobytes(), "--report")
             files.append(folder / png)
     result.report_files = [str(f) for f in files]
-    write_text_atomic(folder / "report.md", format_markdown(result, png))
-    write_text_atomic(folder / "report.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    write_text_atomic(folder / "report.md", format_markdown(result, png), "--report")
+    write_text_atomic(folder / "report.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n",
+                      "--report")
     return result.report_files

@@ -49,7 +49,30 @@ def load_mpii_preds(path: str | os.PathLike, *, num_people: int | None = None) -
     return preds
 
 
-def save_mpii_preds(path: str | os.PathLike, preds_zero_based: np.ndarray) -> Path:
+def check_save_preds(path: str | os.PathLike, data: str | os.PathLike, *, format: str | None = None,
+                     split: str | None = None, limit: int | None = None, skip_missing: bool = False) -> None:
+    """Refuse, before the evaluation, a ``--save-preds`` that could only fail after it."""
+    from posequant.calibration.datasets import open_dataset
+
+    if Path(path).suffix.lower() != ".mat":
+        raise DataError(f"--save-preds {path}: predictions are saved as .mat (HRNet's pred.mat layout): "
+                        "name the file *.mat")
+    if limit:
+        raise DataError("--save-preds writes every person of the split (as gt_valid.mat has them): leave out --limit")
+    if skip_missing:
+        raise DataError("--save-preds needs every person of the split (as gt_valid.mat has them): "
+                        "leave out --skip-missing")
+    ds = open_dataset(data, input_size=(256, 256), format=format, split=split)  # reads the annotations only
+    if ds.format != "mpii":
+        raise DataError(f"--save-preds writes MPII predictions, but --data {data} is {ds.format.upper()}: "
+                        "use --json for COCO results")
+    if ds.invalid:
+        raise DataError(f"--save-preds needs every person of the split (as gt_valid.mat has them), but "
+                        f"{len(ds.invalid)} record(s) of {ds.annotation_file} have degenerate ground truth: "
+                        "fix them, or evaluate without --save-preds")
+
+
+def save_mpii_preds(path: str | os.PathLike, preds_zero_based: np.ndarray, option: str = "--save-preds") -> Path:
     """Write 0-based N x 16 x 2 predictions as HRNet's ``pred.mat``: ``preds``, N x 16 x 2, +1.0.
 
     Written atomically. The +1.0 is done in the predictions' dtype, as HRNet does, so reading the
@@ -61,7 +84,7 @@ def save_mpii_preds(path: str | os.PathLike, preds_zero_based: np.ndarray) -> Pa
     if path.suffix.lower() != ".mat":
         raise DataError(f"predictions are saved as .mat (HRNet's pred.mat layout), not {path.name}: name the file *.mat")
     preds = check_predictions(preds_zero_based, MPII.num_joints)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, option) as tmp, open(tmp, "wb") as f:
         savemat(f, {"preds": preds + 1.0})
     return path
 

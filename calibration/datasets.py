@@ -130,6 +130,9 @@ def open_dataset(
         raise ValueError(f"purpose must be 'eval' or 'calib', not {purpose!r}")
     assert len(input_size) == 2 and min(input_size) > 0, f"input_size must be (H, W), got {input_size}"
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"dataset {root} is a file, not a folder: give the dataset's root folder "
+                        f"(MPII: {_LAYOUTS['mpii']}; COCO: {_LAYOUTS['coco']}; or a folder of images)")
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist: check the path")
     fmt = _check_format(format) if format else _detect_format(root)

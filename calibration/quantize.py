@@ -22,7 +22,7 @@ import onnx
 
 from posequant.core.cpu import KINDS, CpuKind, cpu_kind
 from posequant.core.errors import DataError, MetadataError, PosequantError, VerificationError
-from posequant.core.fileio import check_writable, write_bytes_atomic
+from posequant.core.fileio import check_outputs, write_bytes_atomic
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, read_meta, write_meta
 from posequant.core.numbers import check_number
 from posequant.core.quiet import quiet
@@ -345,8 +345,8 @@ def quantize(
         raise QuantizeError(f"seed must be an integer >= 0 and num_samples >= 1, got {seed!r} and {num_samples!r}")
     made_for = _made_for(cpu)
     model_path = Path(model)
-    output = Path(output) if output else model_path.with_name(model_path.stem + ".int8.onnx")
-    check_writable(output)
+    output = Path(output) if output else default_output(model_path)
+    check_outputs({"-o": output}, {"MODEL": model_path, "--calib": calib, "--val": val})
     float_model = _load(model_path)
     meta = model_meta(float_model, str(model_path), input_size=input_size, keypoints=keypoints, color=color)
     keep_float = check_node_names(keep_float, float_model, str(model_path))
@@ -416,6 +416,12 @@ def quantize(
                           "--method percentile, more calibration data, or a larger --max-drop", result)
     write_bytes_atomic(output, data)
     return result
+
+
+def default_output(model: str | Path) -> Path:
+    """``model.onnx`` -> ``model.int8.onnx`` beside it."""
+    model = Path(model)
+    return model.with_name(model.stem + ".int8.onnx")
 
 
 def _made_for(cpu: str) -> CpuKind | None:

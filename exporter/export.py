@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from posequant.core.errors import ExportError, PosequantError, VerificationError
-from posequant.core.fileio import atomic_path, check_writable
+from posequant.core.fileio import arch_file, atomic_path, check_outputs
 from posequant.core.keypoints import keypoint_set_for
 from posequant.core.metadata import ModelMeta, write_meta
 from posequant.core.numbers import check_number, normalisation
@@ -159,7 +159,8 @@ def export_pose(
     if color is not None and color.lower() not in ("rgb", "bgr"):
         raise PosequantError(f"--color must be rgb or bgr, got {color!r}")
     output = Path(output) if output else default_output(checkpoint)
-    check_writable(output)  # before minutes of work, not after
+    # before minutes of work, not after; never onto the checkpoint, the --arch file or the data
+    check_outputs({"-o": output}, {"CHECKPOINT": checkpoint, "--arch": arch_file(arch), "--data": data})
     mean, std = normalisation(mean, "mean"), normalisation(std, "std")
     rtol = check_number("--rtol", rtol, above=True)  # NaN would pass every comparison
 

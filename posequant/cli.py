@@ -13,7 +13,7 @@ import click
 
 from posequant.core.cpu import KINDS as CPU_KINDS
 from posequant.core.errors import PosequantError
-from posequant.core.fileio import check_writable, write_text_atomic
+from posequant.core.fileio import STDOUT, arch_file, check_outputs, write_text_atomic
 from posequant.core.metadata import parse_size
 from posequant.core.numbers import OptionError, check_number, normalisation
 from posequant.core.quiet import set_verbose, show_warnings
@@ -89,10 +89,21 @@ def _batch(ctx, param, value):
     return n
 
 
+def _check(outputs: dict, inputs: dict) -> None:
+    """Every output checked against every input before any work; ``--json -`` is standard output."""
+    check_outputs(outputs, inputs, stdout_ok={"--json"})
+
+
+def _echo(text: str, json_out: str | None) -> None:
+    """Human output; on stderr when ``--json -`` keeps stdout for the JSON alone."""
+    click.echo(text, err=json_out == STDOUT)
+
+
 def _write_json(path: str | None, payload: dict) -> None:
     if path:
-        write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
-        click.echo(f"wrote {path}")
+        write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n", "--json")
+        if path != STDOUT:
+            click.echo(f"wrote {path}")
 
 
 def _progress(msg: str) -> None:
@@ -152,14 +163,15 @@ trust_option = click.option(
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
 @arch_option
 @trust_option
-@click.option("--json", "json_out", metavar="OUT", help="Also write the findings as JSON.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the findings as JSON (- for standard output).")
 def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
     """Show which architecture a checkpoint holds and how many parameters it has."""
     from posequant.exporter import inspect_checkpoint
     from posequant.exporter.report import format_inspect
 
+    _check({"--json": json_out}, {"CHECKPOINT": checkpoint, "--arch": arch_file(arch)})
     info = inspect_checkpoint(checkpoint, arch=arch, trust_pickle=trust_pickle)
-    click.echo(format_inspect(info))
+    _echo(format_inspect(info), json_out)
     _write_json(json_out, info.to_dict())
 
 
@@ -187,19 +199,22 @@ def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
 @click.option("--rtol", type=Number(above=True), default=1e-4, show_default=True,
               help="Tolerance: max abs diff relative to the output's max.")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch.")
-@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
 def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean, std, opset, batch,
                     no_simplify, trust_pickle, data, data_samples, rtol, no_verify, json_out):
     """Export a pose checkpoint to a simplified, verified ONNX model with its metadata."""
     from posequant.exporter import export_pose
+    from posequant.exporter.export import default_output
     from posequant.exporter.report import format_export
 
+    _check({"-o": output or default_output(checkpoint), "--json": json_out},
+           {"CHECKPOINT": checkpoint, "--arch": arch_file(arch), "--data": data})
     result = export_pose(
         checkpoint, output, arch=arch, input_size=input_size, keypoints=keypoints, color=color,
         mean=mean, std=std, opset=opset, batch=batch, simplify=not no_simplify,
         trust_pickle=trust_pickle, verify_model=not no_verify, data=data, data_samples=data_samples,
         rtol=rtol, progress=_progress)
-    click.echo(format_export(result))
+    _echo(format_export(result), json_out)
     _write_json(json_out, result.to_dict())
 
 
@@ -222,35 +237,33 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
 @click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False),
               help="For a checkpoint MODEL (see export-pose).")
 @trust_option
-@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
 @click.option("--save-preds", metavar="OUT.mat", help="Save MPII predictions (HRNet's pred.mat layout).")
 def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_missing, arch, input_size,
              keypoints, color, trust_pickle, json_out, save_preds):
     """Evaluate an ONNX model or a checkpoint: PCKh (MPII) or AP and PCK@0.2 (COCO)."""
     from posequant.benchmarks.evaluate import evaluate
-    from posequant.benchmarks.predictions import save_mpii_preds
+    from posequant.benchmarks.predictions import check_save_preds, save_mpii_preds
     from posequant.benchmarks.report import format_eval
 
-    for out in (json_out, save_preds):  # fail before the run, not after it
-        if out:
-            check_writable(out)
-    if save_preds and limit:
-        raise PosequantError("--save-preds writes every person of the split (as gt_valid.mat has them): leave out --limit")
+    # fail before the run, not after it
+    _check({"--json": json_out, "--save-preds": save_preds},
+           {"MODEL": model, "--data": data, "--arch": arch_file(arch)})
+    if save_preds:
+        check_save_preds(save_preds, data, format=fmt, split=split, limit=limit, skip_missing=skip_missing)
     export_options = dict(arch=arch, input_size=input_size, keypoints=keypoints, color=color,
                           trust_pickle=trust_pickle)
     result = evaluate(model, data, split=split, format=fmt, flip=flip, backend=backend, device=device,
                       batch=batch, limit=limit, skip_missing=skip_missing, export_options=export_options,
                       progress=_progress, progress_bar=sys.stderr.isatty(), warn=_warn)
-    click.echo(format_eval(result))
+    _echo(format_eval(result), json_out)
     if save_preds:
-        if result.format != "mpii":
-            raise PosequantError("--save-preds writes MPII predictions; this dataset is COCO")
-        if result.partial:
+        if result.partial:  # checked before the run; a guard, since pred.mat must hold every person
             raise PosequantError(f"--save-preds needs every person of the split; {len(result.skipped)} image(s) "
                                  f"were skipped and {len(result.skipped_records)} degenerate record(s) left out: "
                                  "restore them to save predictions")
         save_mpii_preds(save_preds, result.preds)
-        click.echo(f"wrote {save_preds}")
+        _echo(f"wrote {save_preds}", json_out)
     _write_json(json_out, result.to_dict())
 
 
@@ -258,16 +271,15 @@ def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_
 @click.argument("preds", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--gt", required=True, type=click.Path(path_type=Path), help="gt_valid.mat (official head boxes).")
 @click.option("--zero-based", is_flag=True, help="Predictions made by Python code (0-based pixels).")
-@click.option("--json", "json_out", metavar="OUT", help="Also write the table as JSON.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the table as JSON (- for standard output).")
 def eval_preds_cmd(preds, gt, zero_based, json_out):
     """Score saved MPII predictions (.mat, .h5, .npy, .json) with the official PCKh protocol."""
     from posequant.benchmarks.predictions import eval_mpii_preds
     from posequant.benchmarks.report import format_metrics
 
-    if json_out:
-        check_writable(json_out)
+    _check({"--json": json_out}, {"PREDS": preds, "--gt": gt})
     result = eval_mpii_preds(preds, gt, zero_based=zero_based)
-    click.echo(format_metrics(result.table))
+    _echo(format_metrics(result.table), json_out)
     _write_json(json_out, {"metrics": result.table, "predictions": str(preds), "gt": str(gt),
                            "zero_based": zero_based})
 
@@ -312,18 +324,17 @@ backend_list_option = click.option(
 @arch_option
 @click.option("--input-size", callback=_size, metavar="HxW", help="For a checkpoint MODEL (see export-pose).")
 @trust_option
-@click.option("--json", "json_out", metavar="OUT", help="Also write the results as JSON.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the results as JSON (- for standard output).")
 def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, input_size, trust_pickle, json_out):
     """Latency, throughput and memory of ONNX models (fp32 or INT8) and checkpoints on every backend."""
     from posequant.benchmarks.latency import bench, format_bench
-    from posequant.core.fileio import check_writable
 
-    if json_out:
-        check_writable(json_out)
+    _check({"--json": json_out}, {**{f"MODEL {i + 1}" if len(models) > 1 else "MODEL": m for i, m in enumerate(models)},
+            "--arch": arch_file(arch)})
     export_options = dict(arch=arch, input_size=input_size, trust_pickle=trust_pickle)
     result = bench(models, device=device, backends=backends, batches=batches, threads=threads, warmup=warmup,
                    runs=runs, export_options=export_options, progress=_progress)
-    click.echo(format_bench(result))
+    _echo(format_bench(result), json_out)
     _write_json(json_out, result.to_dict())
 
 
@@ -351,21 +362,20 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
 @click.option("--allow-different-source", is_flag=True,
               help="Gate models whose metadata differ in source checkpoint (source_sha256) or preprocessing "
                    "(colour, mean/std, flip pairs, heatmap size): refused otherwise.")
-@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
 def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedup, device, backend, split, flip,
              limit, threads, runs, report_dir, allow_different_source, json_out):
     """Pass (exit 0) or fail (exit 1) an INT8 model against its float original: accuracy and speed."""
     from posequant.benchmarks.gate import gate
-    from posequant.benchmarks.gate_report import format_gate
-    from posequant.core.fileio import check_writable
+    from posequant.benchmarks.gate_report import REPORT_FILES, format_gate
 
-    if json_out:
-        check_writable(json_out)
+    _check({"--json": json_out, "--report/": (report_dir, REPORT_FILES) if report_dir else None},
+           {"--float": float_model, "--int8": int8_model, "--data": data})
     result = gate(float_model, int8_model, data, max_drop=max_drop, max_joint_drop=max_joint_drop,
                   min_speedup=min_speedup, device=device, backend=backend, split=split, flip=flip, limit=limit,
                   threads=threads, runs=runs, report_dir=report_dir, allow_different_source=allow_different_source,
                   progress=_progress)
-    click.echo(format_gate(result))
+    _echo(format_gate(result), json_out)
     _write_json(json_out, result.to_dict())
     sys.exit(0 if result.passed else 1)
 
@@ -432,17 +442,16 @@ def _next_commands(result) -> str:
 @click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False),
               help="For a model without posequant metadata.")
 @click.option("--report", metavar="OUT.md", help="Also write a Markdown report.")
-@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
 def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, seed, output, target, rewrite_deconv,
                  equalize, activations, engine, val, val_split, max_drop, flip, keep_float, cpu, input_size, keypoints,
                  color, report, json_out):
     """Static INT8 (QDQ) quantization calibrated on real person crops, with an optional accuracy budget."""
     from posequant.calibration.qreport import format_quantize, quantize_report_markdown
-    from posequant.calibration.quantize import BudgetError, quantize
+    from posequant.calibration.quantize import BudgetError, default_output, quantize
 
-    for out in (report, json_out):  # fail before the run, not after it
-        if out:
-            check_writable(out)
+    _check({"-o": output or default_output(model), "--report": report, "--json": json_out},  # before the run
+           {"MODEL": model, "--calib": calib, "--val": val})
     failure = None
     try:
         result = quantize(
@@ -453,17 +462,17 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
             input_size=input_size, keypoints=keypoints, color=color, progress=_progress, warn=_warn)
     except BudgetError as e:  # the summary and the report explain the failure; the model is not written
         result, failure = e.result, e
-    click.echo(format_quantize(result))
+    _echo(format_quantize(result), json_out)
     if report:
-        write_text_atomic(report, quantize_report_markdown(result))
-        click.echo(f"wrote {report}")
+        write_text_atomic(report, quantize_report_markdown(result), "--report")
+        _echo(f"wrote {report}", json_out)
     payload = result.to_dict()
     if failure:
         payload.update(output=None, error=str(failure))
     _write_json(json_out, payload)
     if failure:
         raise failure
-    click.echo(_next_commands(result))
+    _echo(_next_commands(result), json_out)
 
 
 @main.command("pipeline")

@@ -78,9 +78,18 @@ def _synthetic_inputs(out_dir: Path, progress) -> tuple[Path, Path]:
 def run_demo(out_dir: Path, shared: Path | None, *, echo: Callable[[str], None] = print,
              progress: Callable[[str], None] | None = None):
     """Run the pipeline (export, quantize, gate) on a built-in default; return its PipelineResult."""
+    from posequant.core.fileio import check_outputs, output_dir
+    from posequant.pipeline import RUN_FILES
+
+    out_dir = Path(out_dir)
+    check_outputs({"-o/": (out_dir, RUN_FILES)}, {"--shared": shared})  # before minutes of work
+    with output_dir(out_dir, "-o"):  # a failed demo leaves no empty folder behind
+        return _run_demo(out_dir, shared, echo, progress)
+
+
+def _run_demo(out_dir: Path, shared: Path | None, echo: Callable[[str], None], progress):
     from posequant.pipeline import format_pipeline, run_pipeline
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     if shared is not None and (shared / TRAINED).is_dir() and (shared / COCO_MINI).is_dir():
         src, data = shared / TRAINED, shared / COCO_MINI
         echo(f"demo: the pipeline on the trained ultralight-simplepose model from {src}, calibrated on coco-mini "

@@ -10,6 +10,11 @@ interleaved benchmark. The folder then holds::
     gate/                 the gate's report.md, report.json, disagreements.png
     summary.json          every stage's result, the verdict and the timings
 
+A run's folder never mixes runs: once the inputs are checked, the files a previous run left there
+under these names are removed (the summary first), and the summary is written last, so a run that
+fails part-way leaves no verdict behind. Other files in the folder are left alone; no output may be
+one of the run's inputs (or a file inside the --calib/--val folders).
+
 Each stage is the same library function its own command calls, so the pipeline equals
 ``export-pose``, ``quantize`` and ``gate`` run one after another.
 """
@@ -24,15 +29,20 @@ from typing import Any, Callable
 
 from posequant.benchmarks.gate import GateResult, gate
 from posequant.benchmarks.gate_report import format_gate
+from posequant.calibration import open_dataset
 from posequant.calibration.qreport import quantize_report_markdown
 from posequant.calibration.quantize import QuantizeResult, quantize
-from posequant.core.errors import PosequantError
-from posequant.core.fileio import write_text_atomic
+from posequant.core.errors import CheckpointError, DataError
+from posequant.core.fileio import arch_file, check_outputs, output_dir, write_text_atomic
 from posequant.core.numbers import check_number
 from posequant.core.table import format_table
 from posequant.exporter import ExportResult, export_pose
 
 FLOAT_NAME, INT8_NAME = "model.onnx", "model.int8.onnx"
+SUMMARY = "summary.json"
+# Everything a run writes, the summary first: the order stale files are removed in.
+RUN_FILES = (SUMMARY, "gate/report.md", "gate/report.json", "gate/disagreements.png", "quantize.md",
+             "quantize.json", INT8_NAME, FLOAT_NAME)
 
 
 @dataclass(frozen=True)
@@ -68,14 +78,24 @@ class PipelineResult:
                 "quantize": self.quantize.to_dict(), "gate": self.gate.to_dict()}
 
 
-def _prepare_out_dir(out_dir: Path) -> Path:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PosequantError(f"cannot create the output folder {out_dir} ({e.strerror}): choose another -o") from None
-    if not out_dir.is_dir():
-        raise PosequantError(f"-o {out_dir} is a file: give a folder")
-    return out_dir
+def _check_inputs(checkpoint: Path, calib: Path, val: Path, val_split: str | None) -> None:
+    """The cheap checks of every input, before the folder is touched and before minutes of export."""
+    if not checkpoint.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} {'is not a file' if checkpoint.exists() else 'not found'}: "
+                              "check the path")
+    if not calib.exists():
+        raise DataError(f"--calib {calib} does not exist: give an MPII or COCO dataset, or a folder of images")
+    if not val.exists():
+        raise DataError(f"--val {val} does not exist: give an MPII or COCO dataset with ground truth")
+    ds = open_dataset(val, input_size=(256, 256), split=val_split)  # the size only scales COCO boxes
+    if ds.keypoints is None:
+        raise DataError(f"--val {val} is a plain image folder: the gate needs MPII or COCO ground truth")
+
+
+def _clear_previous_run(out: Path) -> None:
+    """Remove what an earlier run wrote under this run's names (the verdict first)."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def run_pipeline(
@@ -105,8 +125,21 @@ def run_pipeline(
     times both models on. Bad input raises :class:`PosequantError`; a failed gate does not raise:
     read ``result.passed`` (the CLI turns it into exit 1).
     """
+    checkpoint, calib, val, out = Path(checkpoint), Path(calib), Path(val), Path(out_dir)
+    check_outputs({"-o/": (out, RUN_FILES)},
+                  {"CHECKPOINT": checkpoint, "--arch": arch_file(arch), "--calib": calib, "--val": val})
+    _check_inputs(checkpoint, calib, val, val_split)
+    with output_dir(out, "-o"):
+        _clear_previous_run(out)
+        return _run(checkpoint, calib, val, out, arch=arch, input_size=input_size, keypoints=keypoints, color=color,
+                    trust_pickle=trust_pickle, calib_split=calib_split, val_split=val_split,
+                    num_samples=num_samples, target=target, budget=budget, flip=flip, runs=runs, threads=threads,
+                    progress=progress)
+
+
+def _run(checkpoint: Path, calib: Path, val: Path, out: Path, *, arch, input_size, keypoints, color, trust_pickle,
+         calib_split, val_split, num_samples, target, budget, flip, runs, threads, progress) -> PipelineResult:
     say = progress or (lambda _m: None)
-    out = _prepare_out_dir(Path(out_dir))
     seconds: dict[str, float] = {}
 
     def stage(n: int, name: str) -> float:
@@ -121,8 +154,8 @@ def run_pipeline(
     t = stage(2, f"quantize for {target}, calibrated on {calib}")
     quantized = quantize(exported.output, calib, output=out / INT8_NAME, split=calib_split, num_samples=num_samples,
                          target=target, progress=progress, warn=lambda m: say(f"warning: {m}"))
-    write_text_atomic(out / "quantize.md", quantize_report_markdown(quantized))
-    write_text_atomic(out / "quantize.json", json.dumps(quantized.to_dict(), indent=2, default=str) + "\n")
+    write_text_atomic(out / "quantize.md", quantize_report_markdown(quantized), "-o")
+    write_text_atomic(out / "quantize.json", json.dumps(quantized.to_dict(), indent=2, default=str) + "\n", "-o")
     seconds["quantize"] = time.perf_counter() - t
 
     t = stage(3, f"gate on {val}: evaluate float and INT8, time both on {target}")
@@ -134,9 +167,9 @@ def run_pipeline(
 
     files = {"float": str(exported.output), "int8": str(quantized.output), "quantize_report": str(out / "quantize.md"),
              "quantize_json": str(out / "quantize.json"), "gate_report": str(out / "gate" / "report.md"),
-             "summary": str(out / "summary.json")}
+             "summary": str(out / SUMMARY)}
     result = PipelineResult(out, exported, quantized, verdict, seconds, files)
-    write_text_atomic(out / "summary.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    write_text_atomic(out / SUMMARY, json.dumps(result.to_dict(), indent=2, default=str) + "\n", "-o")  # last
     return result
 
 
