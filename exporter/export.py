@@ -155,18 +155,34 @@ def export_pose(
     data: str | Path | None = None,
     data_samples: int = 8,
     rtol: float = 1e-4,
+    joints: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a pose checkpoint to one self-contained ONNX file with posequant metadata.
 
     ``batch=None`` exports a dynamic batch dimension. Input normalisation defaults to what the
-    family's own training code did; ``color``/``mean``/``std`` override it. Raises
+    family's own training code did; ``color``/``mean``/``std`` override it. A ``.onnx`` file is a
+    third-party model: it is stamped instead (:func:`posequant.exporter.onnx_in.stamp_onnx`). Raises
     :class:`VerificationError` (and writes nothing) when ONNX Runtime disagrees with PyTorch.
     """
     say = progress or (lambda msg: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     checkpoint = Path(checkpoint)
+    if checkpoint.suffix.lower() == ".onnx":  # a third-party model: stamp it (exporter/onnx_in.py)
+        from .onnx_in import stamp_onnx
+
+        given = [flag for flag, value in (("--arch", arch), ("--batch", batch), ("--trust-pickle", trust_pickle))
+                 if value]
+        if given:
+            raise PosequantError(f"{', '.join(given)} apply to checkpoints; {checkpoint} is ONNX, which keeps its own "
+                                 "graph and batch: leave them out")
+        return stamp_onnx(checkpoint, output, input_size=input_size, keypoints=keypoints, joints=joints, color=color,
+                          mean=mean, std=std, simplify=simplify, verify_model=verify_model, data=data,
+                          data_samples=data_samples, rtol=rtol, progress=progress)
+    if joints:
+        raise PosequantError("--joints names a third-party ONNX model's channels; a checkpoint of our families "
+                             "outputs its keypoint set's order: leave --joints out")
     if opset < MIN_OPSET:
         raise PosequantError(f"--opset {opset} is too old: posequant exports opset {MIN_OPSET} or newer")
     if batch is not None and batch < 1:
