@@ -262,10 +262,10 @@ def gate(
 
     common = dict(split=split, flip=flip, backend=backend, device=device, batch=batch, limit=limit, threads=threads)
     say(f"evaluating the float model {float_model.name}")
-    fe = evaluate(float_model, data, **common)
+    fe = evaluate(float_model, data, progress=say, **common)
     say(f"evaluating the INT8 model {int8_model.name}")
     try:
-        qe = evaluate(int8_model, data, **common)
+        qe = evaluate(int8_model, data, progress=say, **common)
     except ModelOutputError as e:
         raise BrokenInt8Error(f"gate FAIL: {e}") from None
     cpu = _cpu_facts(int8_model, backend, device, common, qe=qe, say=say)
