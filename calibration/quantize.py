@@ -147,8 +147,12 @@ def model_meta(model: onnx.ModelProto, where: str, *, input_size=None, keypoints
             raise MetadataError(f"{where} has no posequant metadata; stamp it first: {stamp_command(where, model)} "
                                 "(or give quantize --input-size, --keypoints and --color)") from None
         return _meta_from_options(model, input_size, keypoints, color)
-    changes = {k: v for k, v in (("input_size", input_size), ("color", color)) if v}
-    return meta.with_(**changes) if changes else meta
+    given = [f"--{k.replace('_', '-')}" for k, v in (("input_size", input_size), ("keypoints", keypoints),
+                                                     ("color", color)) if v]
+    if given:  # overriding one stage's preprocessing would quantize for inputs the float model never sees
+        raise MetadataError(f"{', '.join(given)} are for a model without posequant metadata; {where} has it and "
+                            "its metadata decides: to change them, stamp it again with `posequant export-pose`")
+    return meta
 
 
 def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color: str) -> ModelMeta:

@@ -218,6 +218,28 @@ def test_fixed_batch_two_quantizes_and_evaluates(work, tmp_path):
     assert input_batch(onnx.load(str(q.output))) == 2
     res = evaluate(q.output, work["data"], batch=8, flip=True)  # 6 people at 2 a time
     assert res.batch == 2 and res.people == 6
+    from posequant.benchmarks.gate import gate
+
+    verdict = gate(stamped, q.output, work["data"], flip=False, runs=2, warmup=1, min_speedup=0.01, max_drop=100,
+                   max_joint_drop=100)
+    speed = next(c for c in verdict.checks if c.name.startswith("speedup"))
+    assert "batch 2" in speed.name and speed.value is not None  # timed at the batch the file runs at
+
+
+def test_quantize_refuses_to_override_a_stamped_models_preprocessing(work, tmp_path):
+    line = one_line_error(invoke("quantize", work["stamped"], "--calib", work["data"], "--color", "bgr",
+                                 "-o", tmp_path / "q.onnx"))
+    assert "--color" in line and "metadata decides" in line and not (tmp_path / "q.onnx").exists()
+
+
+def test_bench_of_a_model_without_metadata_or_fixed_size_gives_the_command(tmp_path):
+    dyn = tmp_path / "dyn.onnx"
+    buf = io.BytesIO()
+    torch.onnx.export(TinyHeatmapNet().eval(), (torch.zeros(1, 3, *SIZE),), buf, dynamo=False, opset_version=17,
+                      input_names=["image"], output_names=["heatmap"], dynamic_axes={"image": {2: "h", 3: "w"}})
+    dyn.write_bytes(buf.getvalue())
+    line = one_line_error(invoke("bench", dyn, "--runs", 1))
+    assert "stamp it first: posequant export-pose" in line and "--input-size" in line
 
 
 # ---- models without metadata: the command to paste ------------------------------------------------
