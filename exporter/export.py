@@ -6,11 +6,9 @@ import io
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import onnx
 import torch
 
@@ -20,36 +18,14 @@ from posequant.core.keypoints import keypoint_set_for
 from posequant.core.metadata import ModelMeta, write_meta
 from posequant.core.version import __version__
 
-from .checkpoint import Checkpoint, load_checkpoint
-from .model import PoseModel, resolve_model
-from .verify import VerifyReport, random_inputs, verify
+from .checkpoint import load_checkpoint
+from .common import ExportResult, _data_cases, _normalisation
+from .model import resolve_model
+from .verify import random_inputs, verify
 
 MIN_OPSET = 17
 DEFAULT_INPUT_SIZE = {16: (256, 256), 17: (256, 192)}  # MPII and COCO configs of the official repos
 PROTOBUF_LIMIT = 2**31 - 1
-
-
-@dataclass
-class ExportResult:
-    output: Path
-    meta: ModelMeta
-    verification: VerifyReport | None
-    num_parameters: int
-    onnx_bytes: int
-    timings: dict[str, float] = field(default_factory=dict)
-    checkpoint: Checkpoint | None = None
-    model: PoseModel | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "output": str(self.output),
-            "family": self.meta.family,
-            "num_parameters": self.num_parameters,
-            "onnx_bytes": self.onnx_bytes,
-            "metadata": self.meta.to_props(),
-            "verification": self.verification.to_dict() if self.verification else None,
-            "timings_s": self.timings,
-        }
 
 
 def default_output(checkpoint: Path) -> Path:
@@ -60,18 +36,6 @@ def default_output(checkpoint: Path) -> Path:
             name = name[: -len(suffix)]
             break
     return checkpoint.with_name(name + ".onnx")
-
-
-def _normalisation(values, name: str):
-    if values is None:
-        return None
-    vals = tuple(float(v) for v in values)
-    if len(vals) != 3:
-        raise PosequantError(f"--{name} needs 3 values (one per channel), got {len(vals)}")
-    if name == "std" and any(v <= 0 for v in vals):
-        raise PosequantError(f"--std values must be positive, got {vals}")
-    # mmpose-style 0-255 values (e.g. 123.675,116.28,103.53) are converted to our 0-1 units
-    return tuple(v / 255 for v in vals) if any(v > 1.0 for v in vals) else vals
 
 
 def probe_output(module: torch.nn.Module, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
@@ -122,19 +86,6 @@ def _ort_session(model_bytes: bytes):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-
-
-def _data_cases(data: str | Path, meta: ModelMeta, samples: int):
-    """Real person crops, preprocessed exactly as evaluation will do it."""
-    from posequant.calibration import iter_batches, open_dataset
-
-    ds = open_dataset(data, input_size=meta.input_size)
-    crops = [b.inputs for b in iter_batches(ds, meta, batch_size=samples, limit=samples)]
-    if not crops:
-        raise PosequantError(f"--data {data}: no people found to verify on")
-    inputs = np.concatenate(crops)
-    split = f" {ds.split}" if ds.split else ""
-    return f"{ds.format}{split} crops from {Path(data).name}", inputs
 
 
 def export_pose(

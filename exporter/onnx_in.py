@@ -25,6 +25,7 @@ from posequant.core.keypoints import KEYPOINT_SETS, KeypointSet, keypoint_set_fo
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, format_size, write_meta
 from posequant.core.version import __version__
 
+from .common import ExportResult, _data_cases, _normalisation
 from .verify import VerifyReport, compare_heatmaps, random_inputs, run_onnx
 
 FAMILY = "onnx"  # metadata family of a stamped third-party model
@@ -220,8 +221,6 @@ def stamp_onnx(
     ``joints`` names the model's channels, in order, in the keypoint set's names; ``mean``/``std``
     default to ImageNet's. Returns an :class:`~posequant.exporter.export.ExportResult`.
     """
-    from .export import ExportResult
-
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     source = Path(source)
@@ -262,8 +261,6 @@ def stamp_onnx(
         order = () if order == tuple(range(channels)) else order
     else:
         kps, order = keypoint_set_for(channels, keypoints), ()
-
-    from .export import _normalisation
 
     meta = ModelMeta(
         family=FAMILY, keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
@@ -310,8 +307,6 @@ def verify_copy(ref, copy, meta: ModelMeta, batch: int | None, *, data=None, dat
     """The stamped copy vs the original, both on ONNX Runtime: fixed-seed inputs and ``data`` crops."""
     cases = [("random inputs (seed 0)", random_inputs(meta.input_size, samples=batch or 2))]
     if data is not None:
-        from .export import _data_cases
-
         cases.append(_data_cases(data, meta, data_samples))
     results = []
     for name, inputs in cases:
