@@ -11,8 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from posequant.calibration import (
-    average_flip,
-    decode_heatmaps,
+    heatmaps_to_joints,
     iter_batches,
     load_mpii_gt,
     open_dataset,
@@ -70,6 +69,10 @@ def _load_model(model: Path, export_options: dict, tmp: Path, progress):
     if model.suffix.lower() == ".onnx":
         if not model.is_file():
             raise PosequantError(f"model {model} not found: check the path")
+        given = [f"--{k.replace('_', '-')}" for k, v in export_options.items() if v and k != "trust_pickle"]
+        if given:  # an ONNX model's preprocessing is its metadata; options would be silently ignored
+            raise PosequantError(f"{', '.join(given)} apply to a checkpoint MODEL; {model} is ONNX and is evaluated "
+                                 "with its own metadata: to change it, stamp it again with `posequant export-pose`")
         return model, read_meta(model), None
     from posequant.exporter import export_pose
 
@@ -166,6 +169,12 @@ def evaluate(
             if message:
                 say_warning(message)
         runner = make_runner(backend, onnx_path=onnx_path, module=module, device=device, threads=threads)
+        fixed = None if module is not None else onnx_fixed_batch(onnx_path)
+        if fixed and fixed != batch:  # the file's batch is the only one it runs at
+            if progress:
+                progress(f"note: {model.name} has a fixed batch of {fixed}: evaluating "
+                         + ("one crop at a time" if fixed == 1 else f"{fixed} crops at a time") + f", not --batch {batch}")
+            batch = fixed
         people = ds.people[:limit] if limit else ds.people
         # --skip-missing also goes on past images that exist but do not decode
         batches = iter_batches(people, meta, batch_size=batch, flip=flip, skip_bad=skip_missing)
@@ -177,11 +186,12 @@ def evaluate(
         done, coords, maxvals = [], [], []
         t0 = time.perf_counter()
         for b in shown:
-            heatmaps = runner.infer(b.inputs)
-            if flip:
-                heatmaps = average_flip(heatmaps, runner.infer(b.inputs_flipped), meta.flip_pairs)
-            _check_finite(heatmaps, b.people, model)
-            c, m = decode_heatmaps(heatmaps, b.centers, b.scales)
+            heatmaps = _infer(runner, b.inputs, fixed)
+            flipped = _infer(runner, b.inputs_flipped, fixed) if flip else None
+            for h in (heatmaps, flipped):
+                if h is not None:
+                    _check_finite(h, b.people, model)
+            c, m = heatmaps_to_joints(meta, heatmaps, b.centers, b.scales, flipped)
             done.extend(b.people)
             coords.append(c)
             maxvals.append(m)
@@ -209,6 +219,29 @@ def zero_head_boxes(ds, gt: dict[str, Any]) -> str | None:
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return (f"{len(names)} people have a zero-size head box in annot/gt_{ds.split}.mat and are not scored: "
             f"{shown}")
+
+
+def onnx_fixed_batch(path: Path) -> int | None:
+    """The batch an ONNX file is fixed to (None: dynamic)."""
+    import onnx
+
+    from posequant.core.metadata import input_batch
+
+    return input_batch(onnx.load(str(path), load_external_data=False))
+
+
+def _infer(runner, inputs: np.ndarray, fixed: int | None) -> np.ndarray:
+    """Run ``inputs``; a fixed-batch model's last short chunk is padded with copies of its last crop."""
+    if not fixed or len(inputs) == fixed:
+        return runner.infer(inputs)
+    outs = []
+    for i in range(0, len(inputs), fixed):
+        chunk = inputs[i:i + fixed]
+        pad = fixed - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+        outs.append(runner.infer(chunk)[: fixed - pad])
+    return np.concatenate(outs)
 
 
 def _check_finite(heatmaps: np.ndarray, people, model: Path) -> None:

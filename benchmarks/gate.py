@@ -21,7 +21,7 @@ from posequant.core.errors import PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
 from posequant.core.numbers import check_number
 
-from .evaluate import EvalResult, ModelOutputError, evaluate
+from .evaluate import EvalResult, ModelOutputError, evaluate, onnx_fixed_batch
 from .gate_report import prepare_report_dir, write_report
 from .latency import BenchResult, bench, check_backend, onnx_precision
 from .metrics import FLOAT_FLOOR, box_size, main_metric, pck
@@ -302,8 +302,9 @@ def gate(
     """Evaluate and time ``int8_model`` against ``float_model`` on ``data`` (MPII or COCO).
 
     Drops are in points: COCO AP x 100, MPII PCKh@0.5, and per joint group PCK@0.2 (COCO) or
-    PCKh@0.5 (MPII). The speedup is the float model's median batch-1 latency over the INT8 model's,
-    both on ``backend`` (float at fp32; fp16 on TensorRT). Bad input raises :class:`PosequantError`.
+    PCKh@0.5 (MPII). The speedup is the float model's median batch-1 latency (a fixed-batch model's: at
+    its own batch) over the INT8 model's, both on ``backend`` (float at fp32; fp16 on TensorRT). Bad
+    input raises :class:`PosequantError`.
     The two models must come from the same source checkpoint and share their preprocessing
     (:data:`SAME_SOURCE_FIELDS`) unless ``allow_different_source``. Data that cannot be scored (no
     people, NaN or -1 metrics, the float model below :data:`FLOAT_FLOOR`) raises :class:`UnscorableError`.
@@ -319,12 +320,12 @@ def gate(
 
     common = dict(split=split, flip=flip, backend=backend, device=device, batch=batch, limit=limit, threads=threads)
     say(f"evaluating the float model {float_model.name}")
-    fe = evaluate(float_model, data, **common, warn=lambda m: say(f"warning: {m}"))
+    fe = evaluate(float_model, data, progress=say, **common, warn=lambda m: say(f"warning: {m}"))
     name, value = main_metric(fe.metrics)  # a float model scoring ~0 fails here, before the INT8 run
     check_scorable(name, {name: _delta(value, value)}, fe.people, f"{fe.format.upper()} {fe.split}")
     say(f"evaluating the INT8 model {int8_model.name}")
     try:
-        qe = evaluate(int8_model, data, **common, warn=lambda m: None)  # the same records: said once
+        qe = evaluate(int8_model, data, progress=say, **common, warn=lambda m: None)  # the same records: said once
     except ModelOutputError as e:
         raise BrokenInt8Error(f"gate FAIL: {e}") from None
     cpu = _cpu_facts(int8_model, backend, device, common, qe=qe, say=say)
@@ -335,16 +336,17 @@ def gate(
     check_scorable(main, scores, fe.people, f"{fe.format.upper()} {fe.split}")
 
     say(f"timing both on {backend} ({device})")
-    latency = bench([float_model, int8_model], device=device, backends=[backend], batches=(1,), threads=threads,
+    timed = onnx_fixed_batch(float_model) or 1  # a fixed-batch model runs only at its own batch
+    latency = bench([float_model, int8_model], device=device, backends=[backend], batches=(timed,), threads=threads,
                     warmup=warmup, runs=runs)
-    frow = latency.row(float_model, backend, "fp32") or latency.row(float_model, backend, "fp16")  # fp16: TensorRT
-    qrow = latency.row(int8_model, backend, "int8")
+    frow = latency.row(float_model, backend, "fp32", timed) or latency.row(float_model, backend, "fp16", timed)
+    qrow = latency.row(int8_model, backend, "int8", timed)  # fp16 above: TensorRT
     speedup = frow.p50_ms / qrow.p50_ms if frow and qrow else None
 
     unit = f"{main} (x100)" if main == "AP" else main
     checks = [_drop_check(unit, scores[main], max_drop)]
     checks += [_drop_check(f"joint group {g}", d, max_joint_drop) for g, d in groups.items() if np.isfinite(d["delta"])]
-    checks.append(Check(f"speedup on {backend} ({device}, batch 1)", speedup, min_speedup,
+    checks.append(Check(f"speedup on {backend} ({device}, batch {timed})", speedup, min_speedup,
                         speedup is not None and speedup >= min_speedup, "speedup",
                         frow.p50_ms if frow else None, qrow.p50_ms if qrow else None))
     reasons = [c.describe() for c in checks if not c.passed]

@@ -109,8 +109,10 @@ def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) 
         group = f"{meta.source_sha256[:12] or path.stem} {size[0]}x{size[1]}"
     except MetadataError:
         if facts["hw"] is None:
-            raise PosequantError(f"{path} has no posequant metadata and no fixed input size: "
-                                 "export it with `posequant export-pose`") from None
+            from posequant.core.metadata import stamp_command
+
+            raise PosequantError(f"{path} has no posequant metadata and no fixed input size; stamp it first: "
+                                 f"{stamp_command(path, proto)}") from None
         size, group = facts["hw"], path.stem
     precision = onnx_precision(proto)
     note = None

@@ -248,21 +248,59 @@ def flip_back(heatmaps: np.ndarray, flip_pairs: Iterable[Sequence[int]]) -> np.n
     return flipped
 
 
-def shift_heatmaps(heatmaps: np.ndarray) -> np.ndarray:
-    """Shift one pixel right (official SHIFT_HEATMAP): flipped features are off by one; column 0 is kept."""
+def shift_heatmaps(heatmaps: np.ndarray, pixels: int = 1) -> np.ndarray:
+    """Shift ``pixels`` right (official SHIFT_HEATMAP: one): flipped features are off; the left columns are kept."""
     shifted = heatmaps.copy()
-    shifted[..., 1:] = heatmaps[..., :-1]
+    if pixels:
+        shifted[..., pixels:] = heatmaps[..., :-pixels]
     return shifted
 
 
+def flip_shift(input_width: int, heatmap_width: int) -> int:
+    """Heatmap pixels the flipped-back heatmaps lag behind: (s - 1) / s at stride s, rounded.
+
+    Mirroring an input of W pixels maps x to W - 1 - x, and mirroring a heatmap of w = W / s pixels maps
+    u to w - 1 - u; with u = x / s the flipped-back peak sits (s - 1) / s heatmap pixels left of the
+    true one. The official code shifts by one pixel, right for its stride 4 (0.75, rounded); at stride 1
+    (full-resolution heatmaps) the right shift is none, and a shift of one would move every joint.
+    """
+    stride = input_width / heatmap_width
+    return int(math.floor((stride - 1) / stride + 0.5))
+
+
 def average_flip(
-    heatmaps: np.ndarray, heatmaps_flipped: np.ndarray, flip_pairs: Iterable[Sequence[int]], *, shift: bool = True
+    heatmaps: np.ndarray, heatmaps_flipped: np.ndarray, flip_pairs: Iterable[Sequence[int]], *,
+    shift: bool | int = True,
 ) -> np.ndarray:
-    """Official flip test: mean of the heatmaps and the flipped-back (and shifted) flipped ones."""
+    """Official flip test: mean of the heatmaps and the flipped-back (and shifted) flipped ones.
+
+    ``shift``: True for the official one pixel, or the number of pixels (:func:`flip_shift`).
+    """
     back = flip_back(heatmaps_flipped, flip_pairs)
-    if shift:
-        back = shift_heatmaps(back)
+    pixels = int(shift)
+    if pixels:
+        back = shift_heatmaps(back, pixels)
     return (heatmaps + back) * 0.5
+
+
+def dataset_order(heatmaps: np.ndarray, meta: ModelMeta) -> np.ndarray:
+    """The model's heatmap channels rearranged into the keypoint set's joint order (``meta.channel_joints``)."""
+    if not meta.channel_joints:
+        return heatmaps
+    assert heatmaps.shape[1] == len(meta.channel_joints), "channel_joints must name every output channel"
+    return heatmaps[:, np.argsort(meta.channel_joints)]
+
+
+def heatmaps_to_joints(meta: ModelMeta, heatmaps: np.ndarray, centers: np.ndarray, scales: np.ndarray,
+                       heatmaps_flipped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Model output to joints in image pixels, in the dataset's joint order: the one place that
+    reorders a model's channels, averages the flip test (its shift set by the model's real stride)
+    and decodes. ``heatmaps_flipped``: the output for the mirrored inputs, or None (no flip test)."""
+    heatmaps = dataset_order(heatmaps, meta)
+    if heatmaps_flipped is not None:
+        shift = flip_shift(meta.input_size[1], heatmaps.shape[3])
+        heatmaps = average_flip(heatmaps, dataset_order(heatmaps_flipped, meta), meta.flip_pairs, shift=shift)
+    return decode_heatmaps(heatmaps, centers, scales)
 
 
 # ---- decoding (lib/core/inference.py, POST_PROCESS on) --------------------------------------------

@@ -23,7 +23,15 @@ import onnx
 from posequant.core.cpu import KINDS, CpuKind, cpu_kind
 from posequant.core.errors import DataError, MetadataError, PosequantError, VerificationError
 from posequant.core.fileio import check_outputs, write_bytes_atomic
-from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, read_meta, write_meta
+from posequant.core.metadata import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelMeta,
+    input_batch,
+    read_meta,
+    stamp_command,
+    write_meta,
+)
 from posequant.core.numbers import check_number
 from posequant.core.quiet import quiet
 from posequant.core.version import __version__
@@ -137,11 +145,15 @@ def model_meta(model: onnx.ModelProto, where: str, *, input_size=None, keypoints
         meta = read_meta(model)
     except MetadataError:
         if not (input_size and keypoints and color):
-            raise MetadataError(f"{where} has no posequant metadata: export it with `posequant export-pose`, or give "
-                                "--input-size, --keypoints and --color") from None
+            raise MetadataError(f"{where} has no posequant metadata; stamp it first: {stamp_command(where, model)} "
+                                "(or give quantize --input-size, --keypoints and --color)") from None
         return _meta_from_options(model, input_size, keypoints, color)
-    changes = {k: v for k, v in (("input_size", input_size), ("color", color)) if v}
-    return meta.with_(**changes) if changes else meta
+    given = [f"--{k.replace('_', '-')}" for k, v in (("input_size", input_size), ("keypoints", keypoints),
+                                                     ("color", color)) if v]
+    if given:  # overriding one stage's preprocessing would quantize for inputs the float model never sees
+        raise MetadataError(f"{', '.join(given)} are for a model without posequant metadata; {where} has it and "
+                            "its metadata decides: to change them, stamp it again with `posequant export-pose`")
+    return meta
 
 
 def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color: str) -> ModelMeta:
@@ -151,10 +163,22 @@ def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color
     if len(dims) != 4 or not dims[1]:
         raise MetadataError("the model's output is not N x joints x H x W heatmaps: export it with `posequant export-pose`")
     kps = keypoint_set_for(dims[1], keypoints)
-    heatmap = (dims[2] or input_size[0] // 4, dims[3] or input_size[1] // 4)
+    heatmap = (dims[2], dims[3]) if dims[2] and dims[3] else _probe_heatmap_size(model, input_size)
     return ModelMeta(family="custom", keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
                      skeleton=kps.skeleton, input_size=tuple(input_size), heatmap_size=heatmap, color=color.lower(),
                      mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD), posequant_version=__version__)
+
+
+def _probe_heatmap_size(model: onnx.ModelProto, input_size) -> tuple[int, int]:
+    """The real heatmap size (never an assumed input / 4): one run on zeros."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = np.zeros((input_batch(model) or 1, 3, *input_size), np.float32)
+    shape = sess.run(None, {sess.get_inputs()[0].name: x})[0].shape
+    return int(shape[2]), int(shape[3])
 
 
 @dataclass
@@ -177,8 +201,9 @@ def prepare_float(model: onnx.ModelProto, *, rewrite: bool | str, input_size: tu
     equalized = equalize_relu_ranges(prepared, equalize_with) if equalize_with is not None else []
     diff = None
     if folded or rewritten or equalized:
-        channels = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value or 3
-        diff = max_relative_diff(model, prepared, (1, channels, *input_size))
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        # a fixed-batch graph (third-party, export-pose --batch N) runs only at its own batch
+        diff = max_relative_diff(model, prepared, (dims[0].dim_value or 1, dims[1].dim_value or 3, *input_size))
         if diff > REWRITE_RTOL:
             raise VerificationError(f"the prepared float graph differs from the original by {diff:.2e} (relative), "
                                     f"more than {REWRITE_RTOL:g}: report this model; --no-rewrite-deconv and "
@@ -360,7 +385,7 @@ def quantize(
 
     input_name = float_model.graph.input[0].name
     calib_set = calibration_set(calib, meta, num_samples=num_samples, seed=seed, format=format, split=split,
-                                input_name=input_name, warn=warn)
+                                input_name=input_name, batch=input_batch(float_model) or 1, warn=warn)
     overlap = eval_split_overlap(calib_set.root, calib_set.format, calib_set.split, val_ds)
     if overlap and warn:
         warn(overlap)

@@ -29,14 +29,18 @@ class CalibrationCrops:
     input_name: str = "input"
     skipped_images: list[Path] = field(default_factory=list)
     skipped_people: int = 0
+    batch: int = 1  # crops per feed: a fixed-batch model's own batch (the last feed repeats its last crop)
 
     def __len__(self) -> int:
         return len(self.people)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        batches = iter_batches(self.people, self.meta, batch_size=1, skip_bad=True)
+        batches = iter_batches(self.people, self.meta, batch_size=self.batch, skip_bad=True)
         for batch in batches:
-            yield batch.inputs
+            x = batch.inputs
+            if len(x) < self.batch:
+                x = np.concatenate([x, np.repeat(x[-1:], self.batch - len(x), 0)])
+            yield x
         # first pass finds the bad images; later passes skip the same ones
         if not self.skipped_images and batches.skipped:
             self.skipped_images, self.skipped_people = list(batches.skipped), batches.skipped_people
@@ -86,7 +90,7 @@ class CalibrationSet:
 
 def calibration_set(root: str | os.PathLike, meta: ModelMeta, *, num_samples: int = 300, seed: int = 0,
                     format: str | None = None, split: str | None = None, input_name: str = "input",
-                    warn: Callable[[str], None] | None = None) -> CalibrationSet:
+                    batch: int = 1, warn: Callable[[str], None] | None = None) -> CalibrationSet:
     """``num_samples`` people drawn with ``seed`` from the calibration split (MPII/COCO train first)."""
     root = Path(root)
     if not root.exists():
@@ -110,5 +114,5 @@ def calibration_set(root: str | os.PathLike, meta: ModelMeta, *, num_samples: in
         # sorted, so that people of one image stay together and each image is decoded once
         index = np.sort(np.random.default_rng(seed).choice(available, num_samples, replace=False))
         chosen = [ds.people[i] for i in index]
-    crops = CalibrationCrops(chosen, meta, input_name)
+    crops = CalibrationCrops(chosen, meta, input_name, batch=batch)
     return CalibrationSet(crops, root, ds.format, ds.split, available, seed, tuple(ds.skipped))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import onnx
 import torch
 
@@ -21,36 +19,14 @@ from posequant.core.numbers import check_number, normalisation
 from posequant.core.quiet import ort_session, quiet
 from posequant.core.version import __version__
 
-from .checkpoint import Checkpoint, load_checkpoint
-from .model import PoseModel, resolve_model
-from .verify import VerifyReport, random_inputs, verify
+from .checkpoint import load_checkpoint
+from .common import ExportResult, _data_cases
+from .model import resolve_model
+from .verify import random_inputs, verify
 
 MIN_OPSET = 17
 DEFAULT_INPUT_SIZE = {16: (256, 256), 17: (256, 192)}  # MPII and COCO configs of the official repos
 PROTOBUF_LIMIT = 2**31 - 1
-
-
-@dataclass
-class ExportResult:
-    output: Path
-    meta: ModelMeta
-    verification: VerifyReport | None
-    num_parameters: int
-    onnx_bytes: int
-    timings: dict[str, float] = field(default_factory=dict)
-    checkpoint: Checkpoint | None = None
-    model: PoseModel | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "output": str(self.output),
-            "family": self.meta.family,
-            "num_parameters": self.num_parameters,
-            "onnx_bytes": self.onnx_bytes,
-            "metadata": self.meta.to_props(),
-            "verification": self.verification.to_dict() if self.verification else None,
-            "timings_s": self.timings,
-        }
 
 
 def default_output(checkpoint: Path) -> Path:
@@ -109,19 +85,6 @@ def _ort_session(model_bytes: bytes):
     return ort_session(model_bytes)
 
 
-def _data_cases(data: str | Path, meta: ModelMeta, samples: int):
-    """Real person crops, preprocessed exactly as evaluation will do it."""
-    from posequant.calibration import iter_batches, open_dataset
-
-    ds = open_dataset(data, input_size=meta.input_size)
-    crops = [b.inputs for b in iter_batches(ds, meta, batch_size=samples, limit=samples)]
-    if not crops:
-        raise PosequantError(f"--data {data}: no people found to verify on")
-    inputs = np.concatenate(crops)
-    split = f" {ds.split}" if ds.split else ""
-    return f"{ds.format}{split} crops from {Path(data).name}", inputs
-
-
 def export_pose(
     checkpoint: str | Path,
     output: str | Path | None = None,
@@ -140,18 +103,34 @@ def export_pose(
     data: str | Path | None = None,
     data_samples: int = 8,
     rtol: float = 1e-4,
+    joints: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a pose checkpoint to one self-contained ONNX file with posequant metadata.
 
     ``batch=None`` exports a dynamic batch dimension. Input normalisation defaults to what the
-    family's own training code did; ``color``/``mean``/``std`` override it. Raises
+    family's own training code did; ``color``/``mean``/``std`` override it. A ``.onnx`` file is a
+    third-party model: it is stamped instead (:func:`posequant.exporter.onnx_in.stamp_onnx`). Raises
     :class:`VerificationError` (and writes nothing) when ONNX Runtime disagrees with PyTorch.
     """
     say = progress or (lambda msg: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     checkpoint = Path(checkpoint)
+    if checkpoint.suffix.lower() == ".onnx":  # a third-party model: stamp it (exporter/onnx_in.py)
+        from .onnx_in import stamp_onnx
+
+        given = [flag for flag, value in (("--arch", arch), ("--batch", batch), ("--trust-pickle", trust_pickle))
+                 if value]
+        if given:
+            raise PosequantError(f"{', '.join(given)} apply to checkpoints; {checkpoint} is ONNX, which keeps its own "
+                                 "graph and batch: leave them out")
+        return stamp_onnx(checkpoint, output, input_size=input_size, keypoints=keypoints, joints=joints, color=color,
+                          mean=mean, std=std, simplify=simplify, verify_model=verify_model, data=data,
+                          data_samples=data_samples, rtol=rtol, progress=progress)
+    if joints:
+        raise PosequantError("--joints names a third-party ONNX model's channels; a checkpoint of our families "
+                             "outputs its keypoint set's order: leave --joints out")
     if opset < MIN_OPSET:
         raise PosequantError(f"--opset {opset} is too old: posequant exports opset {MIN_OPSET} or newer")
     if batch is not None and batch < 1:

@@ -50,9 +50,10 @@ def format_verification(result: ExportResult) -> str:
         total = c.samples * len(c.joint_agreement)
         rows.append([c.name, c.samples, f"{c.max_abs_diff:.2e}", f"{c.rel_diff:.2e}",
                      f"{agree}/{total} ({100 * agree / total:.1f}%)", c.argmax_mismatches])
-    out = [f"verification: ONNX Runtime (CPU) vs PyTorch, tolerance {report.rtol:g} of the output's max",
+    out = [f"verification: ONNX Runtime (CPU) vs {report.reference}, tolerance {report.rtol:g} of the output's max",
            format_table(["inputs", "samples", "max abs diff", "rel diff", "argmax agree", "mismatches"], rows)]
-    joints = result.meta.joint_names
+    m = result.meta  # the comparison is per output channel: a third-party model's channels are in its own order
+    joints = [m.joint_names[j] for j in m.channel_joints] if m.channel_joints else m.joint_names
     per_joint = [[name] + [f"{100 * c.joint_agreement[j]:.0f}%" for c in report.cases]
                  for j, name in enumerate(joints)]
     out.append("per-joint argmax agreement")

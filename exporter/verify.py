@@ -31,6 +31,7 @@ class CaseResult:
 class VerifyReport:
     cases: list[CaseResult] = field(default_factory=list)
     rtol: float = 1e-4
+    reference: str = "PyTorch"  # what the ONNX model was compared with
 
     @property
     def max_rel_diff(self) -> float:
@@ -48,6 +49,7 @@ class VerifyReport:
         return {
             "passed": self.passed,
             "rtol": self.rtol,
+            "reference": self.reference,
             "cases": [
                 {"name": c.name, "samples": c.samples, "max_abs_diff": c.max_abs_diff,
                  "rel_diff": c.rel_diff, "argmax_agreement": c.argmax_agreement,

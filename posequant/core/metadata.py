@@ -54,6 +54,9 @@ class ModelMeta:
     source_sha256: str = ""
     posequant_version: str = ""
     precision: str = "fp32"
+    # Model output channel c holds the joint ``joint_names[channel_joints[c]]`` (a third-party model's own
+    # order, from export-pose --joints); empty: the channels are in the keypoint set's order already.
+    channel_joints: tuple[int, ...] = ()
 
     @property
     def num_joints(self) -> int:
@@ -83,10 +86,7 @@ class ModelMeta:
     @classmethod
     def from_props(cls, props: dict[str, str], where: str = "model") -> "ModelMeta":
         if "posequant_schema" not in props:
-            raise MetadataError(
-                f"{where} has no posequant metadata: export it with `posequant export-pose`, "
-                "or give --input-size, --keypoints and --color"
-            )
+            raise MetadataError(f"{where} has no posequant metadata: export it with `posequant export-pose`")
         try:
             return cls(
                 family=props["family"],
@@ -104,6 +104,7 @@ class ModelMeta:
                 source_sha256=props.get("source_sha256", ""),
                 posequant_version=props.get("posequant_version", ""),
                 precision=props.get("precision", "fp32"),
+                channel_joints=tuple(int(c) for c in json.loads(props.get("channel_joints", "[]"))),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise MetadataError(f"{where} has damaged posequant metadata ({e}): re-export it") from None
@@ -119,7 +120,40 @@ def read_meta(model: Any) -> ModelMeta:
     else:
         where = "model"  # not str(model): that prints every weight of the proto (seconds for large models)
     props = {p.key: p.value for p in model.metadata_props}
+    if "posequant_schema" not in props and where != "model":
+        raise MetadataError(f"{where} has no posequant metadata; stamp it first: {stamp_command(where, model)}")
     return ModelMeta.from_props(props, where)
+
+
+def input_batch(model: Any) -> int | None:
+    """The fixed batch size of the model's (first) input, or None when the batch is dynamic."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    return dims[0].dim_value or None if dims else None
+
+
+def stamp_command(path: str | Path, model: Any = None) -> str:
+    """The ``posequant export-pose`` command that stamps a metadata-less ONNX file, ready to paste.
+
+    What the graph cannot say (joint order, colour order) is given as the most common choice for its
+    joint count; the user checks it against the model's documentation.
+    """
+    import shlex
+
+    path = Path(path)
+    words = ["posequant", "export-pose", str(path)]
+    dims = []
+    if model is not None and model.graph.output:
+        dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    joints = dims[1] if len(dims) == 4 else 0
+    if joints in (16, 17):
+        words += ["--keypoints", "mpii" if joints == 16 else "coco"]
+    words += ["--color", "rgb"]
+    hw = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][2:] if model is not None and \
+        model.graph.input else []
+    if len(hw) != 2 or not all(hw):
+        words += ["--input-size", "256x192"]
+    words += ["-o", str(path.with_name(path.stem + ".posequant.onnx"))]
+    return " ".join(shlex.quote(w) for w in words) + " (with --keypoints/--joints, --color, --mean/--std as the model was trained)"
 
 
 def write_meta(model: Any, meta: ModelMeta) -> None:

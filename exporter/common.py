@@ -1,0 +1,53 @@
+"""What both ways into ONNX share (a checkpoint exported, a third-party ONNX stamped): the result,
+the normalisation options, and the real-data verification cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from posequant.core.errors import PosequantError
+from posequant.core.metadata import ModelMeta
+
+from .checkpoint import Checkpoint
+from .model import PoseModel
+from .verify import VerifyReport
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    meta: ModelMeta
+    verification: VerifyReport | None
+    num_parameters: int
+    onnx_bytes: int
+    timings: dict[str, float] = field(default_factory=dict)
+    checkpoint: Checkpoint | None = None
+    model: PoseModel | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "family": self.meta.family,
+            "num_parameters": self.num_parameters,
+            "onnx_bytes": self.onnx_bytes,
+            "metadata": self.meta.to_props(),
+            "verification": self.verification.to_dict() if self.verification else None,
+            "timings_s": self.timings,
+        }
+
+
+def _data_cases(data: str | Path, meta: ModelMeta, samples: int):
+    """Real person crops, preprocessed exactly as evaluation will do it."""
+    from posequant.calibration import iter_batches, open_dataset
+
+    ds = open_dataset(data, input_size=meta.input_size)
+    crops = [b.inputs for b in iter_batches(ds, meta, batch_size=samples, limit=samples)]
+    if not crops:
+        raise PosequantError(f"--data {data}: no people found to verify on")
+    inputs = np.concatenate(crops)
+    split = f" {ds.split}" if ds.split else ""
+    return f"{ds.format}{split} crops from {Path(data).name}", inputs

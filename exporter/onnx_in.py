@@ -1,0 +1,308 @@
+"""Third-party ONNX in: check that a graph is a top-down heatmap pose model, read what the graph
+says (input size, batch, joint count, heatmap size), take the rest from the options, and write a
+simplified copy stamped with posequant metadata, verified against the original.
+
+What does not fit (several inputs, a non-image input, SimCC / RTMPose vector pairs, coordinate
+regression, bottom-up heads with extra outputs) is refused in one line that says what was found.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from posequant.core.errors import ExportError, PosequantError, VerificationError
+from posequant.core.fileio import atomic_path, check_outputs
+from posequant.core.keypoints import KEYPOINT_SETS, KeypointSet, keypoint_set_for
+from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, format_size, write_meta
+from posequant.core.numbers import check_number, normalisation
+from posequant.core.version import __version__
+
+from .common import ExportResult, _data_cases
+from .verify import VerifyReport, compare_heatmaps, random_inputs, run_onnx
+
+FAMILY = "onnx"  # metadata family of a stamped third-party model
+
+
+class UnsupportedModelError(ExportError):
+    """The graph is not a one-image-in, one-heatmap-out pose model."""
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the graph itself says. ``None`` where a dimension is dynamic."""
+
+    input_name: str
+    output_name: str
+    batch: int | None
+    input_hw: tuple[int | None, int | None]
+    channels: int | None  # output channels (joints), when static
+
+
+def _dims(value_info) -> list[int | None]:
+    return [d.dim_value or None for d in value_info.type.tensor_type.shape.dim]
+
+
+def _shape_text(value_info) -> str:
+    dims = [str(d.dim_value) if d.dim_value else (d.dim_param or "?") for d in value_info.type.tensor_type.shape.dim]
+    return f"{value_info.name!r} [{', '.join(dims)}]"
+
+
+def _not_supported(where: Path, found: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{where}: {found}; posequant takes top-down heatmap models (one N x 3 x H x W "
+                                 "image in, one N x joints x h x w heatmap out): this kind is not supported yet")
+
+
+def check_graph(model: onnx.ModelProto, where: Path) -> GraphFacts:
+    """The graph's input and output, refused in one line when they are not a heatmap pose model's."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    outputs = list(model.graph.output)
+    if len(inputs) != 1:
+        names = ", ".join(_shape_text(i) for i in inputs) or "none"
+        raise _not_supported(where, f"the graph has {len(inputs)} inputs ({names})")
+    image = inputs[0]
+    elem = image.type.tensor_type.elem_type
+    dims = _dims(image)
+    if elem != onnx.TensorProto.FLOAT:
+        kind = onnx.TensorProto.DataType.Name(elem).lower() if elem else "not a tensor"
+        raise _not_supported(where, f"input {_shape_text(image)} is {kind}, not a float32 image")
+    if len(dims) != 4:
+        raise _not_supported(where, f"input {_shape_text(image)} has rank {len(dims)}, not an N x 3 x H x W image")
+    if dims[1] != 3:
+        layout = " (channels last: NHWC)" if dims[3] == 3 else ""
+        raise _not_supported(where, f"input {_shape_text(image)} does not have 3 colour channels at axis 1{layout}")
+    ranks = [len(o.type.tensor_type.shape.dim) for o in outputs]
+    shapes = ", ".join(_shape_text(o) for o in outputs)
+    if len(outputs) != 1:
+        if len(outputs) == 2 and ranks == [3, 3]:
+            found = f"two per-joint vector outputs ({shapes}): a SimCC / RTMPose-style coordinate classification head"
+        elif 4 in ranks:
+            found = f"{len(outputs)} outputs ({shapes}): heatmaps with extra outputs, as bottom-up models " \
+                    "(associative embedding tags, part affinity fields) or multi-stage heads have"
+        else:
+            found = f"{len(outputs)} outputs ({shapes})"
+        raise _not_supported(where, found)
+    out = outputs[0]
+    if ranks[0] in (2, 3):
+        raise _not_supported(where, f"output {_shape_text(out)} has rank {ranks[0]}: coordinates (a regression "
+                             "or SimCC head), not heatmaps")
+    if ranks[0] != 4:
+        raise _not_supported(where, f"output {_shape_text(out)} has rank {ranks[0]}, not N x joints x h x w heatmaps")
+    return GraphFacts(image.name, out.name, dims[0], (dims[2], dims[3]), _dims(out)[1])
+
+
+def _session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _probe(session, where: Path, batch: int, size: tuple[int, int]) -> tuple[int, ...]:
+    """The output shape for one batch of zeros: the real joint count and heatmap size."""
+    try:
+        out = session.run(None, {session.get_inputs()[0].name: np.zeros((batch, 3, *size), np.float32)})[0]
+    except Exception as e:
+        raise ExportError(f"{where} failed on a {batch}x3x{size[0]}x{size[1]} input ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200]}); check --input-size") from None
+    if out.ndim != 4:
+        raise _not_supported(where, f"the output is {list(out.shape)} at run time, not N x joints x h x w heatmaps")
+    if out.shape[2] > size[0] or out.shape[3] > size[1]:
+        raise _not_supported(where, f"heatmaps of {out.shape[2]}x{out.shape[3]} are larger than the "
+                             f"{size[0]}x{size[1]} input")
+    return tuple(int(d) for d in out.shape)
+
+
+def _input_size(facts: GraphFacts, given: tuple[int, int] | None, where: Path) -> tuple[int, int] | None:
+    h, w = facts.input_hw
+    if h and w:
+        if given and tuple(given) != (h, w):
+            raise PosequantError(f"{where} takes {h}x{w} inputs (fixed in the graph), not --input-size "
+                                 f"{format_size(given)}: leave --input-size out")
+        return h, w
+    return tuple(given) if given else None
+
+
+def _named_set(names: list[str], keypoints: str | None) -> KeypointSet:
+    """The keypoint set ``--joints`` speaks of: ``keypoints``, or the one that knows the most names."""
+    if keypoints:
+        return KEYPOINT_SETS[keypoints.lower()]
+    return max(KEYPOINT_SETS.values(), key=lambda s: sum(n in s.joint_names for n in names))
+
+
+def channel_joints(joints: str, kps: KeypointSet, channels: int) -> tuple[int, ...]:
+    """``--joints a,b,...`` (the model's channel order) -> index of each channel's joint in ``kps``.
+
+    Every joint of the set must be named exactly once: a model that covers part of the set cannot be
+    scored honestly by the set's metrics (MPII's PCKh Mean, COCO's OKS), so that is not supported yet.
+    """
+    names = [n.strip() for n in joints.split(",") if n.strip()]
+    unknown = [n for n in names if n not in kps.joint_names]
+    if unknown:
+        hints = []
+        for n in unknown:
+            close = difflib.get_close_matches(n, kps.joint_names, n=1)
+            hints.append(f"{n!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise PosequantError(f"--joints: {', '.join(hints)} not in the {kps.name} joint names "
+                             f"({', '.join(kps.joint_names)})")
+    dups = sorted({n for n in names if names.count(n) > 1}, key=names.index)
+    if dups:
+        raise PosequantError(f"--joints names {', '.join(dups)} more than once: name each channel's joint once")
+    if len(names) != channels:
+        raise PosequantError(f"--joints names {len(names)} joints but the model outputs {channels} heatmap channels: "
+                             "name one joint per channel, in channel order")
+    missing = [n for n in kps.joint_names if n not in names]
+    if missing:
+        raise PosequantError(f"--joints leaves out {', '.join(missing)} of the {kps.name} set: a model must cover "
+                             "every joint of its set (partial sets are not supported yet)")
+    return tuple(kps.joint_names.index(n) for n in names)
+
+
+def default_stamped_output(source: Path) -> Path:
+    """``model.onnx`` -> ``model.posequant.onnx`` beside it (never the source itself)."""
+    return source.with_name(source.stem + ".posequant.onnx")
+
+
+def _simplify(model: onnx.ModelProto, where: Path) -> onnx.ModelProto:
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as e:
+        raise ExportError(f"onnxsim failed on {where} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                          "retry with --no-simplify") from None
+    if not ok:
+        raise ExportError(f"onnxsim could not validate the simplified {where}; retry with --no-simplify")
+    # onnxsim leaves its own keys in metadata_props; they say nothing a later stage needs
+    keep = [(p.key, p.value) for p in simplified.metadata_props if not p.key.startswith("onnxsim")]
+    del simplified.metadata_props[:]
+    for key, value in keep:
+        entry = simplified.metadata_props.add()
+        entry.key, entry.value = key, value
+    return simplified
+
+
+def stamp_onnx(
+    source: str | Path,
+    output: str | Path | None = None,
+    *,
+    input_size: tuple[int, int] | None = None,
+    keypoints: str | None = None,
+    joints: str | None = None,
+    color: str | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    simplify: bool = True,
+    verify_model: bool = True,
+    data: str | Path | None = None,
+    data_samples: int = 8,
+    rtol: float = 1e-4,
+    progress: Callable[[str], None] | None = None,
+):
+    """Stamp a third-party heatmap pose ONNX model with posequant metadata (``export-pose MODEL.onnx``).
+
+    The batch stays what the file has (a fixed batch is run at that size by every later stage).
+    ``joints`` names the model's channels, in order, in the keypoint set's names; ``mean``/``std``
+    default to ImageNet's. Returns an :class:`~posequant.exporter.export.ExportResult`.
+    """
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    source = Path(source)
+    if not source.is_file():
+        raise PosequantError(f"model {source} not found: check the path")
+    output = Path(output) if output else default_stamped_output(source)
+    # never onto the source model or the data; bad numbers before any work
+    check_outputs({"-o": output}, {"MODEL": source, "--data": data})
+    mean, std = normalisation(mean, "mean"), normalisation(std, "std")
+    rtol = check_number("--rtol", rtol, above=True)
+    try:
+        model = onnx.load(str(source))
+    except Exception as e:
+        raise ExportError(f"{source} is not a readable ONNX model ({type(e).__name__}): check the file") from None
+    facts = check_graph(model, source)
+    size = _input_size(facts, input_size, source)
+
+    missing = []
+    if size is None:
+        missing.append("--input-size HxW (the graph's input size is dynamic)")
+    if not (keypoints or joints):
+        missing.append("--keypoints mpii|coco (channels in the set's order) or --joints NAME,... (the model's order)")
+    if not color:
+        missing.append("--color rgb|bgr (the channel order it was trained on)")
+    if missing:
+        raise PosequantError(f"{source}: the graph does not say what the stamp needs; add " + "; ".join(missing))
+    if color.lower() not in ("rgb", "bgr"):
+        raise PosequantError(f"--color must be rgb or bgr, got {color!r}")
+
+    original = model.SerializeToString()
+    ref = _session(original)
+    batch = facts.batch
+    shape = _probe(ref, source, batch or 1, size)
+    channels, heatmap_size = shape[1], (shape[2], shape[3])
+    if joints:
+        kps = _named_set([n.strip() for n in joints.split(",")], keypoints)
+        order = channel_joints(joints, kps, channels)
+        order = () if order == tuple(range(channels)) else order
+    else:
+        kps, order = keypoint_set_for(channels, keypoints), ()
+
+    meta = ModelMeta(
+        family=FAMILY, keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
+        skeleton=kps.skeleton, input_size=size, heatmap_size=heatmap_size, color=color.lower(),
+        mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD,
+        arch_config={"input": facts.input_name, "output": facts.output_name, "batch": batch or "dynamic"},
+        source_checkpoint=source.name, source_sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+        posequant_version=__version__, channel_joints=order,
+    )
+    timings = {"load_s": time.perf_counter() - t0}
+    if simplify:
+        say(f"simplifying {source.name} with onnxsim")
+        t = time.perf_counter()
+        model = _simplify(model, source)
+        timings["simplify_s"] = time.perf_counter() - t
+    write_meta(model, meta)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise ExportError(f"onnx.checker rejected the stamped copy of {source}: {str(e).splitlines()[0]}") from None
+    stamped = model.SerializeToString()
+
+    report = None
+    if verify_model:
+        say("verifying the stamped copy against the original with ONNX Runtime")
+        t = time.perf_counter()
+        report = verify_copy(ref, _session(stamped), meta, batch, data=data, data_samples=data_samples, rtol=rtol)
+        timings["verify_s"] = time.perf_counter() - t
+        if not report.passed:
+            worst = max(report.cases, key=lambda c: c.rel_diff)
+            raise VerificationError(
+                f"the stamped copy differs from {source} beyond tolerance (max abs diff {worst.max_abs_diff:.3g}, "
+                f"relative {worst.rel_diff:.3g} > {rtol:g} on {worst.name}); nothing was written. Retry with "
+                "--no-simplify")
+    with atomic_path(output) as tmp:
+        tmp.write_bytes(stamped)
+    timings["total_s"] = time.perf_counter() - t0
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    return ExportResult(output, meta, report, params, len(stamped), timings)
+
+
+def verify_copy(ref, copy, meta: ModelMeta, batch: int | None, *, data=None, data_samples: int = 8,
+                rtol: float = 1e-4) -> VerifyReport:
+    """The stamped copy vs the original, both on ONNX Runtime: fixed-seed inputs and ``data`` crops."""
+    cases = [("random inputs (seed 0)", random_inputs(meta.input_size, samples=batch or 2))]
+    if data is not None:
+        cases.append(_data_cases(data, meta, data_samples))
+    results = []
+    for name, inputs in cases:
+        a, b = run_onnx(ref, inputs, batch), run_onnx(copy, inputs, batch)
+        results.append(compare_heatmaps(name, a, b, rtol * max(float(np.abs(a).max()), 1e-12)))
+    return VerifyReport(results, rtol, reference="the original ONNX")
