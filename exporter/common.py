@@ -51,3 +51,17 @@ def _data_cases(data: str | Path, meta: ModelMeta, samples: int):
     inputs = np.concatenate(crops)
     split = f" {ds.split}" if ds.split else ""
     return f"{ds.format}{split} crops from {Path(data).name}", inputs
+
+
+def default_output(checkpoint: Path) -> Path:
+    """``pose_resnet_50_256x256.pth.tar`` -> ``pose_resnet_50_256x256.onnx`` beside it; a third-party
+    ``model.onnx`` -> ``model.posequant.onnx`` (never the input itself)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix.lower() == ".onnx":
+        return checkpoint.with_name(checkpoint.stem + ".posequant.onnx")
+    name = checkpoint.name
+    for suffix in (".pth.tar", ".pth", ".pt", ".tar", ".ckpt", ".bin"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return checkpoint.with_name(name + ".onnx")

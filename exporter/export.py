@@ -20,23 +20,13 @@ from posequant.core.quiet import ort_session, quiet
 from posequant.core.version import __version__
 
 from .checkpoint import load_checkpoint
-from .common import ExportResult, _data_cases
+from .common import ExportResult, _data_cases, default_output
 from .model import resolve_model
 from .verify import random_inputs, verify
 
 MIN_OPSET = 17
 DEFAULT_INPUT_SIZE = {16: (256, 256), 17: (256, 192)}  # MPII and COCO configs of the official repos
 PROTOBUF_LIMIT = 2**31 - 1
-
-
-def default_output(checkpoint: Path) -> Path:
-    """``pose_resnet_50_256x256.pth.tar`` -> ``pose_resnet_50_256x256.onnx`` beside it."""
-    name = checkpoint.name
-    for suffix in (".pth.tar", ".pth", ".pt", ".tar", ".ckpt", ".bin"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-            break
-    return checkpoint.with_name(name + ".onnx")
 
 
 def probe_output(module: torch.nn.Module, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:

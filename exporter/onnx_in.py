@@ -25,7 +25,7 @@ from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, form
 from posequant.core.numbers import check_number, normalisation
 from posequant.core.version import __version__
 
-from .common import ExportResult, _data_cases
+from .common import ExportResult, _data_cases, default_output
 from .verify import VerifyReport, compare_heatmaps, random_inputs, run_onnx
 
 FAMILY = "onnx"  # metadata family of a stamped third-party model
@@ -167,11 +167,6 @@ def channel_joints(joints: str, kps: KeypointSet, channels: int) -> tuple[int, .
     return tuple(kps.joint_names.index(n) for n in names)
 
 
-def default_stamped_output(source: Path) -> Path:
-    """``model.onnx`` -> ``model.posequant.onnx`` beside it (never the source itself)."""
-    return source.with_name(source.stem + ".posequant.onnx")
-
-
 def _simplify(model: onnx.ModelProto, where: Path) -> onnx.ModelProto:
     import onnxsim
 
@@ -219,7 +214,7 @@ def stamp_onnx(
     source = Path(source)
     if not source.is_file():
         raise PosequantError(f"model {source} not found: check the path")
-    output = Path(output) if output else default_stamped_output(source)
+    output = Path(output) if output else default_output(source)
     # never onto the source model or the data; bad numbers before any work
     check_outputs({"-o": output}, {"MODEL": source, "--data": data})
     mean, std = normalisation(mean, "mean"), normalisation(std, "std")

@@ -211,7 +211,8 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
     from posequant.exporter.report import format_export
 
     _check({"-o": output or default_output(checkpoint), "--json": json_out},
-           {"CHECKPOINT": checkpoint, "--arch": arch_file(arch), "--data": data})
+           {"MODEL" if checkpoint.suffix.lower() == ".onnx" else "CHECKPOINT": checkpoint, "--arch": arch_file(arch),
+            "--data": data})
     result = export_pose(
         checkpoint, output, arch=arch, input_size=input_size, keypoints=keypoints, color=color,
         mean=mean, std=std, opset=opset, batch=batch, simplify=not no_simplify,
