@@ -13,6 +13,7 @@ import numpy as np
 from posequant.calibration import average_flip, decode_heatmaps, iter_batches, load_mpii_gt, open_dataset
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
+from posequant.core.onnxfile import check_heatmaps
 
 from .metrics import box_size, coco_keypoint_ap, coco_results, mpii_pckh, pck
 from .runners import make_runner
@@ -58,9 +59,7 @@ class EvalResult:
 def _load_model(model: Path, export_options: dict, tmp: Path, progress):
     """(onnx path, meta, torch module or None): a checkpoint is exported (and verified) first."""
     if model.suffix.lower() == ".onnx":
-        if not model.is_file():
-            raise PosequantError(f"model {model} not found: check the path")
-        return model, read_meta(model), None
+        return model, read_meta(model), None  # read_meta says what is wrong with a bad file in one line
     from posequant.exporter import export_pose
 
     res = export_pose(model, tmp / "model.onnx", progress=progress, **export_options)
@@ -153,6 +152,7 @@ def evaluate(
         t0 = time.perf_counter()
         for b in shown:
             heatmaps = runner.infer(b.inputs)
+            check_heatmaps(heatmaps, meta, str(model))  # the dims the graph left symbolic
             if flip:
                 heatmaps = average_flip(heatmaps, runner.infer(b.inputs_flipped), meta.flip_pairs)
             _check_finite(heatmaps, b.people, model)

@@ -111,7 +111,7 @@ class GateResult:
 
 def _check_models(float_model: Path, int8_model: Path) -> tuple[ModelMeta, ModelMeta]:
     for opt, path in (("--float", float_model), ("--int8", int8_model)):
-        if not path.is_file():
+        if not path.exists():
             raise GateInputError(f"{opt} {path} not found: check the path")
         if path.suffix.lower() != ".onnx":
             raise GateInputError(f"{opt} {path} is not an .onnx file: export checkpoints with "

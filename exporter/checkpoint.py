@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -65,6 +66,37 @@ def _looks_like_checkpoint(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+def numpy_scalar_globals() -> list:
+    """The numpy globals a pickled numpy scalar needs, and nothing else: the official Simple Baselines /
+    HRNet ``save_checkpoint`` stores ``perf`` as ``numpy.float64``. Rebuilding a scalar from its dtype
+    and raw bytes runs no user code. numpy 2 pickles ``numpy._core.multiarray.scalar``; files from
+    numpy 1 name ``numpy.core.multiarray.scalar`` (registered under that name too), and the dtype's
+    state is set on its class (``numpy.dtypes.Float64DType``, ...)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    allowed: list = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+                     np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    for name in ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType", "Int32DType",
+                 "Int64DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType"):
+        if hasattr(dtypes, name):
+            allowed.append(getattr(dtypes, name))
+    return allowed
+
+
+def _unsupported_global(e: Exception) -> str | None:
+    """The global torch's weights-only unpickler refused, e.g. ``posix.system``."""
+    # torch words it "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose module x is blocked",
+    # or (for state set on a class) "Can only build ... but got <class 'x.y'>"
+    m = (re.search(r"(?i)unsupported global:?\s+(?:global\s+)?([\w.]+)", str(e))
+         or re.search(r"Can only build .* but got <class '([\w.]+)'>", str(e)))
+    return m.group(1) if m else None
+
+
 def _read(path: Path, trust_pickle: bool) -> Any:
     head = path.open("rb").read(8)
     try:
@@ -72,14 +104,22 @@ def _read(path: Path, trust_pickle: bool) -> Any:
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
             if _is_torchscript(path):
                 return torch.jit.load(str(path), map_location="cpu")
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            if trust_pickle:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            # a context, not add_safe_globals: the allowance ends with this load, for the whole process
+            with torch.serialization.safe_globals(numpy_scalar_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, zip and pickle errors for damage
         if not _looks_like_checkpoint(head):
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint: expected a file saved with torch.save") from None
-        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            hint = (" (it is an ONNX model already: give it to eval, quantize or bench)"
+                    if path.suffix.lower() == ".onnx" else "")
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint{hint}: expected a file saved with "
+                                  "torch.save") from None
+        refused = _unsupported_global(e) if isinstance(e, pickle.UnpicklingError) else None
+        if refused:
             raise CheckpointError(
-                f"{path} holds pickled Python objects (e.g. a whole model), which are not loaded by "
-                "default because unpickling runs code; if you trust the file, add --trust-pickle") from None
+                f"{path} holds pickled Python objects (global {refused}; e.g. a whole pickled model), which are "
+                "not loaded by default because unpickling runs code; if you trust the file, add --trust-pickle") from None
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in str(e):
             reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")), reason)
@@ -144,8 +184,10 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found: check the path")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file: give the .pth file inside it")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
+        raise CheckpointError(f"checkpoint {path} is not a regular file: give a .pth/.pt file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or save did not finish")
     obj = _read(path, trust_pickle)
