@@ -84,7 +84,6 @@ def _graph_facts(proto) -> dict[str, Any]:
 
 
 def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) -> BenchModel:
-
     from posequant.core.metadata import read_meta
 
     path = Path(path)

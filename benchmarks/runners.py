@@ -13,10 +13,16 @@ from typing import Callable, Protocol
 import numpy as np
 
 from posequant.core.errors import PosequantError
+from posequant.core.onnxfile import ModelFileError
 
 
 class BackendError(PosequantError):
     """A backend or device that cannot be used here."""
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 class Runner(Protocol):
@@ -48,7 +54,12 @@ class OrtRunner:
             opts.intra_op_num_threads = self.threads
         # spinning threads steal the cores from whatever runs next in this process
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), opts, providers=self._providers(ort))
+        providers = self._providers(ort)
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as e:  # a graph that parses but does not load (unknown op, bad shapes): one line
+            raise ModelFileError(f"{self.path}: ONNX Runtime cannot load this graph ({_first_line(e)}): "
+                                 "re-export it with `posequant export-pose`") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def _providers(self, ort) -> list:
@@ -105,7 +116,11 @@ class OpenVINORunner:
         if self.threads:
             self.config["INFERENCE_NUM_THREADS"] = self.threads
         self.core = ov.Core()
-        self.model = self.core.read_model(str(self.path))  # an unreadable graph fails here, at load
+        try:
+            self.model = self.core.read_model(str(self.path))  # an unreadable graph fails here, at load
+        except Exception as e:
+            raise ModelFileError(f"{self.path}: OpenVINO cannot read this graph ({_first_line(e)}): "
+                                 "re-export it with `posequant export-pose`") from None
         self.compiled_by_shape: dict[tuple, object] = {}
         self.compiled = None if self.static_shapes else self.core.compile_model(self.model, "CPU", self.config)
 

@@ -123,14 +123,25 @@ def _sizes_that_fit(module: torch.nn.Module, size: tuple[int, int]) -> tuple[int
     One multiple more is probed too: a size too small for the backbone can look exact by accident
     (8x8 heatmaps from an 8x8 input, stride 1, when the network's stride is 4)."""
     h, w = size
+    seen: dict[tuple[int, int], int | None] = {}
+
+    def stride_at(c: tuple[int, int]) -> int | None:
+        if c not in seen:
+            r = _try_size(module, c)
+            seen[c] = _stride(c, r[1]) if r else None
+        return seen[c]
+
     for m in (4, 8, 16, 32, 64, 128):
         down = (max(m, h // m * m), max(m, w // m * m))
         up = (-(-h // m) * m, -(-w // m) * m)
         cands = list(dict.fromkeys([down, up]))
-        probes = cands + [(up[0] + m, up[1] + m)]
-        strides = [_stride(c, r[1]) if (r := _try_size(module, c)) else None for c in probes]
-        if all(strides) and len(set(strides)) == 1:
-            return m, strides[0], cands
+        strides = set()
+        for c in cands + [(up[0] + m, up[1] + m)]:  # stops at the first size that does not fit
+            strides.add(stride_at(c))
+            if None in strides or len(strides) > 1:
+                break
+        else:
+            return m, strides.pop(), cands
     return None
 
 
