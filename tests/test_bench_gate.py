@@ -76,10 +76,12 @@ def break_int8(src, dst, factor=0.0, at="weights"):
 def with_meta(src, dst, **changes):
     model = onnx.load(str(src))
     write_meta(model, read_meta(model).with_(**changes))
-    if "input_size" in changes:  # stands for a model of another size: the graph's H and W must not say otherwise
-        for value in (model.graph.input[0], model.graph.output[0]):
-            for dim in value.type.tensor_type.shape.dim[2:]:
-                dim.dim_param = "size"
+    # stands for a model of another size or joint set: the graph's static dims must not say otherwise
+    # (read_meta holds the graph to its metadata)
+    if "input_size" in changes or "joint_names" in changes:
+        for value, first in ((model.graph.input[0], 2), (model.graph.output[0], 1)):
+            for dim in value.type.tensor_type.shape.dim[first:]:
+                dim.dim_param = "free"
     onnx.save(model, str(dst))
     return dst
 
@@ -246,7 +248,7 @@ def test_gate_passes_and_writes_the_report(models, coco, tmp_path):
     doc = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert doc["passed"] is True and doc["latency"]["results"] and len(doc["disagreements"]) == 6
     png = cv2.imread(str(tmp_path / "rep" / "disagreements.png"))
-    assert png.shape[1] == 2 * 192 + 6 and png.shape[0] >= 256  # float | INT8 panels, 256 px high (3:4)
+    assert png.shape[1] == 2 * 128 + 6 and png.shape[0] >= 256  # float | INT8 panels, 256 px high (1:2, as SIZE)
 
 
 def test_gate_fails_a_broken_int8_model(models, coco):
