@@ -345,7 +345,7 @@ def test_symbolic_output_checked_on_first_inference(d, coco):
     path = save(tiny_graph(out_channels=10, out_dims=["N", "C", "h", "w"]), d / "symbolic.onnx")
     read_meta(path)  # nothing static to disagree with
     res = invoke("eval", path, "--data", coco, "--no-flip")
-    one_line(res, str(path), "returned 3x10x16x12", "expects N x 17x16x12")
+    one_line(res, str(path), "returned 3x10x16x12", "expects N x 17 x h x w heatmaps")
 
 
 def test_good_tiny_graph_evaluates(good, coco):

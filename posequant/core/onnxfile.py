@@ -109,10 +109,10 @@ def check_graph(model, meta, where: str) -> None:
 
 
 def check_heatmaps(heatmaps, meta, where: str) -> None:
-    """What the model returned on a real batch fits its metadata (the dims the graph left symbolic)."""
+    """What the model returned on a real batch is N x joints x h x w, as many joints as its metadata names
+    (the dims the graph left symbolic). The heatmap's h x w is the decoder's to read from the output."""
     shape = tuple(getattr(heatmaps, "shape", ()))
-    want = (meta.num_joints, *meta.heatmap_size)
-    if len(shape) != 4 or shape[1:] != want:
+    if len(shape) != 4 or shape[1] != meta.num_joints:
         raise MetadataError(f"{where} returned {_show(shape)} for a {meta.input_size[0]}x{meta.input_size[1]} "
-                            f"input, but its metadata expects N x {_show(want)} heatmaps: re-export it with "
-                            "`posequant export-pose`")
+                            f"input, but its metadata expects N x {meta.num_joints} x h x w heatmaps "
+                            f"({meta.keypoints}): re-export it with `posequant export-pose`")
