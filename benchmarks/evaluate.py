@@ -19,6 +19,7 @@ from posequant.calibration import (
 )
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
+from posequant.core.onnxfile import check_heatmaps
 from posequant.core.quiet import warn as posequant_warn
 
 from .metrics import box_size, coco_keypoint_ap, coco_results, mpii_pckh, pck
@@ -187,6 +188,7 @@ def evaluate(
         t0 = time.perf_counter()
         for b in shown:
             heatmaps = _infer(runner, b.inputs, fixed)
+            check_heatmaps(heatmaps, meta, str(model))  # the dims the graph left symbolic
             flipped = _infer(runner, b.inputs_flipped, fixed) if flip else None
             for h in (heatmaps, flipped):
                 if h is not None:

@@ -120,18 +120,19 @@ class GateResult:
 def _check_models(float_model: Path, int8_model: Path, allow_different_source: bool = False
                   ) -> tuple[ModelMeta, ModelMeta]:
     for opt, path in (("--float", float_model), ("--int8", int8_model)):
-        if not path.is_file():
+        if not path.exists():
             raise GateInputError(f"{opt} {path} not found: check the path")
         if path.suffix.lower() != ".onnx":
             raise GateInputError(f"{opt} {path} is not an .onnx file: export checkpoints with "
                                  "`posequant export-pose` first")
+    # read (and checked against their graphs) first: a damaged file is named before anything else is said of it
+    fmeta, qmeta = read_meta(float_model), read_meta(int8_model)
     if onnx_precision(float_model) == "int8":
         raise GateInputError(f"--float {float_model} is an INT8 model (it has quantization nodes): give the "
                              "float export as --float and the quantized model as --int8")
     if onnx_precision(int8_model) != "int8":
         raise GateInputError(f"--int8 {int8_model} has no quantization nodes (QuantizeLinear/DequantizeLinear): "
                              "it is a float model; give the quantized model as --int8")
-    fmeta, qmeta = read_meta(float_model), read_meta(int8_model)
     if fmeta.input_size != qmeta.input_size:
         raise GateInputError(f"the models take different input sizes ({_hw(fmeta)} float, {_hw(qmeta)} INT8): "
                              "quantize the same float export you gate against")

@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from posequant.core.cpu import cpu_kind
-from posequant.core.errors import MetadataError, PosequantError
+from posequant.core.errors import MissingMetadataError, PosequantError
+from posequant.core.onnxfile import load_onnx
 
 from .machine import gpu_name, has_bf16, machine_facts, usable_cores
 from .runners import BACKENDS, BackendError, Runner, make_runner
@@ -60,7 +61,7 @@ def onnx_precision(model) -> str:
     import onnx
 
     if isinstance(model, (str, Path)):
-        model = onnx.load(str(model), load_external_data=False)
+        model = load_onnx(model)
     if any(n.op_type in QUANT_OPS for n in model.graph.node):
         return "int8"
     inputs = model.graph.input
@@ -83,8 +84,6 @@ def _graph_facts(proto) -> dict[str, Any]:
 
 
 def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) -> BenchModel:
-    import onnx
-
     from posequant.core.metadata import read_meta
 
     path = Path(path)
@@ -97,17 +96,13 @@ def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) 
 
         res = export_pose(path, tmp / f"{path.stem}.onnx", verify_model=False, **(export_options or {}))
         onnx_path, module = res.output, res.model.module
-    try:
-        proto = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as e:
-        raise PosequantError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0]}): "
-                             "check the file") from None
+    proto = load_onnx(onnx_path)
     facts = _graph_facts(proto)
     try:
-        meta = read_meta(proto)
+        meta = read_meta(proto, str(path))
         size = meta.input_size
         group = f"{meta.source_sha256[:12] or path.stem} {size[0]}x{size[1]}"
-    except MetadataError:
+    except MissingMetadataError:
         if facts["hw"] is None:
             from posequant.core.metadata import stamp_command
 

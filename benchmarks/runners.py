@@ -13,11 +13,17 @@ from typing import Callable, Protocol
 import numpy as np
 
 from posequant.core.errors import PosequantError
+from posequant.core.onnxfile import ModelFileError
 from posequant.core.quiet import ort_session, quiet
 
 
 class BackendError(PosequantError):
     """A backend or device that cannot be used here."""
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 class Runner(Protocol):
@@ -50,7 +56,13 @@ class OrtRunner:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # a provider that fails to start (ORT prints "*** EP Error ***" and falls back) is refused: the
         # results would be labelled with a device they did not run on
-        self.session = ort_session(str(self.path), opts, self._providers(ort), fallback="error")
+        try:
+            self.session = ort_session(str(self.path), opts, self._providers(ort), fallback="error")
+        except PosequantError:
+            raise
+        except Exception as e:  # a graph that parses but does not load (unknown op, bad shapes): one line
+            raise ModelFileError(f"{self.path}: ONNX Runtime cannot load this graph ({_first_line(e)}): "
+                                 "re-export it with `posequant export-pose`") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def _providers(self, ort) -> list:
@@ -107,8 +119,12 @@ class OpenVINORunner:
         if self.threads:
             self.config["INFERENCE_NUM_THREADS"] = self.threads
         self.core = ov.Core()
-        with quiet():
-            self.model = self.core.read_model(str(self.path))  # an unreadable graph fails here, at load
+        try:
+            with quiet():
+                self.model = self.core.read_model(str(self.path))  # an unreadable graph fails here, at load
+        except Exception as e:
+            raise ModelFileError(f"{self.path}: OpenVINO cannot read this graph ({_first_line(e)}): "
+                                 "re-export it with `posequant export-pose`") from None
         self.compiled_by_shape: dict[tuple, object] = {}
         self.compiled = None if self.static_shapes else self._compile(self.model)
 

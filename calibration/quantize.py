@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from posequant.core.cpu import KINDS, CpuKind, cpu_kind
-from posequant.core.errors import DataError, MetadataError, PosequantError, VerificationError
+from posequant.core.errors import DataError, MetadataError, MissingMetadataError, PosequantError, VerificationError
 from posequant.core.fileio import check_outputs, write_bytes_atomic
 from posequant.core.metadata import (
     IMAGENET_MEAN,
@@ -33,6 +33,7 @@ from posequant.core.metadata import (
     write_meta,
 )
 from posequant.core.numbers import check_number
+from posequant.core.onnxfile import check_graph, load_onnx
 from posequant.core.quiet import quiet
 from posequant.core.version import __version__
 
@@ -127,12 +128,7 @@ class QuantizeResult:
 
 
 def _load(model_path: Path) -> onnx.ModelProto:
-    if not model_path.is_file():
-        raise QuantizeError(f"model {model_path} not found: check the path")
-    try:
-        model = onnx.load(str(model_path))
-    except Exception as e:  # onnx raises DecodeError, OSError, ... for what is not an ONNX file
-        raise QuantizeError(f"{model_path} is not an ONNX model ({type(e).__name__}): give the .onnx from export-pose") from None
+    model = load_onnx(model_path, load_external_data=True)  # one line for a missing, empty or damaged file
     if is_quantized(model):
         raise QuantizeError(f"{model_path} is already quantized (it has QuantizeLinear/DequantizeLinear nodes): "
                             "give the float model")
@@ -142,12 +138,12 @@ def _load(model_path: Path) -> onnx.ModelProto:
 def model_meta(model: onnx.ModelProto, where: str, *, input_size=None, keypoints=None, color=None) -> ModelMeta:
     """The model's posequant metadata, or one built from the options for a model without it."""
     try:
-        meta = read_meta(model)
-    except MetadataError:
+        meta = read_meta(model, where)
+    except MissingMetadataError:
         if not (input_size and keypoints and color):
             raise MetadataError(f"{where} has no posequant metadata; stamp it first: {stamp_command(where, model)} "
                                 "(or give quantize --input-size, --keypoints and --color)") from None
-        return _meta_from_options(model, input_size, keypoints, color)
+        return _meta_from_options(model, input_size, keypoints, color, where)
     given = [f"--{k.replace('_', '-')}" for k, v in (("input_size", input_size), ("keypoints", keypoints),
                                                      ("color", color)) if v]
     if given:  # overriding one stage's preprocessing would quantize for inputs the float model never sees
@@ -156,17 +152,20 @@ def model_meta(model: onnx.ModelProto, where: str, *, input_size=None, keypoints
     return meta
 
 
-def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color: str) -> ModelMeta:
+def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color: str, where: str) -> ModelMeta:
     from posequant.core.keypoints import keypoint_set_for
 
     dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or not dims[1]:
-        raise MetadataError("the model's output is not N x joints x H x W heatmaps: export it with `posequant export-pose`")
+        raise MetadataError(f"{where}: the model's output is not N x joints x H x W heatmaps: export it with "
+                            "`posequant export-pose`")
     kps = keypoint_set_for(dims[1], keypoints)
     heatmap = (dims[2], dims[3]) if dims[2] and dims[3] else _probe_heatmap_size(model, input_size)
-    return ModelMeta(family="custom", keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
+    meta = ModelMeta(family="custom", keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
                      skeleton=kps.skeleton, input_size=tuple(input_size), heatmap_size=heatmap, color=color.lower(),
                      mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD), posequant_version=__version__)
+    check_graph(model, meta, where)  # e.g. an input that is not N x 3 x H x W
+    return meta
 
 
 def _probe_heatmap_size(model: onnx.ModelProto, input_size) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -66,20 +67,22 @@ def _looks_like_checkpoint(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
-# numpy arrays and scalars (mmengine saves the dataset's metainfo, numpy arrays, in checkpoint['meta']):
-# these globals only rebuild arrays from their dtype and bytes, so allowing them runs no other code.
+# numpy arrays and scalars: the official Simple Baselines / HRNet ``save_checkpoint`` stores ``perf`` as
+# ``numpy.float64``; mmengine saves the dataset's metainfo (numpy arrays) in checkpoint['meta']. These
+# globals only rebuild arrays and scalars from a dtype and raw bytes, so allowing them runs no other code.
 _NUMPY_DATA_GLOBALS = ("_reconstruct", "scalar", "ndarray", "dtype")
 
 
 def _numpy_data_globals(path: Path) -> list | None:
-    """The numpy globals ``path`` needs, when numpy arrays are all it pickles beyond tensors; else None."""
+    """The numpy globals ``path`` needs, under the names it pickles them by, when numpy scalars and
+    arrays are all it pickles beyond tensors; else None (and nothing is allowed)."""
     import importlib
 
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:
         return None
-    found = []
+    found: list = []
     for name in needed:
         module, _, attr = name.rpartition(".")
         ok = module.split(".")[0] == "numpy" and (attr in _NUMPY_DATA_GLOBALS or (
@@ -87,10 +90,12 @@ def _numpy_data_globals(path: Path) -> list | None:
         if not ok:
             return None
         try:
-            found.append(getattr(importlib.import_module(module), attr))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # numpy 2 warns on numpy.core, the name numpy-1 files use
+                found.append((getattr(importlib.import_module(module), attr), name))
         except (ImportError, AttributeError):
             return None
-    if found:  # an array's dtype is rebuilt through its class (numpy.dtypes.Float32DType, ...), not listed above
+    if found:  # a dtype's state is set on its class (numpy.dtypes.Float64DType, ...), not listed above
         import numpy as np
 
         dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
@@ -106,6 +111,15 @@ def _openmmlab_globals(path: Path) -> list[str]:
     return [g for g in needed if g.split(".")[0] in ("mmengine", "mmcv", "mmpose")]
 
 
+def _unsupported_global(e: Exception) -> str | None:
+    """The global torch's weights-only unpickler refused, e.g. ``posix.system``."""
+    # torch words it "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose module x is blocked",
+    # or (for state set on a class) "Can only build ... but got <class 'x.y'>"
+    m = (re.search(r"(?i)unsupported global:?\s+(?:global\s+)?([\w.]+)", str(e))
+         or re.search(r"Can only build .* but got <class '([\w.]+)'>", str(e)))
+    return m.group(1) if m else None
+
+
 def _read(path: Path, trust_pickle: bool) -> Any:
     head = path.open("rb").read(8)
     try:
@@ -116,15 +130,20 @@ def _read(path: Path, trust_pickle: bool) -> Any:
             try:
                 return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
             except pickle.UnpicklingError as e:
-                allowed = None if trust_pickle or "Unsupported global" not in str(e) else _numpy_data_globals(path)
+                allowed = None if trust_pickle or _unsupported_global(e) is None else _numpy_data_globals(path)
                 if not allowed:
                     raise
+                # a context, not add_safe_globals: the allowance ends with this load, for the whole process
                 with torch.serialization.safe_globals(allowed):
                     return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, zip and pickle errors for damage
         if not _looks_like_checkpoint(head):
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint: expected a file saved with torch.save") from None
-        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            hint = (" (it is an ONNX model already: give it to eval, quantize or bench)"
+                    if path.suffix.lower() == ".onnx" else "")
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint{hint}: expected a file saved with "
+                                  "torch.save") from None
+        refused = _unsupported_global(e) if isinstance(e, pickle.UnpicklingError) else None
+        if refused:
             trainer = _openmmlab_globals(path)
             if trainer:  # an mmengine/mmcv training checkpoint: its training state is pickled objects
                 raise CheckpointError(
@@ -133,8 +152,8 @@ def _read(path: Path, trust_pickle: bool) -> Any:
                     "'state_dict' (as mmpose's tools/misc/publish_model.py does), or if you trust the file "
                     "and have that package installed, add --trust-pickle") from None
             raise CheckpointError(
-                f"{path} holds pickled Python objects (e.g. a whole model), which are not loaded by "
-                "default because unpickling runs code; if you trust the file, add --trust-pickle") from None
+                f"{path} holds pickled Python objects (global {refused}; e.g. a whole pickled model), which are "
+                "not loaded by default because unpickling runs code; if you trust the file, add --trust-pickle") from None
         if isinstance(e, ModuleNotFoundError) and trust_pickle:
             raise CheckpointError(
                 f"{path} pickles objects of the Python module {e.name!r}, which is not installed: install it, "
@@ -203,8 +222,10 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found: check the path")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file: give the .pth file inside it")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
+        raise CheckpointError(f"checkpoint {path} is not a regular file: give a .pth/.pt file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or save did not finish")
     obj = _read(path, trust_pickle)

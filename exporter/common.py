@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
-from posequant.core.errors import PosequantError
+from posequant.core.errors import ExportError, PosequantError
 from posequant.core.metadata import ModelMeta
+from posequant.core.quiet import quiet
 
 from .checkpoint import Checkpoint
 from .model import PoseModel
@@ -65,3 +67,26 @@ def default_output(checkpoint: Path) -> Path:
             name = name[: -len(suffix)]
             break
     return checkpoint.with_name(name + ".onnx")
+
+
+def simplify_onnx(model: onnx.ModelProto, where: str = "the model") -> onnx.ModelProto:
+    """onnxsim, quietly, keeping metadata_props to the model's own keys and ours."""
+    import onnxsim
+
+    before = {p.key for p in model.metadata_props}
+    try:
+        with quiet():  # onnxsim's prints and ORT's logs from its checks
+            simplified, ok = onnxsim.simplify(model)
+    except Exception as e:
+        raise ExportError(f"onnxsim failed on {where} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                          "retry with --no-simplify") from None
+    if not ok:
+        raise ExportError(f"onnxsim could not validate the simplified {where}; retry with --no-simplify")
+    # onnxsim stamps ~18 onnxsim.* keys (its version, its options) into metadata_props: not ours, and
+    # not the model's; any key the model had before stays
+    keep = [(p.key, p.value) for p in simplified.metadata_props if p.key in before or not p.key.startswith("onnxsim")]
+    del simplified.metadata_props[:]
+    for key, value in keep:
+        entry = simplified.metadata_props.add()
+        entry.key, entry.value = key, value
+    return simplified

@@ -11,16 +11,16 @@ from typing import Callable
 import onnx
 import torch
 
-from posequant.core.errors import ExportError, PosequantError, VerificationError
+from posequant.core.errors import ExportError, MetadataError, PosequantError, VerificationError
 from posequant.core.fileio import arch_file, atomic_path, check_outputs
 from posequant.core.keypoints import keypoint_set_for
-from posequant.core.metadata import ModelMeta, write_meta
+from posequant.core.metadata import ModelMeta, check_size, format_size, write_meta
 from posequant.core.numbers import check_number, normalisation
 from posequant.core.quiet import ort_session, quiet
 from posequant.core.version import __version__
 
 from .checkpoint import load_checkpoint
-from .common import ExportResult, _data_cases, default_output
+from .common import ExportResult, _data_cases, default_output, simplify_onnx
 from .model import resolve_model
 from .verify import random_inputs, verify
 
@@ -29,19 +29,104 @@ DEFAULT_INPUT_SIZE = {16: (256, 256), 17: (256, 192)}  # MPII and COCO configs o
 PROTOBUF_LIMIT = 2**31 - 1
 
 
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def _forward(module: torch.nn.Module, input_size: tuple[int, int]):
+    with torch.inference_mode():
+        return module(torch.zeros(1, 3, *input_size))
+
+
 def probe_output(module: torch.nn.Module, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
     """Joint count and heatmap size, by running the model once."""
-    with torch.inference_mode():
-        try:
-            out = module(torch.zeros(1, 3, *input_size))
-        except Exception as e:
-            raise ExportError(
-                f"the model failed on a 1x3x{input_size[0]}x{input_size[1]} input ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); check --input-size") from None
+    try:
+        out = _forward(module, input_size)
+    except Exception as e:
+        raise ExportError(f"the model failed on a 1x3x{input_size[0]}x{input_size[1]} input ({_why(e)}); "
+                          "check --input-size") from None
+    return _heatmap_shape(out)
+
+
+def _heatmap_shape(out) -> tuple[int, tuple[int, int]]:
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ExportError(f"the model returns {shape}, not N x joints x H x W heatmaps")
     return out.shape[1], (out.shape[2], out.shape[3])
+
+
+def _stride(size: tuple[int, int], heatmap: tuple[int, int]) -> int | None:
+    """The whole number the input is divided by to give the heatmaps, the same for height and width, or None."""
+    (h, w), (hh, hw) = size, heatmap
+    if hh <= 0 or hw <= 0 or h % hh or w % hw or h // hh != w // hw:
+        return None
+    return h // hh
+
+
+def _try_size(module: torch.nn.Module, size: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
+    try:
+        out = _forward(module, size)
+    except Exception:  # any failure of the network at this size: not a size it fits
+        return None
+    return _heatmap_shape(out)
+
+
+def _sizes_that_fit(module: torch.nn.Module, size: tuple[int, int]) -> tuple[int, int, list[tuple[int, int]]] | None:
+    """(multiple, stride, [sizes]): the nearest sizes below and above ``size`` the network fits, as the
+    smallest multiple (4, 8, ... 128) of which rounding both sides down and up gives exact heatmaps.
+
+    One multiple more is probed too: a size too small for the backbone can look exact by accident
+    (8x8 heatmaps from an 8x8 input, stride 1, when the network's stride is 4)."""
+    h, w = size
+    seen: dict[tuple[int, int], int | None] = {}
+
+    def stride_at(c: tuple[int, int]) -> int | None:
+        if c not in seen:
+            r = _try_size(module, c)
+            seen[c] = _stride(c, r[1]) if r else None
+        return seen[c]
+
+    for m in (4, 8, 16, 32, 64, 128):
+        down = (max(m, h // m * m), max(m, w // m * m))
+        up = (-(-h // m) * m, -(-w // m) * m)
+        cands = list(dict.fromkeys([down, up]))
+        strides = set()
+        for c in cands + [(up[0] + m, up[1] + m)]:  # stops at the first size that does not fit
+            strides.add(stride_at(c))
+            if None in strides or len(strides) > 1:
+                break
+        else:
+            return m, strides.pop(), cands
+    return None
+
+
+def fit_input_size(module: torch.nn.Module, size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """Joint count and heatmap size at ``size``, refusing a size the network's stride does not divide.
+
+    At such a size the heatmaps are not input/stride (e.g. 72x56 for 260x200 at stride 4, as the
+    backbone rounds up), so every decoded joint is misplaced and the model scores near zero.
+    """
+    h, w = size
+    joints, heatmap, failure = 0, (0, 0), None
+    try:
+        out = _forward(module, size)
+    except Exception as e:
+        failure = _why(e)
+    else:
+        joints, heatmap = _heatmap_shape(out)  # the wrong kind of output is refused whatever the size
+    if failure is None and _stride(size, heatmap):
+        return joints, heatmap
+    fit = _sizes_that_fit(module, size)
+    if fit:
+        m, stride, sizes = fit
+        advice = (f"the network has stride {stride} and takes multiples of {m}: use "
+                  f"{' or '.join(format_size(s) for s in sizes)}")
+    else:
+        advice = "no nearby multiple of 4 to 128 fits either: check the architecture"
+    if failure is not None:
+        raise ExportError(f"--input-size {h}x{w}: the model cannot run at this size ({failure}); {advice}")
+    raise ExportError(f"--input-size {h}x{w} does not fit the network: its heatmaps come out {format_size(heatmap)}, "
+                      f"not the input divided by a whole stride (decoded joints would be misplaced); {advice}")
 
 
 def _to_onnx(module: torch.nn.Module, input_size: tuple[int, int], opset: int, batch: int | None) -> onnx.ModelProto:
@@ -56,19 +141,6 @@ def _to_onnx(module: torch.nn.Module, input_size: tuple[int, int], opset: int, b
         except Exception as e:
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return onnx.load_from_string(buf.getvalue())
-
-
-def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    import onnxsim
-
-    try:
-        with quiet():  # onnxsim's prints and ORT's logs from its checks
-            simplified, ok = onnxsim.simplify(model)
-    except Exception as e:
-        raise ExportError(f"onnxsim failed ({type(e).__name__}: {e}); retry with --no-simplify") from None
-    if not ok:
-        raise ExportError("onnxsim could not validate the simplified model; retry with --no-simplify")
-    return simplified
 
 
 def _ort_session(model_bytes: bytes):
@@ -127,6 +199,11 @@ def export_pose(
         raise PosequantError(f"--batch must be 'dynamic' or a positive number, got {batch}")
     if color is not None and color.lower() not in ("rgb", "bgr"):
         raise PosequantError(f"--color must be rgb or bgr, got {color!r}")
+    if input_size is not None:
+        try:
+            check_size(tuple(input_size))  # 0x0, negative, 100000x100000: before loading anything
+        except MetadataError as e:
+            raise PosequantError(f"--input-size: {e}") from None
     output = Path(output) if output else default_output(checkpoint)
     # before minutes of work, not after; never onto the checkpoint, the --arch file or the data
     check_outputs({"-o": output}, {"CHECKPOINT": checkpoint, "--arch": arch_file(arch), "--data": data})
@@ -139,10 +216,10 @@ def export_pose(
     timings["load_s"] = time.perf_counter() - t0
 
     joints = pose.num_joints
-    if joints is None:
-        joints, _ = probe_output(pose.module, input_size or (256, 192))
+    if joints is None and not (input_size or pose.input_size):
+        joints, _ = probe_output(pose.module, (256, 192))  # only to pick the default size
     size = tuple(input_size or pose.input_size or DEFAULT_INPUT_SIZE.get(joints, (256, 256)))
-    out_joints, heatmap_size = probe_output(pose.module, size)
+    out_joints, heatmap_size = fit_input_size(pose.module, size)
     kps = keypoint_set_for(out_joints, keypoints)
     meta = ModelMeta(
         family=pose.family, keypoints=kps.name, joint_names=kps.joint_names,
@@ -161,7 +238,7 @@ def export_pose(
     if simplify:
         say("simplifying with onnxsim")
         t = time.perf_counter()
-        model = _simplify(model)
+        model = simplify_onnx(model)
         timings["simplify_s"] = time.perf_counter() - t
     write_meta(model, meta)
     model.producer_name, model.producer_version = "posequant", __version__

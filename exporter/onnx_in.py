@@ -25,7 +25,7 @@ from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, form
 from posequant.core.numbers import check_number, normalisation
 from posequant.core.version import __version__
 
-from .common import ExportResult, _data_cases, default_output
+from .common import ExportResult, _data_cases, default_output, simplify_onnx
 from .verify import VerifyReport, compare_heatmaps, random_inputs, run_onnx
 
 FAMILY = "onnx"  # metadata family of a stamped third-party model
@@ -167,25 +167,6 @@ def channel_joints(joints: str, kps: KeypointSet, channels: int) -> tuple[int, .
     return tuple(kps.joint_names.index(n) for n in names)
 
 
-def _simplify(model: onnx.ModelProto, where: Path) -> onnx.ModelProto:
-    import onnxsim
-
-    try:
-        simplified, ok = onnxsim.simplify(model)
-    except Exception as e:
-        raise ExportError(f"onnxsim failed on {where} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-                          "retry with --no-simplify") from None
-    if not ok:
-        raise ExportError(f"onnxsim could not validate the simplified {where}; retry with --no-simplify")
-    # onnxsim leaves its own keys in metadata_props; they say nothing a later stage needs
-    keep = [(p.key, p.value) for p in simplified.metadata_props if not p.key.startswith("onnxsim")]
-    del simplified.metadata_props[:]
-    for key, value in keep:
-        entry = simplified.metadata_props.add()
-        entry.key, entry.value = key, value
-    return simplified
-
-
 def stamp_onnx(
     source: str | Path,
     output: str | Path | None = None,
@@ -262,7 +243,7 @@ def stamp_onnx(
     if simplify:
         say(f"simplifying {source.name} with onnxsim")
         t = time.perf_counter()
-        model = _simplify(model, source)
+        model = simplify_onnx(model, str(source))
         timings["simplify_s"] = time.perf_counter() - t
     write_meta(model, meta)
     try:

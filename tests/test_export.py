@@ -136,7 +136,8 @@ def test_bad_options(tmp_path, small_checkpoints, kwargs, match):
 
 
 def test_input_size_too_small_for_the_model(tmp_path, small_checkpoints):
-    with pytest.raises(ExportError, match="check --input-size"):
+    # the size, why, and the sizes it does fit (the hourglass halves 4 times after a stride-4 stem)
+    with pytest.raises(ExportError, match=r"--input-size 16x16: the model cannot run.*multiples of 64: use 64x64$"):
         export_pose(small_checkpoints["hourglass"], tmp_path / "x.onnx", input_size=(16, 16))
 
 

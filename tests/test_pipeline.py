@@ -20,7 +20,7 @@ from posequant.pipeline import GateBudget, run_pipeline
 from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
 
 TINY = pose_resnet.PoseResNetConfig(depth=18, num_joints=17, deconv_filters=(32, 32, 32))
-SIZE = (64, 48)
+SIZE = (64, 32)  # a size the stride-32 backbone divides (64x48 gave 16x16 heatmaps, not 16x12)
 LOOSE = GateBudget(max_drop=50.0, max_joint_drop=60.0, min_speedup=0.0)  # random weights: INT8 moves some joints
 FILES = ("model.onnx", "model.int8.onnx", "quantize.md", "quantize.json", "gate/report.md", "gate/report.json",
          "summary.json")
@@ -73,7 +73,7 @@ def test_pipeline_fails_an_impossible_budget(inputs, tmp_path):
 
 def test_cli_pipeline_exit_codes(inputs, tmp_path):
     ckpt, data = inputs
-    common = [str(ckpt), "--calib", str(data), "--val", str(data), "--input-size", "64x48", "--no-flip",
+    common = [str(ckpt), "--calib", str(data), "--val", str(data), "--input-size", "64x32", "--no-flip",
               "--runs", "3", "--max-drop", "50", "--max-joint-drop", "60"]
     ok = CliRunner().invoke(main, ["pipeline", *common, "-o", str(tmp_path / "a"), "--min-speedup", "0"])
     assert ok.exit_code == 0, ok.output
@@ -85,7 +85,7 @@ def test_cli_pipeline_exit_codes(inputs, tmp_path):
 def test_cli_pipeline_bad_input_is_one_line(inputs, tmp_path):
     ckpt, data = inputs
     res = CliRunner().invoke(main, ["pipeline", str(ckpt), "--calib", str(tmp_path / "nowhere"), "--val", str(data),
-                                    "--input-size", "64x48", "-o", str(tmp_path / "c")])
+                                    "--input-size", "64x32", "-o", str(tmp_path / "c")])
     assert res.exit_code == 2, res.output
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in res.output

@@ -373,7 +373,7 @@ def test_not_an_onnx_file(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(b"not onnx")
     line = one_line_error(invoke("quantize", path, "--calib", tmp_path))
-    assert "not an ONNX model" in line
+    assert "not an ONNX protobuf" in line and str(path) in line
 
 
 # ---- the trained model on coco-mini -------------------------------------------------------------

@@ -39,5 +39,12 @@ class MetadataError(PosequantError):
     """An ONNX model lacks the posequant metadata a stage needs."""
 
 
+class MissingMetadataError(MetadataError):
+    """The model carries no posequant metadata at all (a third-party export): options may stand in.
+
+    Damaged metadata, or a graph that disagrees with it, is a plain :class:`MetadataError`, never this.
+    """
+
+
 class PosequantWarning(UserWarning):
     """Something the user should know that does not stop the work (skipped images, a fallback)."""

@@ -8,17 +8,24 @@ order* and in 0-1 units: the model input is ``(pixels[..., colour order] / 255 -
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import MetadataError
+from .errors import MetadataError, MissingMetadataError
 from .keypoints import KeypointSet
+from .onnxfile import check_graph, load_onnx
 
 SCHEMA_VERSION = "1"
 # The normalisation most pose models were trained with (torchvision's ImageNet statistics, RGB order, 0-1 units).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# Far beyond any pose model's input (384x288 is typical); a bigger side is a typo, and would
+# allocate tens of GB before anything could say so.
+MAX_INPUT_SIDE = 4096
 
 
 def format_size(hw: tuple[int, int]) -> str:
@@ -32,9 +39,19 @@ def parse_size(text: str) -> tuple[int, int]:
         h, w = (int(p) for p in parts)
     except ValueError:
         raise MetadataError(f"size {text!r} is not HxW (height x width), e.g. 256x192") from None
-    if h <= 0 or w <= 0:
-        raise MetadataError(f"size {text!r} must be positive, e.g. 256x192")
+    check_size((h, w), str(text))
     return h, w
+
+
+def check_size(hw: tuple[int, int], text: str | None = None) -> None:
+    """A positive height and width, neither absurdly large."""
+    h, w = hw
+    shown = repr(text) if text is not None else f"{h}x{w}"
+    if h <= 0 or w <= 0:
+        raise MetadataError(f"size {shown} must be positive, e.g. 256x192")
+    if h > MAX_INPUT_SIDE or w > MAX_INPUT_SIDE:
+        raise MetadataError(f"size {shown} is too large: at most {MAX_INPUT_SIDE} per side (pose models take "
+                            "e.g. 256x192 or 384x288)")
 
 
 @dataclass(frozen=True)
@@ -86,43 +103,132 @@ class ModelMeta:
     @classmethod
     def from_props(cls, props: dict[str, str], where: str = "model") -> "ModelMeta":
         if "posequant_schema" not in props:
-            raise MetadataError(f"{where} has no posequant metadata: export it with `posequant export-pose`")
+            raise MissingMetadataError(f"{where} has no posequant metadata: export it with `posequant export-pose`")
+        read = _PropReader(props, where)
+        joint_names = read.json("joint_names", _names)
+        num = len(joint_names)
+        if "num_joints" in props:
+            read.value("num_joints", lambda v: _equal(int(v), num, "the number of joint_names"))
+        return cls(
+            family=read.value("family", _text),
+            keypoints=read.value("keypoints", _text),
+            joint_names=joint_names,
+            flip_pairs=read.json("flip_pairs", lambda v: _pairs(v, num)),
+            skeleton=read.json("skeleton", lambda v: _pairs(v, num)),
+            input_size=read.value("input_size", parse_size),
+            heatmap_size=read.value("heatmap_size", parse_size),
+            color=read.value("color", _color),
+            mean=read.json("mean", lambda v: _triple(v, positive=False)),
+            std=read.json("std", lambda v: _triple(v, positive=True)),
+            arch_config=read.json("arch_config", _object, "{}"),
+            source_checkpoint=props.get("source_checkpoint", ""),
+            source_sha256=props.get("source_sha256", ""),
+            posequant_version=props.get("posequant_version", ""),
+            precision=props.get("precision", "fp32"),
+            channel_joints=read.json("channel_joints", lambda v: _channel_order(v, num), "[]"),
+        )
+
+
+class _PropReader:
+    """Reads one metadata key at a time, so a bad value is reported with the file and the key."""
+
+    def __init__(self, props: dict[str, str], where: str):
+        self.props, self.where = props, where
+
+    def value(self, key: str, parse, default: str | None = None):
+        if key not in self.props and default is None:
+            raise MetadataError(f"{self.where}: posequant metadata key {key!r} is missing: re-export the model "
+                                "with `posequant export-pose`")
+        raw = self.props.get(key, default)
         try:
-            return cls(
-                family=props["family"],
-                keypoints=props["keypoints"],
-                joint_names=tuple(json.loads(props["joint_names"])),
-                flip_pairs=tuple(tuple(p) for p in json.loads(props["flip_pairs"])),
-                skeleton=tuple(tuple(p) for p in json.loads(props["skeleton"])),
-                input_size=parse_size(props["input_size"]),
-                heatmap_size=parse_size(props["heatmap_size"]),
-                color=props["color"],
-                mean=tuple(json.loads(props["mean"])),
-                std=tuple(json.loads(props["std"])),
-                arch_config=json.loads(props.get("arch_config", "{}")),
-                source_checkpoint=props.get("source_checkpoint", ""),
-                source_sha256=props.get("source_sha256", ""),
-                posequant_version=props.get("posequant_version", ""),
-                precision=props.get("precision", "fp32"),
-                channel_joints=tuple(int(c) for c in json.loads(props.get("channel_joints", "[]"))),
-            )
-        except (KeyError, ValueError, TypeError) as e:
-            raise MetadataError(f"{where} has damaged posequant metadata ({e}): re-export it") from None
+            return parse(raw)
+        except (MetadataError, ValueError, TypeError) as e:
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MetadataError(f"{self.where}: posequant metadata key {key!r} is damaged ({raw[:60]!r}: "
+                                f"{problem}): re-export the model with `posequant export-pose`") from None
+
+    def json(self, key: str, parse, default: str | None = None):
+        def load(raw: str):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                raise ValueError("not valid JSON") from None
+            return parse(value)
+
+        return self.value(key, load, default)
 
 
-def read_meta(model: Any) -> ModelMeta:
-    """Metadata of an ONNX model given as a path or an ``onnx.ModelProto``."""
-    import onnx
+def _text(v: Any) -> str:
+    if not str(v).strip():
+        raise ValueError("empty")
+    return str(v)
 
+
+def _color(v: str) -> str:
+    if v.lower() not in ("rgb", "bgr"):
+        raise ValueError("expected rgb or bgr")
+    return v.lower()
+
+
+def _equal(got: int, want: int, what: str) -> int:
+    if got != want:
+        raise ValueError(f"{got} is not {what} ({want})")
+    return got
+
+
+def _names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(n, str) for n in v):
+        raise ValueError("expected a non-empty list of joint names")
+    return tuple(v)
+
+
+def _pairs(v: Any, num_joints: int) -> tuple[tuple[int, int], ...]:
+    ok = isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(type(i) is int and 0 <= i < num_joints for i in p) for p in v)
+    if not ok:
+        raise ValueError(f"expected a list of [i, j] joint index pairs, each in 0..{num_joints - 1}")
+    return tuple(tuple(p) for p in v)
+
+
+def _channel_order(v: Any, num_joints: int) -> tuple[int, ...]:
+    """A third-party model's channel -> joint map: empty (the set's order) or a permutation."""
+    if v == []:
+        return ()
+    if not (isinstance(v, list) and sorted(v) == list(range(num_joints)) and all(type(i) is int for i in v)):
+        raise ValueError(f"expected [] or an order of the joint indices 0..{num_joints - 1}, each once")
+    return tuple(v)
+
+
+def _triple(v: Any, positive: bool) -> tuple[float, float, float]:
+    ok = isinstance(v, list) and len(v) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    if not ok or (positive and any(x <= 0 for x in v)):
+        raise ValueError(f"expected 3 finite{' positive' if positive else ''} numbers, one per channel")
+    return tuple(float(x) for x in v)
+
+
+def _object(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError("expected a JSON object")
+    return v
+
+
+def read_meta(model: Any, where: str | None = None) -> ModelMeta:
+    """Metadata of an ONNX model given as a path or an ``onnx.ModelProto``, checked against its graph.
+
+    ``where`` names the model in messages (default: the path, or "model" for a proto).
+    """
     if isinstance(model, (str, Path)):
-        where = str(model)
-        model = onnx.load(where, load_external_data=False)
-    else:
-        where = "model"  # not str(model): that prints every weight of the proto (seconds for large models)
+        where = where or str(model)
+        model = load_onnx(model)
+    # not str(model) for a proto: that prints every weight (seconds for large models)
+    where = where or "model"
     props = {p.key: p.value for p in model.metadata_props}
     if "posequant_schema" not in props and where != "model":
-        raise MetadataError(f"{where} has no posequant metadata; stamp it first: {stamp_command(where, model)}")
-    return ModelMeta.from_props(props, where)
+        raise MissingMetadataError(f"{where} has no posequant metadata; stamp it first: {stamp_command(where, model)}")
+    meta = ModelMeta.from_props(props, where)
+    check_graph(model, meta, where)
+    return meta
 
 
 def input_batch(model: Any) -> int | None:

@@ -1,0 +1,118 @@
+"""Opening an ONNX model file: the one place a path becomes an ``onnx.ModelProto``.
+
+Every stage that reads a model from disk comes through :func:`load_onnx`, so a damaged or wrong
+file is one line naming the file and what is wrong with it, never a protobuf traceback (a
+zero-byte file even parses as an empty model). :func:`check_graph` and :func:`check_heatmaps`
+hold the graph and what it computes to the metadata it carries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import MetadataError, PosequantError
+
+
+class ModelFileError(PosequantError):
+    """The file given as an ONNX model is missing, empty, damaged or something else."""
+
+
+def _kind_of(head: bytes) -> str | None:
+    """What a file that fails to parse as ONNX probably is, from its first bytes."""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "a PyTorch checkpoint (zip or pickle), not an ONNX model: export it with `posequant export-pose`"
+    if head[:1] in (b"{", b"["):
+        return "a JSON/text file, not an ONNX model"
+    return None
+
+
+def load_onnx(path: str | Path, *, what: str = "model", load_external_data: bool = False) -> Any:
+    """``onnx.load`` with one-line errors: not found, a directory, empty, not ONNX, truncated."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{what} {path} not found: check the path")
+    if path.is_dir():
+        raise ModelFileError(f"{what} {path} is a directory, not an ONNX file: give the .onnx file inside it")
+    if not path.is_file():
+        raise ModelFileError(f"{what} {path} is not a regular file: give an .onnx file")
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelFileError(f"{what} {path} cannot be read ({e.strerror or e}): check its permissions") from None
+    if not head:
+        raise ModelFileError(f"{what} {path} is empty (0 bytes): the export or download did not finish; redo it")
+    kind = _kind_of(head)
+    if kind:
+        raise ModelFileError(f"{what} {path} is {kind}")
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except DecodeError:
+        model = None
+    except Exception as e:  # external data missing, ...: onnx raises many types
+        raise ModelFileError(f"{what} {path} cannot be loaded as ONNX ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else ''}): check the file") from None
+    # random bytes can decode as a protobuf of unknown fields: a model has a graph with inputs and outputs
+    if model is None or not model.graph.node or not model.graph.output or not _graph_inputs(model):
+        raise ModelFileError(f"{what} {path} is truncated or not an ONNX protobuf: re-export or re-download it")
+    return model
+
+
+def _graph_inputs(model) -> list:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _dims(value_info) -> list[int | str] | None:
+    """Static dims as ints, symbolic ones as their names ('?' when unnamed); None when the rank is unknown."""
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def _show(dims) -> str:
+    return "x".join(str(d) for d in dims) if dims else "a scalar"
+
+
+def check_graph(model, meta, where: str) -> None:
+    """The graph takes one N x 3 x H x W input and returns one N x joints x h x w output, as ``meta`` says.
+
+    Only static dims are compared here; symbolic ones are checked on the first inference
+    (:func:`check_heatmaps`).
+    """
+    inputs, outputs = _graph_inputs(model), list(model.graph.output)
+    hint = "re-export it with `posequant export-pose`"
+    if len(inputs) != 1:
+        raise MetadataError(f"{where} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); a pose model "
+                            f"takes one N x 3 x H x W image batch: {hint}")
+    if len(outputs) != 1:
+        raise MetadataError(f"{where} has {len(outputs)} outputs ({', '.join(o.name for o in outputs)}); a pose "
+                            f"model returns one N x joints x h x w heatmap batch: {hint}")
+    h, w = meta.input_size
+    want_in = ["N", 3, h, w]
+    got = _dims(inputs[0])
+    if got is not None and (len(got) != 4 or any(isinstance(g, int) and g and g != e
+                                                 for g, e in zip(got[1:], want_in[1:]))):
+        raise MetadataError(f"{where}: input {inputs[0].name!r} is {_show(got)}, but its metadata expects "
+                            f"{_show(want_in)} (N x 3 colour channels x input_size): {hint}")
+    want_out = ["N", meta.num_joints, *meta.heatmap_size]
+    got = _dims(outputs[0])
+    if got is not None and (len(got) != 4 or any(isinstance(g, int) and g and g != e
+                                                 for g, e in zip(got[1:], want_out[1:]))):
+        raise MetadataError(f"{where}: output {outputs[0].name!r} is {_show(got)}, but its metadata expects "
+                            f"{_show(want_out)} heatmaps (num_joints x heatmap_size): {hint}")
+
+
+def check_heatmaps(heatmaps, meta, where: str) -> None:
+    """What the model returned on a real batch is N x joints x h x w, as many joints as its metadata names
+    (the dims the graph left symbolic). The heatmap's h x w is the decoder's to read from the output."""
+    shape = tuple(getattr(heatmaps, "shape", ()))
+    if len(shape) != 4 or shape[1] != meta.num_joints:
+        raise MetadataError(f"{where} returned {_show(shape)} for a {meta.input_size[0]}x{meta.input_size[1]} "
+                            f"input, but its metadata expects N x {meta.num_joints} x h x w heatmaps "
+                            f"({meta.keypoints}): re-export it with `posequant export-pose`")
