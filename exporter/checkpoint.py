@@ -67,40 +67,28 @@ def _looks_like_checkpoint(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
-# numpy arrays and scalars: the official Simple Baselines / HRNet ``save_checkpoint`` stores ``perf`` as
-# ``numpy.float64``; mmengine saves the dataset's metainfo (numpy arrays) in checkpoint['meta']. These
-# globals only rebuild arrays and scalars from a dtype and raw bytes, so allowing them runs no other code.
-_NUMPY_DATA_GLOBALS = ("_reconstruct", "scalar", "ndarray", "dtype")
+def numpy_data_globals() -> list:
+    """The numpy globals that rebuild scalars and arrays from a dtype and raw bytes, and nothing else.
 
-
-def _numpy_data_globals(path: Path) -> list | None:
-    """The numpy globals ``path`` needs, under the names it pickles them by, when numpy scalars and
-    arrays are all it pickles beyond tensors; else None (and nothing is allowed)."""
-    import importlib
+    The official Simple Baselines / HRNet ``save_checkpoint`` stores ``perf`` as ``numpy.float64``;
+    mmengine stores the dataset's metainfo (numpy arrays) in ``checkpoint['meta']``. Rebuilding them
+    runs no user code (an object array's items would need their own globals, which stay refused).
+    numpy 2 pickles ``numpy._core.multiarray.*``, numpy 1 ``numpy.core.multiarray.*``: both names are
+    allowed; a dtype's state is set on its class (``numpy.dtypes.Float64DType``, ...).
+    """
+    import numpy as np
 
     try:
-        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        return None
-    found: list = []
-    for name in needed:
-        module, _, attr = name.rpartition(".")
-        ok = module.split(".")[0] == "numpy" and (attr in _NUMPY_DATA_GLOBALS or (
-            module == "numpy.dtypes" and attr.endswith("DType")))
-        if not ok:
-            return None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # numpy 2 warns on numpy.core, the name numpy-1 files use
-                found.append((getattr(importlib.import_module(module), attr), name))
-        except (ImportError, AttributeError):
-            return None
-    if found:  # a dtype's state is set on its class (numpy.dtypes.Float64DType, ...), not listed above
-        import numpy as np
-
-        dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
-        found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes else []
-    return found or None
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    allowed: list = [np.dtype, np.ndarray]
+    for name in ("scalar", "_reconstruct"):
+        fn = getattr(multiarray, name)
+        allowed += [(fn, f"numpy.core.multiarray.{name}"), (fn, f"numpy._core.multiarray.{name}")]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes else []
+    return allowed
 
 
 def _openmmlab_globals(path: Path) -> list[str]:
@@ -127,15 +115,11 @@ def _read(path: Path, trust_pickle: bool) -> Any:
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
             if _is_torchscript(path):
                 return torch.jit.load(str(path), map_location="cpu")
-            try:
-                return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-            except pickle.UnpicklingError as e:
-                allowed = None if trust_pickle or _unsupported_global(e) is None else _numpy_data_globals(path)
-                if not allowed:
-                    raise
-                # a context, not add_safe_globals: the allowance ends with this load, for the whole process
-                with torch.serialization.safe_globals(allowed):
-                    return torch.load(path, map_location="cpu", weights_only=True)
+            if trust_pickle:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            # a context, not add_safe_globals: the allowance ends with this load, for the whole process
+            with torch.serialization.safe_globals(numpy_data_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, zip and pickle errors for damage
         if not _looks_like_checkpoint(head):
             hint = (" (it is an ONNX model already: give it to eval, quantize or bench)"

@@ -18,11 +18,12 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from posequant.core.errors import ExportError, PosequantError, VerificationError
+from posequant.core.errors import ExportError, MissingMetadataError, PosequantError, VerificationError
 from posequant.core.fileio import atomic_path, check_outputs
 from posequant.core.keypoints import KEYPOINT_SETS, KeypointSet, keypoint_set_for
-from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, format_size, write_meta
+from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, format_size, read_meta, write_meta
 from posequant.core.numbers import check_number, normalisation
+from posequant.core.onnxfile import load_onnx
 from posequant.core.version import __version__
 
 from .common import ExportResult, _data_cases, default_output, simplify_onnx
@@ -167,6 +168,14 @@ def channel_joints(joints: str, kps: KeypointSet, channels: int) -> tuple[int, .
     return tuple(kps.joint_names.index(n) for n in names)
 
 
+def _previous_meta(model: onnx.ModelProto, source: Path) -> ModelMeta | None:
+    """The posequant metadata of a model stamped or exported before; None for a third-party file."""
+    try:
+        return read_meta(model, str(source))
+    except MissingMetadataError:
+        return None
+
+
 def stamp_onnx(
     source: str | Path,
     output: str | Path | None = None,
@@ -200,11 +209,19 @@ def stamp_onnx(
     check_outputs({"-o": output}, {"MODEL": source, "--data": data})
     mean, std = normalisation(mean, "mean"), normalisation(std, "std")
     rtol = check_number("--rtol", rtol, above=True)
-    try:
-        model = onnx.load(str(source))
-    except Exception as e:
-        raise ExportError(f"{source} is not a readable ONNX model ({type(e).__name__}): check the file") from None
+    model = load_onnx(source)  # one line for a missing, empty, truncated or non-ONNX file
     facts = check_graph(model, source)
+    previous = _previous_meta(model, source)
+    if previous is not None:  # stamped again (to change what the options say): the rest stays as it was
+        if previous.precision != "fp32":
+            raise PosequantError(f"{source} is a {previous.precision} model: stamp its float model, then quantize "
+                                 "that again")
+        if not (keypoints or joints):
+            keypoints = previous.keypoints
+            if previous.channel_joints:
+                joints = ",".join(previous.joint_names[j] for j in previous.channel_joints)
+        color, mean, std = color or previous.color, mean or previous.mean, std or previous.std
+        input_size = input_size or (None if all(facts.input_hw) else previous.input_size)
     size = _input_size(facts, input_size, source)
 
     missing = []
@@ -236,7 +253,9 @@ def stamp_onnx(
         skeleton=kps.skeleton, input_size=size, heatmap_size=heatmap_size, color=color.lower(),
         mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD,
         arch_config={"input": facts.input_name, "output": facts.output_name, "batch": batch or "dynamic"},
-        source_checkpoint=source.name, source_sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+        # a model stamped again keeps its origin, so the gate still pairs it with INT8 models made before
+        source_checkpoint=previous.source_checkpoint if previous else source.name,
+        source_sha256=previous.source_sha256 if previous else hashlib.sha256(source.read_bytes()).hexdigest(),
         posequant_version=__version__, channel_joints=order,
     )
     timings = {"load_s": time.perf_counter() - t0}

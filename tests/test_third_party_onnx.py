@@ -361,3 +361,22 @@ def test_efficientpose_quantizes_evaluates_and_gates(efficientpose, tmp_path):
     res = invoke("gate", "--float", efficientpose.output, "--int8", int8["calib-images"], "--data", MPII_MINI,
                  "--runs", 3, "--max-drop", 10, "--max-joint-drop", 40, "--min-speedup", 0.01)
     assert res.exit_code == 0 and "gate: PASS" in res.output and "fixed batch of 1" in res.output, res.output
+
+
+def test_a_posequant_model_stamped_again_keeps_what_the_options_do_not_change(tmp_path, small_checkpoints):
+    """export-pose on a model posequant wrote: its metadata are the defaults, the origin stays."""
+    from posequant.core.metadata import read_meta
+
+    exported = tmp_path / "m.onnx"
+    res = invoke("export-pose", small_checkpoints["pose_resnet"], "-o", exported, "--input-size", "64x64",
+                 "--no-verify")
+    assert res.exit_code == 0, res.output
+    before = read_meta(exported)
+    res = invoke("export-pose", exported, "--color", "rgb" if before.color == "bgr" else "bgr", "-o",
+                 tmp_path / "again.onnx")
+    assert res.exit_code == 0, res.output
+    after = read_meta(tmp_path / "again.onnx")
+    assert after.color != before.color
+    for field in ("keypoints", "joint_names", "flip_pairs", "input_size", "heatmap_size", "mean", "std",
+                  "source_sha256", "source_checkpoint"):
+        assert getattr(after, field) == getattr(before, field), field
