@@ -311,7 +311,9 @@ def gate(
     people, NaN or -1 metrics, the float model below :data:`FLOAT_FLOOR`) raises :class:`UnscorableError`.
     """
     say = progress or (lambda msg: None)
-    max_drop, max_joint_drop = check_number("max_drop", max_drop), check_number("max_joint_drop", max_joint_drop)
+    # negative drop budgets demand that INT8 beat float (stricter, never a silent pass)
+    max_drop = check_number("max_drop", max_drop, minimum=None)
+    max_joint_drop = check_number("max_joint_drop", max_joint_drop, minimum=None)
     min_speedup = check_number("min_speedup", min_speedup)
     float_model, int8_model, data = Path(float_model), Path(int8_model), Path(data)
     fmeta, _ = _check_models(float_model, int8_model, allow_different_source)

@@ -364,7 +364,7 @@ def quantize(
     say = progress or (lambda _m: None)
     if engine not in ENGINES or method not in METHODS or target not in TARGETS or cpu not in CPUS:
         raise QuantizeError(f"engine/method/target/cpu must be one of {ENGINES} / {METHODS} / {TARGETS} / {CPUS}")
-    max_drop = check_number("max_drop", max_drop)  # NaN: every "drop > budget" false, a budget that cannot fail
+    max_drop = check_number("max_drop", max_drop, minimum=None)  # negative: INT8 must beat float. NaN: every "drop > budget" false, a budget that cannot fail
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or num_samples < 1:
         raise QuantizeError(f"seed must be an integer >= 0 and num_samples >= 1, got {seed!r} and {num_samples!r}")
     made_for = _made_for(cpu)

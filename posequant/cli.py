@@ -63,7 +63,7 @@ class Number(click.ParamType):
 
     name = "number"
 
-    def __init__(self, minimum: float = 0.0, above: bool = False):
+    def __init__(self, minimum: float | None = 0.0, above: bool = False):
         self.minimum, self.above = minimum, above
 
     def convert(self, value, param, ctx):
@@ -74,7 +74,8 @@ class Number(click.ParamType):
             self.fail(str(e).removeprefix(f"{option} "), param, ctx)
 
 
-BUDGET = Number()  # drops and speedups: finite, >= 0
+DROP = Number(minimum=None)  # drop budgets: finite (negative: INT8 must beat float, a gate that only fails more)
+SPEEDUP = Number()  # finite, >= 0
 
 
 def _batch(ctx, param, value):
@@ -348,11 +349,11 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
 @click.option("--int8", "int8_model", required=True, type=click.Path(dir_okay=False, path_type=Path),
               metavar="Q.onnx", help="Its quantized version.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), metavar="ROOT", help="MPII or COCO dataset root.")
-@click.option("--max-drop", type=BUDGET, default=0.5, show_default=True,
+@click.option("--max-drop", type=DROP, default=0.5, show_default=True,
               help="Largest allowed drop of the main metric, in points (COCO AP x 100, MPII PCKh@0.5).")
-@click.option("--max-joint-drop", type=BUDGET, default=2.0, show_default=True,
+@click.option("--max-joint-drop", type=DROP, default=2.0, show_default=True,
               help="Largest allowed drop per joint group (head, shoulder, ... ankle), in points of PCK/PCKh.")
-@click.option("--min-speedup", type=BUDGET, default=1.5, show_default=True,
+@click.option("--min-speedup", type=SPEEDUP, default=1.5, show_default=True,
               help="INT8 must be at least this many times faster than float (median, batch 1).")
 @device_option
 @backend_option(help="Backend both models are evaluated and timed on.")
@@ -431,7 +432,7 @@ def _next_commands(result) -> str:
 @click.option("--val", type=click.Path(path_type=Path), metavar="ROOT",
               help="MPII or COCO data with ground truth: evaluate float and INT8, keep nodes in float until within --max-drop.")
 @click.option("--val-split", help="Validation split [default: MPII valid, COCO val].")
-@click.option("--max-drop", type=BUDGET, default=0.5, show_default=True,
+@click.option("--max-drop", type=DROP, default=0.5, show_default=True,
               help="Largest allowed drop with --val, in points of the main metric (COCO AP x 100, MPII PCKh@0.5 Mean).")
 @click.option("--flip/--no-flip", default=False, show_default=True, help="Flip test in the --val evaluation.")
 @click.option("--keep-float", multiple=True, metavar="NODE", help="Leave this node in float (repeatable).")
@@ -496,9 +497,9 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
 # no tensorrt: the pipeline's gate runs on the CPU (TensorRT needs --device cuda, which gate and eval take)
 @backend_option(("ort", "openvino"), name="--target",
                 help="Runtime the INT8 graph is shaped for, and the backend the gate evaluates and times on.")
-@click.option("--max-drop", type=BUDGET, default=0.5, show_default=True, help="See gate.")
-@click.option("--max-joint-drop", type=BUDGET, default=2.0, show_default=True, help="See gate.")
-@click.option("--min-speedup", type=BUDGET, default=1.5, show_default=True, help="See gate.")
+@click.option("--max-drop", type=DROP, default=0.5, show_default=True, help="See gate.")
+@click.option("--max-joint-drop", type=DROP, default=2.0, show_default=True, help="See gate.")
+@click.option("--min-speedup", type=SPEEDUP, default=1.5, show_default=True, help="See gate.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test in the gate's evaluation.")
 @click.option("--runs", type=click.IntRange(1), default=30, show_default=True, help="Timed rounds in the gate.")
 def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, color, trust_pickle, num_samples,

@@ -55,8 +55,9 @@ class GateBudget:
 
     def __post_init__(self) -> None:
         # NaN would make every "drop > budget" false: a gate that cannot fail
-        for name in ("max_drop", "max_joint_drop", "min_speedup"):
-            object.__setattr__(self, name, check_number(name, getattr(self, name)))
+        # a negative drop budget is allowed: it demands that INT8 beat float (it can only fail more)
+        for name, minimum in (("max_drop", None), ("max_joint_drop", None), ("min_speedup", 0.0)):
+            object.__setattr__(self, name, check_number(name, getattr(self, name), minimum=minimum))
 
 
 @dataclass

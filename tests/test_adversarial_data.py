@@ -132,6 +132,8 @@ OPTION_CASES = [  # (command and the arguments it needs, option)
 @pytest.mark.parametrize("value", [*NON_FINITE, "-1", "-0.5"])
 @pytest.mark.parametrize("args,option", OPTION_CASES, ids=[f"{a[0]}{o}" for a, o in OPTION_CASES])
 def test_every_float_option_refuses_non_finite_and_negative(tmp_path, args, option, value):
+    if value.startswith("-") and option in ("--max-drop", "--max-joint-drop"):
+        pytest.skip("a negative drop budget is allowed: INT8 must beat float (test_negative_drop_budgets_...)")
     out = tmp_path / "out"
     where = ["--json", out] if args[0] == "gate" else ["-o", out]
     res = invoke(*args, *where, option, value)
@@ -190,8 +192,15 @@ def test_normalisation_accepts_one_unit(values, expected):
     assert normalisation(values, "mean") == pytest.approx(expected, abs=1e-6)
 
 
+def test_negative_drop_budgets_are_kept_and_negative_speedups_refused():
+    budget = GateBudget(max_drop=-1.0, max_joint_drop=-0.5)  # stricter: INT8 must beat float
+    assert (budget.max_drop, budget.max_joint_drop) == (-1.0, -0.5)
+    with pytest.raises(OptionError, match="min_speedup"):
+        GateBudget(min_speedup=-1.0)
+
+
 def test_library_checks_numbers_like_the_cli(tmp_path, models):
-    for bad in (math.nan, math.inf, -1.0):
+    for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(OptionError, match="max_drop"):
             GateBudget(max_drop=bad)
         with pytest.raises(OptionError, match="min_speedup"):

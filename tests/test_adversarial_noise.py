@@ -71,13 +71,13 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def coco_model(tmp_path_factory) -> Path:
-    """A Simple Baselines ResNet-18 with COCO's 17 joints at 64x48 (random weights)."""
+    """A Simple Baselines ResNet-18 with COCO's 17 joints at 64x32 (random weights; the stride-32 backbone takes multiples of 32)."""
     d = tmp_path_factory.mktemp("noise")
     torch.manual_seed(0)
     cfg = pose_resnet.PoseResNetConfig(depth=18, num_joints=17, deconv_filters=(16, 16, 16))
     ckpt = d / "coco.pth"
     torch.save(randomise(pose_resnet.build(cfg)).state_dict(), ckpt)
-    return export_pose(ckpt, d / "coco.onnx", input_size=(64, 48), verify_model=False).output
+    return export_pose(ckpt, d / "coco.onnx", input_size=(64, 32), verify_model=False).output
 
 
 @pytest.fixture(scope="module")

@@ -438,7 +438,7 @@ def test_tight_budget_reverts_nodes(trained, tmp_path):
     out, js, md = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "q.md"
     res = invoke("quantize", trained, "--calib", COCO_MINI, "--split", "train", "--num-samples", 32,
                  "--engine", "ort", "--per-tensor", "--no-equalize", "--no-rewrite-deconv",
-                 "--val", COCO_MINI, "--max-drop", 0, "-o", out, "--json", js, "--report", md)
+                 "--val", COCO_MINI, "--max-drop", -5, "-o", out, "--json", js, "--report", md)
     assert res.exit_code in (0, 1), res.output
     data = json.loads(js.read_text())
     steps = data["budget_steps"]
@@ -466,7 +466,7 @@ def test_tight_budget_reverts_nodes(trained, tmp_path):
 @needs_shared(TRAINED_CKPT, COCO_MINI)
 def test_unreachable_budget_fails_with_exit_1_and_writes_the_report(trained, tmp_path):
     out, js, md = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "q.md"
-    # INT8 cannot beat float by 5 AP points: the loop runs out and the command fails
+    # INT8 cannot beat float by 5 AP points (a negative budget): the loop runs out and the command fails
     res = invoke("quantize", trained, "--calib", COCO_MINI, "--split", "train", "--num-samples", 16,
                  "--engine", "ort", "--val", COCO_MINI, "--max-drop", -5, "-o", out, "--json", js, "--report", md)
     line = one_line_error(res, code=1)
