@@ -17,6 +17,7 @@ from posequant.calibration import (
     open_dataset,
     skipped_image_warnings,
 )
+from posequant.core.batching import infer_at_batch
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
 from posequant.core.onnxfile import check_heatmaps
@@ -187,9 +188,9 @@ def evaluate(
         done, coords, maxvals = [], [], []
         t0 = time.perf_counter()
         for b in shown:
-            heatmaps = _infer(runner, b.inputs, fixed)
+            heatmaps = infer_at_batch(runner.infer, b.inputs, fixed)
             check_heatmaps(heatmaps, meta, str(model))  # the dims the graph left symbolic
-            flipped = _infer(runner, b.inputs_flipped, fixed) if flip else None
+            flipped = infer_at_batch(runner.infer, b.inputs_flipped, fixed) if flip else None
             for h in (heatmaps, flipped):
                 if h is not None:
                     _check_finite(h, b.people, model)
@@ -225,25 +226,10 @@ def zero_head_boxes(ds, gt: dict[str, Any]) -> str | None:
 
 def onnx_fixed_batch(path: Path) -> int | None:
     """The batch an ONNX file is fixed to (None: dynamic)."""
-    import onnx
-
     from posequant.core.metadata import input_batch
+    from posequant.core.onnxfile import load_onnx
 
-    return input_batch(onnx.load(str(path), load_external_data=False))
-
-
-def _infer(runner, inputs: np.ndarray, fixed: int | None) -> np.ndarray:
-    """Run ``inputs``; a fixed-batch model's last short chunk is padded with copies of its last crop."""
-    if not fixed or len(inputs) == fixed:
-        return runner.infer(inputs)
-    outs = []
-    for i in range(0, len(inputs), fixed):
-        chunk = inputs[i:i + fixed]
-        pad = fixed - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        outs.append(runner.infer(chunk)[: fixed - pad])
-    return np.concatenate(outs)
+    return input_batch(load_onnx(path))
 
 
 def _check_finite(heatmaps: np.ndarray, people, model: Path) -> None:

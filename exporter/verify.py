@@ -8,6 +8,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from posequant.core.batching import infer_at_batch
+
 
 @dataclass(frozen=True)
 class CaseResult:
@@ -90,16 +92,7 @@ def run_torch(module: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
 def run_onnx(session, inputs: np.ndarray, batch: int | None) -> np.ndarray:
     """Run in chunks of the model's fixed batch size (padding the last one), or all at once."""
     name = session.get_inputs()[0].name
-    if batch is None:
-        return session.run(None, {name: inputs})[0]
-    outs = []
-    for i in range(0, len(inputs), batch):
-        chunk = inputs[i:i + batch]
-        pad = batch - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        outs.append(session.run(None, {name: chunk})[0][: batch - pad])
-    return np.concatenate(outs)
+    return infer_at_batch(lambda x: session.run(None, {name: x})[0], inputs, batch)
 
 
 def random_inputs(input_size: tuple[int, int], samples: int = 2, seed: int = 0) -> np.ndarray:
