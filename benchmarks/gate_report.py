@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -15,12 +16,19 @@ from posequant.core.fileio import check_outputs, write_bytes_atomic, write_text_
 from posequant.core.metadata import ModelMeta
 from posequant.core.table import format_table
 
-PANEL_HEIGHT = 256
-FLOAT_BGR, INT8_BGR, TRUTH_BGR = (80, 200, 0), (0, 140, 255), (255, 255, 255)  # green, orange, white
-LEGEND = (("float model", FLOAT_BGR, "line"), ("INT8 model", INT8_BGR, "line"), ("ground truth", TRUTH_BGR, "cross"))
-BAND = 22  # px: the legend strip and each row's label
-FONT = cv2.FONT_HERSHEY_SIMPLEX
+from .drawing import (  # noqa: F401  (BAND, LEGEND, TRUTH_BGR: the picture's style, named here too)
+    BAND,
+    FLOAT_BGR,
+    INT8_BGR,
+    LEGEND,
+    TRUTH_BGR,
+    draw_skeleton,
+    legend_band,
+    text_band,
+)
+from .drawing import label as _label
 
+PANEL_HEIGHT = 256
 
 REPORT_FILES = ("report.md", "report.json", "disagreements.png")
 
@@ -161,36 +169,6 @@ def _latency_markdown(latency) -> str:
 # ---- disagreements.png -------------------------------------------------------------------------
 
 
-def _label(img: np.ndarray, text: str, color) -> None:
-    (w, h), base = cv2.getTextSize(text, FONT, 0.45, 1)
-    cv2.rectangle(img, (0, 0), (w + 8, h + base + 6), (0, 0, 0), -1)
-    cv2.putText(img, text, (4, h + 3), FONT, 0.45, color, 1, cv2.LINE_AA)
-
-
-def _text_band(width: int, text: str, scale: float = 0.45) -> np.ndarray:
-    """A dark strip BAND px high with ``text`` in white, shrunk until it fits."""
-    band = np.full((BAND, width, 3), 40, np.uint8)
-    while scale > 0.25 and cv2.getTextSize(text, FONT, scale, 1)[0][0] > width - 8:
-        scale -= 0.05
-    cv2.putText(band, text, (4, BAND - 7), FONT, scale, TRUTH_BGR, 1, cv2.LINE_AA)
-    return band
-
-
-def legend_band(width: int) -> np.ndarray:
-    """What the colours mean: a swatch (a line or the cross) and a name for each of :data:`LEGEND`."""
-    band = np.full((BAND, width, 3), 40, np.uint8)
-    x, mid = 6, BAND // 2
-    for name, color, mark in LEGEND:
-        if mark == "line":
-            cv2.line(band, (x, mid), (x + 16, mid), color, 3)
-        else:
-            cv2.drawMarker(band, (x + 8, mid), color, cv2.MARKER_CROSS, 9, 1)
-        x += 22
-        cv2.putText(band, name, (x, mid + 5), FONT, 0.4, TRUTH_BGR, 1, cv2.LINE_AA)
-        x += cv2.getTextSize(name, FONT, 0.4, 1)[0][0] + 14
-    return band
-
-
 def row_label(rank: int, person, score: float) -> str:
     """Which person a row shows: rank, image file, record index (COCO: annotation id), drift."""
     who = _who(person.index, person.ann_id)
@@ -205,13 +183,7 @@ def _panel(crop: np.ndarray, trans: np.ndarray, joints: np.ndarray, person, skel
     """The predicted skeleton over the labelled joints, with the ground truth as white crosses."""
     img = crop.copy()
     show = person.labelled(len(joints))
-    pts = _to_crop(joints, trans)
-    for a, b in skeleton:
-        if show[a] and show[b]:
-            cv2.line(img, tuple(pts[a]), tuple(pts[b]), color, 2, cv2.LINE_AA)
-    for p in pts[show]:
-        cv2.circle(img, tuple(p), 3, color, -1, cv2.LINE_AA)
-        cv2.circle(img, tuple(p), 3, (0, 0, 0), 1, cv2.LINE_AA)
+    draw_skeleton(img, _to_crop(joints, trans), skeleton, color, show=show)
     if person.joints is not None:
         for p in _to_crop(np.asarray(person.joints), trans)[show]:
             cv2.drawMarker(img, tuple(p), (255, 255, 255), cv2.MARKER_CROSS, 7, 1, cv2.LINE_AA)
@@ -238,7 +210,7 @@ def draw_disagreements(meta: ModelMeta, people, float_preds: np.ndarray, int8_pr
         gap = np.full((h, 6, 3), 255, np.uint8)
         panels = np.hstack([_panel(crop, trans, fp, person, meta.skeleton, FLOAT_BGR, "float"), gap,
                             _panel(crop, trans, qp, person, meta.skeleton, INT8_BGR, f"INT8 {100 * score:.1f}%")])
-        rows.append(np.vstack([_text_band(panels.shape[1], row_label(rank, person, score)), panels]))
+        rows.append(np.vstack([text_band(panels.shape[1], row_label(rank, person, score)), panels]))
     if not rows:
         return None
     sep = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
@@ -270,3 +242,30 @@ def write_report(result, folder: Path, meta: ModelMeta, people) -> list[str]:
     write_text_atomic(folder / "report.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n",
                       "--report")
     return result.report_files
+
+
+# ---- GitHub Actions --------------------------------------------------------------------------------
+
+
+def step_summary_markdown(result) -> str:
+    """report.md as a job summary: the same Markdown, the picture named (a summary cannot show a file)."""
+    md = format_markdown(result, None)
+    if result.report_files:
+        md += f"\nThe full report, with disagreements.png, is in `{Path(result.report_files[0]).parent}`.\n"
+    return md
+
+
+def append_step_summary(result, environ=None) -> Path | None:
+    """Append the gate's Markdown to the file ``$GITHUB_STEP_SUMMARY`` names (GitHub shows it on the run's
+    page; other steps append there too, so never overwrite); nothing when the variable is unset or empty."""
+    name = (os.environ if environ is None else environ).get("GITHUB_STEP_SUMMARY")
+    if not name:
+        return None
+    path = Path(name)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(step_summary_markdown(result) + "\n")
+    except OSError as e:
+        raise PosequantError(f"cannot append the gate summary to $GITHUB_STEP_SUMMARY {path} ({e.strerror}): "
+                             "unset the variable or point it to a writable file") from None
+    return path

@@ -12,8 +12,10 @@ from .datasets import (
     Person,
     PoseDataset,
     box_to_center_scale,
+    clip_box,
     load_mpii_gt,
     open_dataset,
+    whole_image_center_scale,
 )
 from .images import TruncatedImageError, default_workers, image_problem, read_image, skipped_image_warnings
 from .preprocess import (
@@ -46,6 +48,7 @@ __all__ = [
     "affine_transform",
     "average_flip",
     "box_to_center_scale",
+    "clip_box",
     "crop_person",
     "dataset_order",
     "decode_heatmaps",
@@ -66,4 +69,5 @@ __all__ = [
     "refine_quarter_pixel",
     "shift_heatmaps",
     "transform_preds",
+    "whole_image_center_scale",
 ]

@@ -535,11 +535,18 @@ def _coco_person(
 
 def _clean_coco_box(entry: _Entry, width: float, height: float) -> tuple[float, float, float, float] | None:
     """HRNet's box sanitising: clip to the image; None for empty boxes or zero area."""
-    x, y, w, h = entry.array("bbox", (4,), "[x, y, w, h]")
+    box = clip_box(entry.array("bbox", (4,), "[x, y, w, h]"), width, height)
+    return box if entry.number("area") > 0 else None
+
+
+def clip_box(box_xywh: Sequence[float], width: float, height: float) -> tuple[float, float, float, float] | None:
+    """HRNet's box clipping (``coco.py``): inside the image, ``w - 1`` wide; None when nothing is left.
+    Shared by COCO annotations and ``predict``'s detection boxes, so both crop the same person alike."""
+    x, y, w, h = (float(v) for v in box_xywh)
     x1, y1 = max(0.0, x), max(0.0, y)
     x2 = min(width - 1, x1 + max(0.0, w - 1))
     y2 = min(height - 1, y1 + max(0.0, h - 1))
-    if entry.number("area") > 0 and x2 >= x1 and y2 >= y1:
+    if x2 >= x1 and y2 >= y1:
         return (float(x1), float(y1), float(x2 - x1), float(y2 - y1))
     return None
 
@@ -587,12 +594,17 @@ def _image_sizes(paths: list[Path]) -> list[tuple[int, int] | None]:
 
 def _whole_image(path: Path, size: tuple[int, int], index: int, input_size: tuple[int, int]) -> Person:
     # The box spans pixel edges -0.5 .. W-0.5: centre (W-1)/2, size W (pixel centres are integers).
-    height, width = size
-    center, scale = box_to_center_scale((-0.5, -0.5, width, height), input_size, padding=1.0)
+    center, scale = whole_image_center_scale(size, input_size)
     return Person(image=path, center=center, scale=scale, joints=None, joints_vis=None, index=index)
 
 
 # ---- missing images ----------------------------------------------------------------------------
+
+
+def whole_image_center_scale(size: tuple[int, int], input_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The box of a whole H x W image as one person (no padding), grown to the input's aspect ratio."""
+    height, width = size
+    return box_to_center_scale((-0.5, -0.5, width, height), input_size, padding=1.0)
 
 
 def _examples(paths: Sequence[Path], limit: int = 3) -> str:

@@ -372,7 +372,7 @@ def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedu
              limit, threads, runs, report_dir, allow_different_source, json_out):
     """Pass (exit 0) or fail (exit 1) an INT8 model against its float original: accuracy and speed."""
     from posequant.benchmarks.gate import gate
-    from posequant.benchmarks.gate_report import REPORT_FILES, format_gate
+    from posequant.benchmarks.gate_report import REPORT_FILES, append_step_summary, format_gate
 
     _check({"--json": json_out, "--report/": (report_dir, REPORT_FILES) if report_dir else None},
            {"--float": float_model, "--int8": int8_model, "--data": data})
@@ -382,6 +382,8 @@ def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedu
                   progress=_progress)
     _echo(format_gate(result), json_out)
     _write_json(json_out, result.to_dict())
+    if append_step_summary(result):  # on GitHub Actions: the summary on the run's page
+        _progress("appended the gate summary to $GITHUB_STEP_SUMMARY")
     sys.exit(0 if result.passed else 1)
 
 
@@ -513,6 +515,34 @@ def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, c
                           progress=_progress)
     click.echo(format_pipeline(result))
     sys.exit(0 if result.passed else 1)
+
+
+@main.command("predict")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE|FOLDER|VIDEO...")
+@click.option("--boxes", type=click.Path(dir_okay=False, path_type=Path), metavar="DETS.json",
+              help="Person boxes: COCO detection results (image_id or file_name, bbox, score); file_name matches "
+                   "an image's file name, image_id the number in it (000000000139.jpg is 139) [default: each "
+                   "image is one person].")
+@click.option("--min-score", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Leave out --boxes scoring below this.")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("predict-out"),
+              show_default=True, help="Folder for keypoints.json, the pictures and videos.")
+@backend_option(help="Runtime the model runs on.")
+@device_option
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (as eval).")
+@click.option("--compare", type=click.Path(dir_okay=False, path_type=Path), metavar="OTHER_MODEL",
+              help="Also run this model (e.g. the INT8 one) and draw both side by side.")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
+def predict_cmd(model, inputs, boxes, min_score, out_dir, backend, device, flip, compare, json_out):
+    """Keypoints of a model on images, folders and videos: COCO results JSON and overlay pictures in OUT/."""
+    from posequant.benchmarks.predict import format_predict, predict
+
+    _check({"--json": json_out}, {"MODEL": model, "--boxes": boxes, "--compare": compare})
+    result = predict(model, inputs, out_dir, boxes=boxes, min_score=min_score, backend=backend, device=device,
+                     flip=flip, compare=compare, warn=_warn)
+    _echo(format_predict(result), json_out)
+    _write_json(json_out, result.to_dict())
 
 
 @main.command("demo")
