@@ -159,7 +159,10 @@ def test_github_workflow_commands_gate_the_trained_model(tmp_path):
     ci = ci_gate_budgets()  # the CI gate's accuracy budgets for 68 people; speed is for scripts, not tests
     env.update(CHECKPOINT=str(TRAINED_CKPT), ARCH=TRAINED_ARCH, CALIB=str(COCO_MINI),
                VAL=str(COCO_MINI), MAX_DROP=ci["MAX_DROP"], MAX_JOINT_DROP=ci["MAX_JOINT_DROP"], MIN_SPEEDUP="0")
-    run_env = {**os.environ, **env, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    summary = tmp_path / "step-summary.md"  # GitHub sets GITHUB_STEP_SUMMARY in every step
+    summary.write_text("")
+    run_env = {**os.environ, **env, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+               "GITHUB_STEP_SUMMARY": str(summary)}
     for name, script in steps[1:]:
         res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=run_env,
                              capture_output=True, text=True, timeout=600)
@@ -167,3 +170,7 @@ def test_github_workflow_commands_gate_the_trained_model(tmp_path):
     for f in ("gate/report.md", "gate/report.json", "gate/disagreements.png", "quantize.md", "quantize.json"):
         assert (tmp_path / "gate-out" / f).is_file(), f
     assert json.loads((tmp_path / "gate-out/gate/report.json").read_text())["passed"] is True
+    text = summary.read_text()  # the quantize report, then the gate's report.md, appended in that order
+    quantize_md = (tmp_path / "gate-out/quantize.md").read_text()
+    assert text.startswith(quantize_md) and text.count("# INT8 gate: PASS") == 1, text
+    assert text.index("# INT8 gate: PASS") > len(quantize_md) - 1 and "## Checks" in text
