@@ -255,17 +255,36 @@ def step_summary_markdown(result) -> str:
     return md
 
 
-def append_step_summary(result, environ=None) -> Path | None:
-    """Append the gate's Markdown to the file ``$GITHUB_STEP_SUMMARY`` names (GitHub shows it on the run's
-    page; other steps append there too, so never overwrite); nothing when the variable is unset or empty."""
+def _summary_error(path: Path, why: str) -> PosequantError:
+    return PosequantError(f"cannot append the gate summary to $GITHUB_STEP_SUMMARY {path} ({why}): "
+                          "unset the variable or point it to a writable file")
+
+
+def check_step_summary(environ=None) -> Path | None:
+    """The file ``$GITHUB_STEP_SUMMARY`` names (None when unset or empty), refused now if it cannot be
+    appended to, so a bad path fails before minutes of evaluation rather than after the verdict."""
     name = (os.environ if environ is None else environ).get("GITHUB_STEP_SUMMARY")
     if not name:
         return None
     path = Path(name)
+    if path.is_dir():
+        raise _summary_error(path, "a directory")
+    if not path.parent.is_dir():
+        raise _summary_error(path, f"its folder {path.parent} does not exist")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise _summary_error(path, "permission denied")
+    return path
+
+
+def append_step_summary(result, environ=None) -> Path | None:
+    """Append the gate's Markdown to the file ``$GITHUB_STEP_SUMMARY`` names (GitHub shows it on the run's
+    page; other steps append there too, so never overwrite); nothing when the variable is unset or empty."""
+    path = check_step_summary(environ)
+    if path is None:
+        return None
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(step_summary_markdown(result) + "\n")
     except OSError as e:
-        raise PosequantError(f"cannot append the gate summary to $GITHUB_STEP_SUMMARY {path} ({e.strerror}): "
-                             "unset the variable or point it to a writable file") from None
+        raise _summary_error(path, e.strerror or str(e)) from None
     return path

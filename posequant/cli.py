@@ -372,10 +372,11 @@ def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedu
              limit, threads, runs, report_dir, allow_different_source, json_out):
     """Pass (exit 0) or fail (exit 1) an INT8 model against its float original: accuracy and speed."""
     from posequant.benchmarks.gate import gate
-    from posequant.benchmarks.gate_report import REPORT_FILES, append_step_summary, format_gate
+    from posequant.benchmarks.gate_report import REPORT_FILES, append_step_summary, check_step_summary, format_gate
 
     _check({"--json": json_out, "--report/": (report_dir, REPORT_FILES) if report_dir else None},
            {"--float": float_model, "--int8": int8_model, "--data": data})
+    check_step_summary()  # before the run
     result = gate(float_model, int8_model, data, max_drop=max_drop, max_joint_drop=max_joint_drop,
                   min_speedup=min_speedup, device=device, backend=backend, split=split, flip=flip, limit=limit,
                   threads=threads, runs=runs, report_dir=report_dir, allow_different_source=allow_different_source,

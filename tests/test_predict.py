@@ -270,6 +270,7 @@ def test_gate_appends_its_markdown_to_the_step_summary(tiny, int8, tmp_path):
     assert summary.read_text().count("# INT8 gate:") == 2  # appended again, never overwritten
     res = invoke(*args, env={"GITHUB_STEP_SUMMARY": str(tmp_path / "no" / "such" / "summary.md")})
     assert "cannot append the gate summary" in one_line_error(res)
+    assert "gate:" not in res.output  # refused before the run, not after the verdict
     before = {p.name for p in tmp_path.iterdir()}
     res = invoke(*args, env={"GITHUB_STEP_SUMMARY": ""})  # unset (empty): nothing written
     assert res.exit_code == 0 and {p.name for p in tmp_path.iterdir()} == before
@@ -315,3 +316,11 @@ def test_trained_model_on_mpii_calib_images(trained, tmp_path):
     ref, _ = heatmaps_to_joints(meta, runner.infer(b.inputs), b.centers, b.scales, runner.infer(b.inputs_flipped))
     np.testing.assert_allclose(np.array([r["keypoints"] for r in results]).reshape(7, 17, 3)[..., :2], ref, atol=1e-2)
     assert len(os.listdir(tmp_path / "out")) == 7 + 2
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(tiny, tmp_path, capfd):
+    predict(tiny.model, [tiny.val], tmp_path / "a", flip=False)  # not a terminal here: no bar
+    assert "predict" not in capfd.readouterr().err
+    predict(tiny.model, [tiny.val], tmp_path / "b", flip=False, progress_bar=True)
+    err = capfd.readouterr().err
+    assert "predict:" in err and "/3 [" in err  # tqdm's bar over the 3 images, on stderr
