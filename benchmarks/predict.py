@@ -300,6 +300,13 @@ def output_names(inputs: Sequence[Path]) -> dict[Path, str]:
     return names
 
 
+def planned_files(inputs: Sequence[str | os.PathLike], compare=None) -> list[str]:
+    """The names ``predict`` writes in OUT/ for these inputs (for checking every output before the run)."""
+    names = output_names(expand_inputs(inputs))
+    planned = [RESULTS_FILE, SUMMARY_FILE] + ([COMPARE_RESULTS_FILE] if compare else [])
+    return planned + [n for p, name in names.items() for n in ((name, frames_name(name)) if is_video(p) else (name,))]
+
+
 def frames_name(video_out: str) -> str:
     return video_out.replace(".pose.mp4", ".frames.jsonl")
 
@@ -330,8 +337,7 @@ def predict(
     model, out = Path(model), Path(out_dir)
     files = expand_inputs(inputs)
     names = output_names(files)
-    planned = [RESULTS_FILE, SUMMARY_FILE] + ([COMPARE_RESULTS_FILE] if compare else [])
-    planned += [n for p in files for n in ((names[p], frames_name(names[p])) if is_video(p) else (names[p],))]
+    planned = planned_files(inputs, compare)
     ins = {"MODEL": model, "--boxes": boxes, "--compare": compare} | {f"input {p}": p for p in files}
     ins |= {f"INPUT {p}": p for p in map(Path, inputs) if Path(p).is_dir()}  # nothing written into an input folder
     check_outputs({"-o/": (out, planned)}, ins)  # before any work

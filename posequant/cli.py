@@ -537,9 +537,10 @@ def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, c
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
 def predict_cmd(model, inputs, boxes, min_score, out_dir, backend, device, flip, compare, json_out):
     """Keypoints of a model on images, folders and videos: COCO results JSON and overlay pictures in OUT/."""
-    from posequant.benchmarks.predict import format_predict, predict
+    from posequant.benchmarks.predict import format_predict, planned_files, predict
 
-    _check({"--json": json_out}, {"MODEL": model, "--boxes": boxes, "--compare": compare})
+    _check({"--json": json_out, "-o/": (out_dir, planned_files(inputs, compare))},  # --json not one of OUT/'s files
+           {"MODEL": model, "--boxes": boxes, "--compare": compare} | {str(p): p for p in inputs})
     result = predict(model, inputs, out_dir, boxes=boxes, min_score=min_score, backend=backend, device=device,
                      flip=flip, compare=compare, warn=_warn)
     _echo(format_predict(result), json_out)

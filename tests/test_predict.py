@@ -71,7 +71,7 @@ def invoke(*args, env=None):
 
 def one_line_error(res, code=2):
     assert res.exit_code == code, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    lines = [ln for ln in res.output.splitlines() if ln.startswith(("error:", "Error:"))]  # ours, or click's
     assert len(lines) == 1 and "Traceback" not in res.output, res.output
     return lines[0]
 
@@ -324,3 +324,37 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(tiny, tmp_path, capfd):
     predict(tiny.model, [tiny.val], tmp_path / "b", flip=False, progress_bar=True)
     err = capfd.readouterr().err
     assert "predict:" in err and "/3 [" in err  # tqdm's bar over the 3 images, on stderr
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("out_is_a_file", "is a file"),
+    ("json_is_the_input", "would destroy the input"),
+    ("json_is_the_model", "would destroy the input"),
+    ("json_is_an_output", "are the same file"),
+])
+def test_outputs_are_checked_before_work_and_never_an_input(tiny, tmp_path, case, expect):
+    image = tmp_path / "a.jpg"
+    image.write_bytes((tiny.val / "000000000001.jpg").read_bytes())
+    before = image.read_bytes()
+    out, extra = tmp_path / "out", []
+    if case == "out_is_a_file":
+        out = tmp_path / "file"
+        out.write_text("x")
+    elif case == "json_is_the_input":
+        extra = ["--json", image]
+    elif case == "json_is_the_model":
+        extra = ["--json", tiny.model]
+    elif case == "json_is_an_output":
+        out.mkdir()  # an earlier run's folder
+        extra = ["--json", out / RESULTS_FILE]
+    res = invoke("predict", tiny.model, image, "-o", out, *extra)
+    assert expect in one_line_error(res)
+    assert image.read_bytes() == before and read_meta(tiny.model).num_joints == 17
+
+
+def test_json_to_stdout(tiny, tmp_path):
+    res = invoke("predict", tiny.model, tiny.val / "000000000002.jpg", "-o", tmp_path / "out", "--no-flip",
+                 "--json", "-")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["images"] == 1 and doc["image_ids"] == {str(tiny.val / "000000000002.jpg"): 2}
