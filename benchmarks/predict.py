@@ -426,8 +426,10 @@ class _Run:
         def results(joints, scores):
             if not len(joints):
                 return []
-            return coco_results([image_id] * len(joints), joints, scores, box_scores) if _coco_joints(joints) \
-                else _plain_results(image_id, joints, scores, box_scores)
+            if _coco_joints(joints):  # eval's own results and rescoring
+                return coco_results([image_id] * len(joints), joints, scores, box_scores)
+            return _plain_results(image_id, joints, scores, box_scores)
+
         return results(*outs[0]), (results(*outs[1]) if len(outs) > 1 else [])
 
     def image(self, path: Path, image_id: Any, boxes: list[Box] | None, name: str) -> None:

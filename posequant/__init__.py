@@ -46,6 +46,8 @@ _API = {
     "BenchResult": "posequant.benchmarks.latency",
     "gate": "posequant.benchmarks.gate",
     "GateResult": "posequant.benchmarks.gate",
+    "predict": "posequant.benchmarks.predict",
+    "PredictResult": "posequant.benchmarks.predict",
     "run_pipeline": "posequant.pipeline",
     "PipelineResult": "posequant.pipeline",
     "GateBudget": "posequant.pipeline",
@@ -58,6 +60,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .benchmarks.evaluate import EvalResult, evaluate
     from .benchmarks.gate import GateResult, gate
     from .benchmarks.latency import BenchResult, bench
+    from .benchmarks.predict import PredictResult, predict
     from .benchmarks.predictions import eval_mpii_preds
     from .calibration.quantize import QuantizeResult, quantize
     from .core.errors import PosequantError
