@@ -229,7 +229,8 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
 @click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
 @click.option("--format", "fmt", type=click.Choice(["mpii", "coco"]), help="Dataset layout [default: detected].")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
-@backend_option(BACKENDS, help="Runtime the model is evaluated on (torch needs a checkpoint MODEL).")
+@backend_option(BACKENDS, default=None, help="Runtime the model is evaluated on (torch needs a checkpoint MODEL) "
+                                            "[default: ort; openvino for an .xml IR, tensorrt for an .engine].")
 @device_option
 @click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="People per inference call.")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N people.")
@@ -356,7 +357,8 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
 @click.option("--min-speedup", type=SPEEDUP, default=1.5, show_default=True,
               help="INT8 must be at least this many times faster than float (median, batch 1).")
 @device_option
-@backend_option(help="Backend both models are evaluated and timed on.")
+@backend_option(default=None, help="Backend both models are evaluated and timed on "
+                                   "[default: ort; openvino for .xml IRs, tensorrt for .engine files].")
 @click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N people (a quick look, not a release gate).")
@@ -513,6 +515,28 @@ def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, c
                           progress=_progress)
     click.echo(format_pipeline(result))
     sys.exit(0 if result.passed else 1)
+
+
+@main.command("convert")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--to", "to", required=True, type=Names(("openvino", "tensorrt")), help="Deployment format.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
+              help="The .xml (or a folder for it) / the .engine [default: beside MODEL].")
+@click.option("--compress-weights", type=click.Choice(["fp16"]), help="OpenVINO: store float weights as fp16.")
+@click.option("--fp16", is_flag=True, help="TensorRT: allow fp16 kernels (a float MODEL).")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
+def convert_cmd(model, to, output, compress_weights, fp16, json_out):
+    """An ONNX model (float or INT8) as an OpenVINO IR or a TensorRT engine, with its posequant metadata."""
+    import shlex
+
+    from posequant.exporter.convert import convert
+
+    _check({"--json": json_out}, {"MODEL": model})
+    res = convert(model, to, output=output, compress_weights=compress_weights, fp16=fp16)
+    _echo(f"wrote {res.output} + {res.companion.name} ({res.to}, {res.precision}, {res.output_mb:.1f} MB; "
+          f"{res.input.name} {res.input_mb:.1f} MB)\nnext: posequant eval {shlex.quote(str(res.output))} --data ROOT",
+          json_out)
+    _write_json(json_out, res.to_dict())
 
 
 @main.command("demo")
