@@ -338,7 +338,7 @@ def gate(
     # None: ort, or the one backend both an IR (openvino) or engine (tensorrt) pair runs on
     for path in sorted((float_model, int8_model), key=lambda p: model_format(p) == "onnx"):  # an IR/engine first
         backend = resolve_backend(path, backend)
-    check_backend(backend, device)
+    check_backend(backend, device, engines=model_format(float_model) == model_format(int8_model) == "engine")
     if report_dir is not None:
         report_dir = prepare_report_dir(report_dir, {"--float": float_model, "--int8": int8_model, "--data": data})
 

@@ -157,8 +157,14 @@ def _load_deployed(path: Path, fmt: str) -> BenchModel:
 # ---- which backends can run here ---------------------------------------------------------------
 
 
-def backend_problem(backend: str, device: str) -> str | None:
-    """Why ``backend`` cannot run on ``device`` here (not installed, no provider, no GPU), or None."""
+def backend_problem(backend: str, device: str, engines: bool = False) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here (not installed, no provider, no GPU), or None.
+
+    ``engines``: the models are TensorRT engine files, which TensorRT runs itself (no ONNX Runtime provider)."""
+    if engines and backend == "tensorrt" and device == "cuda":
+        from posequant.core.enginefile import tensorrt_problem
+
+        return tensorrt_problem()
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}"
     if backend not in DEVICE_BACKENDS[device]:
@@ -190,10 +196,10 @@ def check_device(device: str) -> None:
         raise BackendError("--device cuda: no CUDA GPU found on this machine; use --device cpu")
 
 
-def check_backend(backend: str, device: str) -> None:
+def check_backend(backend: str, device: str, engines: bool = False) -> None:
     """Raise a one-line :class:`BackendError` when ``backend`` cannot run on ``device`` here."""
     check_device(device)
-    problem = backend_problem(backend, device)
+    problem = backend_problem(backend, device, engines)
     if problem:
         raise BackendError(f"--backend {backend}: {problem}")
 
@@ -376,8 +382,9 @@ def bench(
     backends = list(dict.fromkeys(backends or DEVICE_BACKENDS[device]))
     skipped: list[dict[str, Any]] = []
     usable = []
+    engines = any(model_format(m) == "engine" for m in models)
     for be in backends:
-        problem = backend_problem(be, device)
+        problem = backend_problem(be, device, engines)
         if problem and explicit:
             raise BackendError(f"--backend {be}: {problem}")
         if problem:

@@ -92,7 +92,13 @@ def _batch(ctx, param, value):
 
 def _check(outputs: dict, inputs: dict) -> None:
     """Every output checked against every input before any work; ``--json -`` is standard output."""
-    check_outputs(outputs, inputs, stdout_ok={"--json"})
+    from posequant.core.enginefile import is_engine, sidecar_path
+    from posequant.core.irfile import bin_path, is_ir
+
+    # an IR's weights and an engine's metadata are inputs too
+    extra = {f"{name} ({'.bin' if is_ir(p) else '.json'})": bin_path(p) if is_ir(p) else sidecar_path(p)
+             for name, p in inputs.items() if is_ir(p) or is_engine(p)}
+    check_outputs(outputs, {**inputs, **extra}, stdout_ok={"--json"})
 
 
 def _echo(text: str, json_out: str | None) -> None:

@@ -294,3 +294,10 @@ def test_tensorrt_here_is_one_line(tiny, tmp_path):
     assert "--device cuda" in one_line_error(invoke("eval", engine, "--data", tiny.coco))
     line = one_line_error(invoke("eval", engine, "--data", tiny.coco, "--device", "cuda"))
     assert "tensorrt" in line.lower() or "cuda" in line.lower()
+
+
+def test_json_onto_the_irs_weights_is_refused(tiny):
+    weights = irfile.bin_path(tiny.float_ir)
+    before = weights.stat().st_size
+    line = one_line_error(invoke("eval", tiny.float_ir, "--data", tiny.coco, "--json", weights))
+    assert "is the input MODEL (.bin)" in line and weights.stat().st_size == before
