@@ -107,7 +107,7 @@ def _to_openvino(model: Path, out: Path, props: dict[str, str], compress: bool) 
             ir = ov.convert_model(str(model))
     except Exception as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"OpenVINO cannot convert {model} ({first}): check the model with `posequant inspect`") \
+        raise ConvertError(f"OpenVINO cannot convert {model} ({first}): re-export it with `posequant export-pose`") \
             from None
     # every metadata key, verbatim: the IR reads back the same ModelMeta
     write_ir_props(ir, props)
