@@ -88,7 +88,8 @@ def convert(model: str | Path, to: str, *, output: str | Path | None = None, com
     proto = load_onnx(model)
     read_meta(proto, str(model))  # a posequant model, its graph matching its metadata
     props = {p.key: p.value for p in proto.metadata_props}
-    with output_dir(folder) if folder is not None else contextlib.nullcontext():  # a new -o folder: made, or removed again
+    # a new -o folder: made, or removed again when the conversion fails
+    with output_dir(folder) if folder is not None else contextlib.nullcontext():
         if to == "openvino":
             precision = _to_openvino(model, out, props, compress_weights == "fp16")
         else:
@@ -154,8 +155,9 @@ def _to_tensorrt(model: Path, proto, out: Path, props: dict[str, str], fp16: boo
     int8 = any(n.op_type in QDQ_OPS for n in proto.graph.node)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    major = int(trt.__version__.split(".")[0])
+    # explicit batch: the default (and only) mode from TensorRT 10, a flag before
+    network = builder.create_network(0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(model)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))[:200]

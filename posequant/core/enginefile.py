@@ -40,7 +40,8 @@ def engine_info(path: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{side} cannot be read ({type(e).__name__}): build the engine again with "
                              "`posequant convert`") from None
     if not isinstance(info, dict) or not isinstance(info.get("props"), dict):
-        raise ModelFileError(f"{side} is not a posequant engine sidecar: build the engine again with `posequant convert`")
+        raise ModelFileError(f"{side} is not a posequant engine sidecar: build the engine again with "
+                             "`posequant convert`")
     return info
 
 
