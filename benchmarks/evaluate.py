@@ -24,7 +24,7 @@ from posequant.core.onnxfile import check_heatmaps
 from posequant.core.quiet import warn as posequant_warn
 
 from .metrics import box_size, coco_keypoint_ap, coco_results, mpii_pckh, pck
-from .runners import make_runner
+from .runners import make_runner, model_format, resolve_backend
 
 MPII_PER_PERSON = ("jnt_missing", "pos_gt_src", "headboxes_src")  # last axis: one column per person
 
@@ -68,7 +68,7 @@ class EvalResult:
 
 def _load_model(model: Path, export_options: dict, tmp: Path, progress):
     """(onnx path, meta, torch module or None): a checkpoint is exported (and verified) first."""
-    if model.suffix.lower() == ".onnx":
+    if model.suffix.lower() == ".onnx" or model_format(model) != "onnx":  # ONNX, OpenVINO IR, TensorRT engine
         if not model.is_file():
             raise PosequantError(f"model {model} not found: check the path")
         given = [f"--{k.replace('_', '-')}" for k, v in export_options.items() if v and k != "trust_pickle"]
@@ -140,7 +140,7 @@ def evaluate(
     split: str | None = None,
     format: str | None = None,
     flip: bool = True,
-    backend: str = "ort",
+    backend: str | None = None,
     device: str = "cpu",
     batch: int = 8,
     limit: int | None = None,
@@ -151,7 +151,9 @@ def evaluate(
     progress_bar: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Evaluate an .onnx model (its metadata drives preprocessing) or a checkpoint on MPII or COCO.
+    """Evaluate an .onnx model (its metadata drives preprocessing), an OpenVINO IR (.xml, on openvino), a
+    TensorRT engine (on tensorrt, cuda) or a checkpoint on MPII or COCO. ``backend`` None: the model's own
+    (ort for ONNX and checkpoints).
 
     People whose ground truth is degenerate (see ``open_dataset``) are left out of the run and of
     the scoring, named in one ``warn`` line (a ``PosequantWarning`` when ``warn`` is None) and in
@@ -160,6 +162,7 @@ def evaluate(
     """
     say_warning = warn or posequant_warn
     model, data = Path(model), Path(data)
+    backend = resolve_backend(model, backend)  # None: ort, or the one backend an IR / engine runs on
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, meta, module = _load_model(model, export_options or {}, Path(tmp), progress)
         ds = open_dataset(data, input_size=meta.input_size, format=format, split=split, skip_missing=skip_missing)
@@ -225,10 +228,19 @@ def zero_head_boxes(ds, gt: dict[str, Any]) -> str | None:
 
 
 def onnx_fixed_batch(path: Path) -> int | None:
-    """The batch an ONNX file is fixed to (None: dynamic)."""
+    """The batch an ONNX file, OpenVINO IR or TensorRT engine is fixed to (None: dynamic)."""
     from posequant.core.metadata import input_batch
     from posequant.core.onnxfile import load_onnx
 
+    fmt = model_format(path)
+    if fmt == "ir":
+        from posequant.core import irfile
+
+        return irfile.input_batch(irfile.load_ir(path))
+    if fmt == "engine":
+        from posequant.core.enginefile import engine_info
+
+        return engine_info(path).get("batch")
     return input_batch(load_onnx(path))
 
 

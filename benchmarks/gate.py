@@ -25,6 +25,7 @@ from .evaluate import EvalResult, ModelOutputError, evaluate, onnx_fixed_batch
 from .gate_report import prepare_report_dir, write_report
 from .latency import BenchResult, bench, check_backend, onnx_precision
 from .metrics import FLOAT_FLOOR, box_size, main_metric, pck
+from .runners import model_format, resolve_backend
 
 # COCO joints pooled into the groups MPII's PCKh table reports, so both read alike.
 COCO_GROUPS = {
@@ -122,9 +123,9 @@ def _check_models(float_model: Path, int8_model: Path, allow_different_source: b
     for opt, path in (("--float", float_model), ("--int8", int8_model)):
         if not path.exists():
             raise GateInputError(f"{opt} {path} not found: check the path")
-        if path.suffix.lower() != ".onnx":
-            raise GateInputError(f"{opt} {path} is not an .onnx file: export checkpoints with "
-                                 "`posequant export-pose` first")
+        if path.suffix.lower() != ".onnx" and model_format(path) == "onnx":
+            raise GateInputError(f"{opt} {path} is not an .onnx file (or an OpenVINO .xml / TensorRT .engine): "
+                                 "export checkpoints with `posequant export-pose` first")
     # read (and checked against their graphs) first: a damaged file is named before anything else is said of it
     fmeta, qmeta = read_meta(float_model), read_meta(int8_model)
     if onnx_precision(float_model) == "int8":
@@ -260,6 +261,8 @@ def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, qe:
     from posequant.calibration.saturation import cpu_mismatch, quantization_settings
 
     here = cpu_kind()
+    if model_format(int8_model) != "onnx":  # an IR / engine: the exact-semantics re-run needs the ONNX graph
+        return {"here": here.name, "made_for": _quantization_of(int8_model).get("cpu"), "note": None}
     proto = onnx.load(str(int8_model), load_external_data=False)
     settings = quantization_settings(proto)
     facts: dict[str, Any] = {"here": here.name, "made_for": settings.get("cpu"), "note": None}
@@ -275,6 +278,21 @@ def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, qe:
     return facts
 
 
+def _quantization_of(path: Path) -> dict:
+    """The quantization settings an IR or engine carries over from its ONNX file ({} if none)."""
+    import json
+
+    from posequant.core.enginefile import engine_info
+    from posequant.core.irfile import ir_props, load_ir
+
+    props = ir_props(load_ir(path)) if model_format(path) == "ir" else engine_info(path)["props"]
+    try:
+        value = json.loads(props.get("quantization", "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 # ---- the gate ----------------------------------------------------------------------------------
 
 
@@ -287,7 +305,7 @@ def gate(
     max_joint_drop: float = 2.0,
     min_speedup: float = 1.5,
     device: str = "cpu",
-    backend: str = "ort",
+    backend: str | None = None,
     flip: bool = True,
     split: str | None = None,
     limit: int | None = None,
@@ -317,7 +335,10 @@ def gate(
     min_speedup = check_number("min_speedup", min_speedup)
     float_model, int8_model, data = Path(float_model), Path(int8_model), Path(data)
     fmeta, _ = _check_models(float_model, int8_model, allow_different_source)
-    check_backend(backend, device)
+    # None: ort, or the one backend both an IR (openvino) or engine (tensorrt) pair runs on
+    for path in sorted((float_model, int8_model), key=lambda p: model_format(p) == "onnx"):  # an IR/engine first
+        backend = resolve_backend(path, backend)
+    check_backend(backend, device, engines=model_format(float_model) == model_format(int8_model) == "engine")
     if report_dir is not None:
         report_dir = prepare_report_dir(report_dir, {"--float": float_model, "--int8": int8_model, "--data": data})
 

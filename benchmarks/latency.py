@@ -26,7 +26,7 @@ from posequant.core.errors import MissingMetadataError, PosequantError
 from posequant.core.onnxfile import load_onnx
 
 from .machine import gpu_name, has_bf16, machine_facts, usable_cores
-from .runners import BACKENDS, BackendError, Runner, make_runner
+from .runners import BACKENDS, FORMAT_BACKEND, BackendError, Runner, make_runner, model_format
 
 DEVICE_BACKENDS = {"cpu": ("torch", "ort", "openvino"), "cuda": ("torch", "ort", "tensorrt")}
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
@@ -50,6 +50,7 @@ class BenchModel:
     conv_transpose: int = 0
     conv_transpose_unquantized: int = 0  # ConvTranspose without a DequantizeLinear in front
     module: Any = None  # torch.nn.Module when a checkpoint was given
+    format: str = "onnx"  # onnx, ir (OpenVINO .xml: openvino only) or engine (TensorRT: tensorrt only)
     cpu_note: str | None = None  # an INT8 graph made for another CPU kind than this one (saturation.cpu_mismatch)
 
 
@@ -61,6 +62,15 @@ def onnx_precision(model) -> str:
     import onnx
 
     if isinstance(model, (str, Path)):
+        fmt = model_format(model)
+        if fmt == "ir":  # what OpenVINO kept of the QDQ graph: FakeQuantize, int8 weights
+            from posequant.core.irfile import ir_precision, load_ir
+
+            return ir_precision(load_ir(model))
+        if fmt == "engine":
+            from posequant.core.enginefile import engine_info
+
+            return str(engine_info(model).get("precision", "fp32"))
         model = load_onnx(model)
     if any(n.op_type in QUANT_OPS for n in model.graph.node):
         return "int8"
@@ -91,6 +101,9 @@ def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) 
         raise PosequantError(f"model {path} not found: check the path")
     module = None
     onnx_path = path
+    fmt = model_format(path)
+    if fmt != "onnx":
+        return _load_deployed(path, fmt)
     if path.suffix.lower() != ".onnx":
         from posequant.exporter import export_pose
 
@@ -120,11 +133,38 @@ def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) 
                       module, note)
 
 
+def _load_deployed(path: Path, fmt: str) -> BenchModel:
+    """An OpenVINO IR or a TensorRT engine: its metadata (required: nothing else gives the input size)."""
+    from posequant.core.metadata import read_meta
+
+    meta = read_meta(path)
+    if fmt == "ir":
+        from posequant.core import irfile
+
+        ir = irfile.load_ir(path)
+        batch, precision = irfile.input_batch(ir), irfile.ir_precision(ir)
+        size_mb = (path.stat().st_size + irfile.bin_path(path).stat().st_size) / 2**20
+    else:
+        from posequant.core.enginefile import engine_info
+
+        info = engine_info(path)
+        batch, precision, size_mb = info.get("batch"), str(info.get("precision", "fp32")), path.stat().st_size / 2**20
+    h, w = meta.input_size
+    group = f"{meta.source_sha256[:12] or path.stem} {h}x{w}"
+    return BenchModel(str(path), path, precision, (h, w), batch, group, size_mb, format=fmt)
+
+
 # ---- which backends can run here ---------------------------------------------------------------
 
 
-def backend_problem(backend: str, device: str) -> str | None:
-    """Why ``backend`` cannot run on ``device`` here (not installed, no provider, no GPU), or None."""
+def backend_problem(backend: str, device: str, engines: bool = False) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here (not installed, no provider, no GPU), or None.
+
+    ``engines``: the models are TensorRT engine files, which TensorRT runs itself (no ONNX Runtime provider)."""
+    if engines and backend == "tensorrt" and device == "cuda":
+        from posequant.core.enginefile import tensorrt_problem
+
+        return tensorrt_problem()
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}"
     if backend not in DEVICE_BACKENDS[device]:
@@ -156,10 +196,10 @@ def check_device(device: str) -> None:
         raise BackendError("--device cuda: no CUDA GPU found on this machine; use --device cpu")
 
 
-def check_backend(backend: str, device: str) -> None:
+def check_backend(backend: str, device: str, engines: bool = False) -> None:
     """Raise a one-line :class:`BackendError` when ``backend`` cannot run on ``device`` here."""
     check_device(device)
-    problem = backend_problem(backend, device)
+    problem = backend_problem(backend, device, engines)
     if problem:
         raise BackendError(f"--backend {backend}: {problem}")
 
@@ -175,6 +215,12 @@ def _openvino_bf16() -> bool:
 
 def _precisions(model: BenchModel, backend: str, device: str) -> tuple[list[str], list[str]]:
     """(precisions to run, reasons for those skipped) of one model on one backend."""
+    own = FORMAT_BACKEND.get(model.format)
+    if own and backend != own:
+        kind = "an OpenVINO IR" if model.format == "ir" else "a TensorRT engine"
+        return [], [f"{kind} runs on {own} only"]
+    if model.format == "engine":  # built at its precision
+        return [model.precision], []
     if backend == "torch":
         if model.module is None:
             return [], ["torch eager needs a checkpoint; this MODEL is an ONNX file"]
@@ -336,8 +382,9 @@ def bench(
     backends = list(dict.fromkeys(backends or DEVICE_BACKENDS[device]))
     skipped: list[dict[str, Any]] = []
     usable = []
+    engines = any(model_format(m) == "engine" for m in models)
     for be in backends:
-        problem = backend_problem(be, device)
+        problem = backend_problem(be, device, engines)
         if problem and explicit:
             raise BackendError(f"--backend {be}: {problem}")
         if problem:

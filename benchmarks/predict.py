@@ -45,14 +45,14 @@ from posequant.core.quiet import warn as posequant_warn
 
 from .drawing import FLOAT_BGR, INT8_BGR, draw_skeleton, label, legend_band
 from .metrics import coco_results
-from .runners import make_runner
+from .runners import make_runner, resolve_backend
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 RESULTS_FILE = "keypoints.json"  # COCO keypoint results of MODEL
 COMPARE_RESULTS_FILE = "keypoints.compare.json"  # ... of --compare's model
 SUMMARY_FILE = "predict.json"
 PROGRESS_MIN_UNITS = 10  # images or frames: below that a bar is noise
-MODEL_SUFFIXES = (".onnx", ".xml")  # .xml: an OpenVINO IR, where read_meta and the runners open one
+MODEL_SUFFIXES = (".onnx", ".xml", ".engine")  # an OpenVINO IR, a TensorRT engine: read_meta and the runners open them
 
 
 @dataclass
@@ -208,7 +208,7 @@ class Model:
     fixed: int | None
 
     @classmethod
-    def open(cls, path: Path, backend: str, device: str, option: str = "MODEL") -> "Model":
+    def open(cls, path: Path, backend: str | None, device: str, option: str = "MODEL") -> "Model":
         if path.suffix.lower() not in MODEL_SUFFIXES:
             raise PosequantError(f"{option} {path}: predict runs an exported model ({', '.join(MODEL_SUFFIXES)}); "
                                  "export a checkpoint first with `posequant export-pose`")
@@ -318,7 +318,7 @@ def predict(
     *,
     boxes: str | os.PathLike | None = None,
     min_score: float = 0.0,
-    backend: str = "ort",
+    backend: str | None = None,
     device: str = "cpu",
     flip: bool = True,
     compare: str | os.PathLike | None = None,
@@ -357,6 +357,7 @@ def predict(
     images = [p for p in files if not is_video(p)]
     ids = image_ids(images)
     box_map = load_boxes(boxes, images, min_score=min_score) if boxes is not None else None
+    backend = resolve_backend(model, backend)  # None: ort, or the one backend an IR / engine runs on
     result = PredictResult(str(model), str(compare) if compare else None, str(out), backend, device, flip)
     run = _Run(first, second, flip, result, out)
     with output_dir(out, "-o"):

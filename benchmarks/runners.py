@@ -12,7 +12,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from posequant.core.enginefile import is_engine, tensorrt_problem
 from posequant.core.errors import PosequantError
+from posequant.core.irfile import is_ir
 from posequant.core.onnxfile import ModelFileError
 from posequant.core.quiet import ort_session, quiet
 
@@ -125,6 +127,7 @@ class OpenVINORunner:
         except Exception as e:
             raise ModelFileError(f"{self.path}: OpenVINO cannot read this graph ({_first_line(e)}): "
                                  "re-export it with `posequant export-pose`") from None
+        # (an .xml IR is opened through posequant.core.irfile first, by read_meta: a missing .bin is named there)
         self.compiled_by_shape: dict[tuple, object] = {}
         self.compiled = None if self.static_shapes else self._compile(self.model)
 
@@ -178,6 +181,77 @@ class OrtReferenceRunner(OrtRunner):
     backend: str = "ort-reference"
 
 
+@dataclass
+class TensorRTEngineRunner:
+    """A serialized TensorRT engine (``posequant convert --to tensorrt``), its buffers on the GPU through torch.
+    Written against TensorRT 10's tensor API; not run where TensorRT is absent."""
+
+    path: Path
+    device: str = "cuda"
+    threads: int | None = None
+    precision: str = "fp32"
+    backend: str = "tensorrt"
+
+    def __post_init__(self):
+        if self.device != "cuda":
+            raise BackendError(f"{self.path} is a TensorRT engine: it runs with --device cuda only")
+        problem = tensorrt_problem()
+        if problem:
+            raise BackendError(f"{self.path} is a TensorRT engine and cannot run here: {problem}")
+        import tensorrt as trt
+
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(Path(self.path).read_bytes())
+        if self.engine is None:
+            raise ModelFileError(f"{self.path}: TensorRT cannot load this engine (built by another TensorRT "
+                                 "version or GPU?): build it again here with `posequant convert --to tensorrt`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.input_name, self.output_name = inputs[0], next(n for n in names if n not in inputs)
+
+    def infer(self, inputs: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(inputs)).cuda()
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        y = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), device="cuda", dtype=torch.float32)
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, y.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise BackendError(f"{self.path}: TensorRT failed to run a batch of {len(inputs)}")
+        stream.synchronize()
+        return y.cpu().numpy()
+
+
+def model_format(path) -> str:
+    """``onnx``, ``ir`` (OpenVINO .xml) or ``engine`` (TensorRT), from the file name."""
+    if is_ir(path):
+        return "ir"
+    if is_engine(path):
+        return "engine"
+    return "onnx"
+
+
+# the only backend each non-ONNX format runs on
+FORMAT_BACKEND = {"ir": "openvino", "engine": "tensorrt"}
+
+
+def resolve_backend(path, backend: str | None, option: str = "--backend") -> str:
+    """The backend ``path`` runs on: ``backend`` when given (refused, in one line, where the format cannot
+    run on it), else ``ort`` for ONNX, ``openvino`` for an IR, ``tensorrt`` for an engine."""
+    fmt = model_format(path) if path is not None else "onnx"
+    own = FORMAT_BACKEND.get(fmt)
+    if backend is None:
+        return own or "ort"
+    if own and backend != own:
+        kind = "an OpenVINO IR" if fmt == "ir" else "a TensorRT engine"
+        raise BackendError(f"{option} {backend}: {path} is {kind} and runs on {own} only; drop {option} or "
+                           f"give the .onnx file")
+    return backend
+
+
 ONNX_RUNNERS: dict[str, Callable[..., Runner]] = {"ort": OrtRunner, "openvino": OpenVINORunner,
                                                   "tensorrt": TensorRTRunner, "ort-reference": OrtReferenceRunner}
 BACKENDS = ("torch", "ort", "openvino", "tensorrt")
@@ -190,8 +264,11 @@ def make_runner(backend: str, *, onnx_path: Path | None = None, module=None, dev
         if module is None:
             raise BackendError("--backend torch needs a PyTorch checkpoint as MODEL, not an .onnx file")
         return TorchRunner(module, device, threads, precision)
-    if backend not in ONNX_RUNNERS:
+    if backend is not None and backend not in ONNX_RUNNERS:
         raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    backend = resolve_backend(onnx_path, backend)  # None: the model file's own (ort for ONNX)
+    if is_engine(onnx_path):
+        return TensorRTEngineRunner(Path(onnx_path), device, threads, precision=precision)
     if backend == "openvino":
         return OpenVINORunner(Path(onnx_path), device, threads, precision=precision, static_shapes=static_shapes)
     return ONNX_RUNNERS[backend](Path(onnx_path), device, threads, precision=precision)

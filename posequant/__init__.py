@@ -37,6 +37,8 @@ _API = {
     "ExportResult": "posequant.exporter.export",
     "inspect_checkpoint": "posequant.exporter.inspect",
     "CheckpointInfo": "posequant.exporter.inspect",
+    "convert": "posequant.exporter.convert",
+    "ConvertResult": "posequant.exporter.convert",
     "quantize": "posequant.calibration.quantize",
     "QuantizeResult": "posequant.calibration.quantize",
     "evaluate": "posequant.benchmarks.evaluate",
@@ -64,6 +66,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .benchmarks.predictions import eval_mpii_preds
     from .calibration.quantize import QuantizeResult, quantize
     from .core.errors import PosequantError
+    from .exporter.convert import ConvertResult, convert
     from .exporter.export import ExportResult, export_pose
     from .exporter.inspect import CheckpointInfo, inspect_checkpoint
     from .pipeline import GateBudget, PipelineResult, run_pipeline

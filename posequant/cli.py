@@ -92,7 +92,13 @@ def _batch(ctx, param, value):
 
 def _check(outputs: dict, inputs: dict) -> None:
     """Every output checked against every input before any work; ``--json -`` is standard output."""
-    check_outputs(outputs, inputs, stdout_ok={"--json"})
+    from posequant.core.enginefile import is_engine, sidecar_path
+    from posequant.core.irfile import bin_path, is_ir
+
+    # an IR's weights and an engine's metadata are inputs too
+    extra = {f"{name} ({'.bin' if is_ir(p) else '.json'})": bin_path(p) if is_ir(p) else sidecar_path(p)
+             for name, p in inputs.items() if is_ir(p) or is_engine(p)}
+    check_outputs(outputs, {**inputs, **extra}, stdout_ok={"--json"})
 
 
 def _echo(text: str, json_out: str | None) -> None:
@@ -229,7 +235,8 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
 @click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
 @click.option("--format", "fmt", type=click.Choice(["mpii", "coco"]), help="Dataset layout [default: detected].")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
-@backend_option(BACKENDS, help="Runtime the model is evaluated on (torch needs a checkpoint MODEL).")
+@backend_option(BACKENDS, default=None, help="Runtime the model is evaluated on (torch needs a checkpoint MODEL) "
+                                            "[default: ort; openvino for an .xml IR, tensorrt for an .engine].")
 @device_option
 @click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="People per inference call.")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N people.")
@@ -356,7 +363,8 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
 @click.option("--min-speedup", type=SPEEDUP, default=1.5, show_default=True,
               help="INT8 must be at least this many times faster than float (median, batch 1).")
 @device_option
-@backend_option(help="Backend both models are evaluated and timed on.")
+@backend_option(default=None, help="Backend both models are evaluated and timed on "
+                                   "[default: ort; openvino for .xml IRs, tensorrt for .engine files].")
 @click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N people (a quick look, not a release gate).")
@@ -529,7 +537,8 @@ def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, c
               help="Leave out --boxes scoring below this.")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("predict-out"),
               show_default=True, help="Folder for keypoints.json, the pictures and videos.")
-@backend_option(help="Runtime the model runs on.")
+@backend_option(default=None, help="Runtime the model runs on [default: ort; openvino for an .xml, tensorrt for an "
+                                   ".engine].")
 @device_option
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (as eval).")
 @click.option("--compare", type=click.Path(dir_okay=False, path_type=Path), metavar="OTHER_MODEL",
@@ -545,6 +554,28 @@ def predict_cmd(model, inputs, boxes, min_score, out_dir, backend, device, flip,
                      flip=flip, compare=compare, warn=_warn)
     _echo(format_predict(result), json_out)
     _write_json(json_out, result.to_dict())
+
+
+@main.command("convert")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--to", "to", required=True, type=Names(("openvino", "tensorrt")), help="Deployment format.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
+              help="The .xml (or a folder for it) / the .engine [default: beside MODEL].")
+@click.option("--compress-weights", type=click.Choice(["fp16"]), help="OpenVINO: store float weights as fp16.")
+@click.option("--fp16", is_flag=True, help="TensorRT: allow fp16 kernels (a float MODEL).")
+@click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
+def convert_cmd(model, to, output, compress_weights, fp16, json_out):
+    """An ONNX model (float or INT8) as an OpenVINO IR or a TensorRT engine, with its posequant metadata."""
+    import shlex
+
+    from posequant.exporter.convert import convert
+
+    _check({"--json": json_out}, {"MODEL": model})
+    res = convert(model, to, output=output, compress_weights=compress_weights, fp16=fp16)
+    _echo(f"wrote {res.output} + {res.companion.name} ({res.to}, {res.precision}, {res.output_mb:.1f} MB; "
+          f"{res.input.name} {res.input_mb:.1f} MB)\nnext: posequant eval {shlex.quote(str(res.output))} --data ROOT",
+          json_out)
+    _write_json(json_out, res.to_dict())
 
 
 @main.command("demo")

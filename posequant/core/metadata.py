@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .enginefile import engine_info, is_engine
 from .errors import MetadataError, MissingMetadataError
+from .irfile import check_ir_graph, ir_props, is_ir, load_ir
 from .keypoints import KeypointSet
 from .onnxfile import check_graph, load_onnx
 
@@ -214,10 +216,23 @@ def _object(v: Any) -> dict[str, Any]:
 
 
 def read_meta(model: Any, where: str | None = None) -> ModelMeta:
-    """Metadata of an ONNX model given as a path or an ``onnx.ModelProto``, checked against its graph.
+    """Metadata of a model given as a path (ONNX, OpenVINO IR ``.xml``, TensorRT ``.engine``) or an
+    ``onnx.ModelProto``, checked against its graph.
 
     ``where`` names the model in messages (default: the path, or "model" for a proto).
     """
+    if is_ir(model):  # an OpenVINO IR: the metadata travel in its rt_info
+        where = where or str(model)
+        ir = load_ir(model)
+        props = ir_props(ir)
+        if "posequant_schema" not in props:
+            raise MissingMetadataError(f"{where} has no posequant metadata: convert a posequant ONNX file with "
+                                       "`posequant convert MODEL.onnx --to openvino`")
+        meta = ModelMeta.from_props(props, where)
+        check_ir_graph(ir, meta, where)
+        return meta
+    if is_engine(model):  # a TensorRT engine: the metadata travel beside it
+        return ModelMeta.from_props(engine_info(model)["props"], where or str(model))
     if isinstance(model, (str, Path)):
         where = where or str(model)
         model = load_onnx(model)
