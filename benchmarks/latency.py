@@ -130,7 +130,7 @@ def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) 
         note = cpu_mismatch(proto, path.name, cpu_kind())
     return BenchModel(str(path), onnx_path, precision, tuple(size), facts["fixed_batch"], group,
                       path.stat().st_size / 2**20, facts["conv_transpose"], facts["conv_transpose_unquantized"],
-                      module, note)
+                      module, cpu_note=note)
 
 
 def _load_deployed(path: Path, fmt: str) -> BenchModel:
