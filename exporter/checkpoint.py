@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from posequant.core.errors import CheckpointError
+from posequant.core.fileio import read_head
 
 # wrapper keys seen in the official repos and common trainers, most specific first
 WRAPPER_KEYS = ("state_dict", "best_state_dict", "model_state_dict", "model", "net", "network",
@@ -108,8 +109,7 @@ def _unsupported_global(e: Exception) -> str | None:
     return m.group(1) if m else None
 
 
-def _read(path: Path, trust_pickle: bool) -> Any:
-    head = path.open("rb").read(8)
+def _read(path: Path, head: bytes, trust_pickle: bool) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
@@ -204,15 +204,8 @@ def check_finite(sd: dict[str, torch.Tensor], where: Path) -> None:
 def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
     """Read ``path`` into a :class:`Checkpoint`, or raise CheckpointError with one clear line."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found: check the path")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file: give the .pth file inside it")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a regular file: give a .pth/.pt file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or save did not finish")
-    obj = _read(path, trust_pickle)
+    head = read_head(path, "checkpoint", ".pth file", CheckpointError)  # missing, a directory, unreadable, empty
+    obj = _read(path, head, trust_pickle)
     found, trail = _unwrap(obj, path)
     module = None
     if isinstance(found, torch.jit.ScriptModule):

@@ -26,6 +26,28 @@ STDOUT = "-"
 PathLike = str | os.PathLike
 
 
+
+def read_head(path: PathLike, what: str, expected: str, error: type[PosequantError] = PosequantError,
+              size: int = 8) -> bytes:
+    """The first ``size`` bytes of an input file, after one-line errors for what is not one: missing, a
+    directory, not a regular file, unreadable, empty. ``what`` names it (``model``), ``expected`` says
+    what to give instead (``.onnx file``)."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} {path} not found: check the path")
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not a file: give the {expected} inside it")
+    if not path.is_file():
+        raise error(f"{what} {path} is not a regular file: give a {expected}")
+    try:
+        with path.open("rb") as f:
+            head = f.read(size)
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read ({e.strerror or e}): check its permissions") from None
+    if not head:
+        raise error(f"{what} {path} is empty (0 bytes): the export, save or download did not finish; redo it")
+    return head
+
 def _named(option: str | None, path: PathLike) -> str:
     return f"{option} {path}" if option else str(path)
 

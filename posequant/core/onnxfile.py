@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MetadataError, PosequantError
+from .fileio import read_head
 
 
 class ModelFileError(PosequantError):
@@ -33,19 +34,7 @@ def load_onnx(path: str | Path, *, what: str = "model", load_external_data: bool
     from google.protobuf.message import DecodeError
 
     path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"{what} {path} not found: check the path")
-    if path.is_dir():
-        raise ModelFileError(f"{what} {path} is a directory, not an ONNX file: give the .onnx file inside it")
-    if not path.is_file():
-        raise ModelFileError(f"{what} {path} is not a regular file: give an .onnx file")
-    try:
-        with path.open("rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise ModelFileError(f"{what} {path} cannot be read ({e.strerror or e}): check its permissions") from None
-    if not head:
-        raise ModelFileError(f"{what} {path} is empty (0 bytes): the export or download did not finish; redo it")
+    head = read_head(path, what, ".onnx file", ModelFileError)  # missing, a directory, unreadable, empty
     kind = _kind_of(head)
     if kind:
         raise ModelFileError(f"{what} {path} is {kind}")
