@@ -233,7 +233,8 @@ def fit_pair_scales(model: onnx.ModelProto, float_weights: dict[str, np.ndarray]
             np.logical_or.at(over, index, _pair_peak(reduction_weights(w_new, conv), pairs) > PAIR_WEIGHT_LIMIT)
             if not over.any():
                 break
-            scales = np.where(over, np.nextafter(scales * np.float32(1.0005), np.float32(np.inf)), scales).astype(np.float32)
+            wider = np.nextafter(scales * np.float32(1.0005), np.float32(np.inf))
+            scales = np.where(over, wider, scales).astype(np.float32)
             w_new = _requantize(real, conv, scales)
         report.channels += int(grow.sum())
         # levels of the coarsest channel: 2 * 127 * (8-bit scale / fitted scale) + 1
@@ -241,7 +242,8 @@ def fit_pair_scales(model: onnx.ModelProto, float_weights: dict[str, np.ndarray]
         conv.w_scale = scales
         dw = producers[conv.node.input[1]]
         _set(g, inits, consumers, dw, 0, numpy_helper.from_array(w_new.astype(np.int8), conv.weight))
-        _set(g, inits, consumers, dw, 1, numpy_helper.from_array(scales, dw.input[1]))
+        # a per-tensor scale stays one value in its own shape (a per-axis one would need an axis attribute)
+        _set(g, inits, consumers, dw, 1, numpy_helper.from_array(_like(scales, inits[dw.input[1]]), dw.input[1]))
         if conv.bias is not None:
             shift = np.zeros(conv.out_channels)
             if input_means is not None and conv.codes in input_means:
@@ -305,7 +307,16 @@ def _rebias(g, inits, producers, consumers, conv: QConv, shift: np.ndarray) -> N
     scale = (np.float32(conv.x_scale) * output_scales(conv).astype(np.float32)).astype(np.float32)
     codes = np.rint((b - shift) / scale).clip(-2**31, 2**31 - 1).astype(np.int32)
     _set(g, inits, consumers, db, 0, numpy_helper.from_array(codes, db.input[0]))
-    _set(g, inits, consumers, db, 1, numpy_helper.from_array(scale, db.input[1]))
+    _set(g, inits, consumers, db, 1, numpy_helper.from_array(_like(scale, inits[db.input[1]]), db.input[1]))
+
+
+def _like(scales: np.ndarray, old: onnx.TensorProto) -> np.ndarray:
+    """``scales`` in the shape of the scale they replace: one value stays a scalar or [1] (per tensor: the
+    values are all equal then), so the DequantizeLinear's axis and zero point still fit."""
+    size = int(np.prod(old.dims)) if old.dims else 1
+    if size == 1:
+        return np.asarray(scales, np.float32).reshape(-1)[:1].reshape(tuple(old.dims))
+    return np.asarray(scales, np.float32)
 
 
 def _weight_scales(conv: QConv, shape: tuple[int, ...]) -> np.ndarray:
@@ -380,9 +391,11 @@ def conv_saturation(conv: QConv, w: np.ndarray, x: np.ndarray) -> ConvSaturation
     return ConvSaturation(conv.name, total, hit, worst)
 
 
-def conv_accumulators(conv: QConv, w: np.ndarray, x: np.ndarray, *, saturate: bool) -> np.ndarray:
+def conv_accumulators(conv: QConv, w: np.ndarray, x: np.ndarray, *, saturate: bool,
+                      layout: str = "flat") -> np.ndarray:
     """The int32 accumulators (N, M, Ho, Wo) the kernels compute, bias left out: exact, or with the
-    int16 saturation of ONNX Runtime's AVX2 / AVX-512 (no VNNI) u8s8 kernels."""
+    int16 saturation of the AVX2 / AVX-512 (no VNNI) u8s8 kernels, pairing as ONNX Runtime ("flat") or
+    oneDNN, i.e. OpenVINO ("tap") does."""
     codes = kernel_codes(x, conv)
     cols = im2col(codes, conv).astype(np.int64)  # (N, Ho, Wo, G, K)
     w2 = reduction_weights(w, conv).astype(np.int64)  # (M, K)
@@ -391,7 +404,7 @@ def conv_accumulators(conv: QConv, w: np.ndarray, x: np.ndarray, *, saturate: bo
     acc = np.einsum("nhwgk,gmk->nhwgm", cols, wg).reshape(*cols.shape[:3], conv.out_channels)
     acc -= conv.x_zero * w2.sum(axis=1)  # the zero point, exact in both (row sums)
     if saturate and conv.saturates:
-        pairs = pair_index(conv.in_channels, conv.kernel[0] * conv.kernel[1], "flat")
+        pairs = pair_index(conv.in_channels, conv.kernel[0] * conv.kernel[1], layout)
         for m, i, j in risky(w2.astype(np.int32), pairs):
             g = m // m_per_group
             s = w2[m, i] * cols[..., g, i] + w2[m, j] * cols[..., g, j]
@@ -400,10 +413,10 @@ def conv_accumulators(conv: QConv, w: np.ndarray, x: np.ndarray, *, saturate: bo
 
 
 def conv_output_codes(conv: QConv, w: np.ndarray, bias: np.ndarray | None, x: np.ndarray, y_scale: float,
-                      y_zero: int, *, saturate: bool, y_dtype=np.uint8) -> np.ndarray:
+                      y_zero: int, *, saturate: bool, y_dtype=np.uint8, layout: str = "flat") -> np.ndarray:
     """The output codes of the fused kernel (ONNX Runtime's QLinearConv): accumulators plus the int32 bias,
     requantized in float32 by x_scale * w_scale / y_scale, rounded half to even, plus the zero point."""
-    acc = conv_accumulators(conv, w, x, saturate=saturate)
+    acc = conv_accumulators(conv, w, x, saturate=saturate, layout=layout)
     if bias is not None:
         acc = acc + np.asarray(bias, np.int64).reshape(1, -1, 1, 1)
     scale = (np.float32(conv.x_scale) * output_scales(conv).astype(np.float32)) / np.float32(y_scale)
@@ -488,25 +501,64 @@ def quantization_settings(model: onnx.ModelProto) -> dict:
         return {}
 
 
-def cpu_mismatch(model: onnx.ModelProto, label: str, here) -> str | None:
+def cpu_mismatch(model: onnx.ModelProto, label: str, here, backend: str | None = None) -> str | None:
     """One line when an INT8 graph was not made for this CPU kind (``here``, a ``CpuKind``) and that matters:
-    a graph that can saturate on a saturating CPU, or a pair-fitted graph on a CPU that needs no fit."""
+    a graph that can saturate on a saturating CPU (on ``backend``'s kernels; None: on any backend's), or a
+    pair-fitted graph on a CPU that needs no fit."""
     settings = quantization_settings(model)
     made_for = settings.get("cpu")
     fitted = settings.get("pair_fit") is not None
-    if here.saturates:
+    saturates = here.saturates_on(backend) if backend else here.saturates
+    if saturates:
         if fitted:
             return None
         n = risky_pairs(model)
         if not n:
             return None
         source = f"quantized for {made_for}" if made_for else "not made by posequant for this CPU kind"
-        return (f"{label} was {source}, but this CPU ({here.name}) adds int8 products in saturating int16 pairs: "
+        names = {"ort": "ONNX Runtime", "openvino": "OpenVINO"}
+        on = "" if backend or set(here.saturating) == {"ort", "openvino"} else \
+            f" on {' and '.join(names[b] for b in here.saturating)}"
+        return (f"{label} was {source}, but this CPU ({here.name}) adds int8 products in saturating int16 pairs{on}: "
                 f"{n} of its weight pairs can saturate here, so INT8 computes other values than its graph says; "
                 f"re-quantize with --cpu {here.name} (or --cpu portable) for a graph that is exact on every CPU")
-    if fitted and made_for != here.name and here.saturates is False:
+    if fitted and made_for != here.name and here.saturates is False:  # no backend needs the fit here
         fit = settings["pair_fit"]
         return (f"{label} was quantized for {made_for}: {fit['channels_rescaled']} of {fit['channels']} weight scales "
                 f"were widened (up to one bit) so that no int16 pair can saturate; this CPU ({here.name}) computes "
                 f"exactly either way, so --cpu {here.name} would keep full 8-bit weights")
     return None
+
+
+def exact_twin(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with its int8 weight codes as uint8 (code + 128, zero point + 128): every dequantized
+    value is unchanged, but ONNX Runtime then runs its u8u8 kernels, which widen both operands to int16
+    before multiplying (PMADDWD: int32 products and sums), so they are exact on every x86 CPU kind. Run on
+    ONNX Runtime, it gives the bit-exact integer results of the graph's int8 semantics on any machine: what
+    a VNNI or AMX CPU computes for the original file. A reference for tests and measurements; ship the
+    original (u8u8 is slower, and oneDNN takes no uint8 weights)."""
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    inits = {i.name: i for i in twin.graph.initializer}
+    shifted: set[str] = set()
+    for n in twin.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        if inits[n.input[0]].data_type != onnx.TensorProto.INT8:
+            continue
+        names = [n.input[0]]
+        if len(n.input) > 2 and n.input[2] in inits:
+            names.append(n.input[2])
+        else:  # no zero point: it is 0, so the twin needs one of 128 in the scale's shape
+            zero = numpy_helper.from_array(np.full(tuple(inits[n.input[1]].dims), 128, np.uint8),
+                                           f"{n.input[0]}_twin_zero")
+            twin.graph.initializer.append(zero)
+            del n.input[2:]
+            n.input.append(zero.name)
+        for name in names:
+            if name in shifted:
+                continue
+            shifted.add(name)
+            codes = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
+            inits[name].CopyFrom(numpy_helper.from_array(codes.astype(np.uint8), name))
+    return twin

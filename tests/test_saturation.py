@@ -9,132 +9,28 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from posequant.calibration import saturation as S
 from posequant.calibration.quantize import quantize
 from posequant.calibration.reader import calibration_set
-from posequant.core.cpu import KINDS, classify, cpu_kind
+from posequant.core.cpu import KINDS, detected_kind
 from posequant.core.metadata import read_meta
 
 from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
+from qdq_cases import PATHS, conv_model, run_ort, saturating_case
 
-HERE = cpu_kind()
-
-
-# ---- CPU kinds ----------------------------------------------------------------------------------
+HERE = detected_kind()  # what the kernels do here (POSEQUANT_CPU_KIND names what graphs are made for)
 
 
-@pytest.mark.parametrize("machine, flags, kind", [
-    ("x86_64", {"avx2"}, "avx2"),
-    ("x86_64", {"avx2", "avx512f", "avx512bw"}, "avx512"),
-    ("x86_64", {"avx2", "avx512f", "avx512bw", "avx512_vnni"}, "vnni"),
-    ("x86_64", {"avx2", "avx_vnni"}, "vnni"),
-    ("x86_64", {"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"}, "amx"),
-    ("x86_64", {"sse4_1"}, "x86"),
-    ("x86_64", set(), "x86"),
-    ("aarch64", {"asimddp"}, "arm64"),
-    ("riscv64", set(), "other"),
-    ("", set(), "other"),
-])
-def test_cpu_kinds(machine, flags, kind):
-    k = classify(machine, flags)
-    assert k.name == kind
-    assert k.saturates is {"avx2": True, "avx512": True, "x86": True, "vnni": False, "amx": False,
-                           "arm64": False, "other": None}[kind]
-    assert k.describe()
-    assert classify(machine, {f: True for f in flags}) == k  # the dict form of the flags too
-
-
-def test_this_machine_has_a_kind():
-    assert HERE.name in KINDS
-
-
-# ---- one convolution, against ONNX Runtime ------------------------------------------------------------
-
-
-def _conv_model(w: np.ndarray, b: np.ndarray | None, sx: float, zx: int, sw: np.ndarray, sy: float, zy: int, *,
-                group: int = 1, pads=(0, 0, 0, 0), strides=(1, 1)) -> onnx.ModelProto:
-    """uint8 codes -> DequantizeLinear -> Conv (int8 weights, int32 bias) -> QuantizeLinear: ORT fuses it
-    into QLinearConv, i.e. runs it on its int8 kernels."""
-    inits = [numpy_helper.from_array(np.array(sx, np.float32), "sx"), numpy_helper.from_array(np.array(zx, np.uint8), "zx"),
-             numpy_helper.from_array(w.astype(np.int8), "w"), numpy_helper.from_array(sw.astype(np.float32), "sw"),
-             numpy_helper.from_array(np.zeros(sw.size, np.int8), "zw"),
-             numpy_helper.from_array(np.array(sy, np.float32), "sy"), numpy_helper.from_array(np.array(zy, np.uint8), "zy")]
-    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
-             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=0)]
-    conv_in = ["xf", "wf"]
-    if b is not None:
-        inits += [numpy_helper.from_array(b.astype(np.int32), "b"),
-                  numpy_helper.from_array((np.float32(sx) * sw).astype(np.float32), "sb"),
-                  numpy_helper.from_array(np.zeros(sw.size, np.int32), "zb")]
-        nodes.append(helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"], axis=0))
-        conv_in.append("bf")
-    nodes += [helper.make_node("Conv", conv_in, ["yf"], group=group, pads=list(pads), strides=list(strides),
-                               kernel_shape=list(w.shape[2:])),
-              helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"])]
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["n", "c", "h", "w"])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, ["n", "m", "ho", "wo"])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _ort(model: onnx.ModelProto, x: np.ndarray, *, fused: bool = True) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if not fused:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
-
-# (in channels, out channels, kernel, group, pads): ORT's paths on x86 -- channels a multiple of 4, >= 16 outputs:
-# the symmetric conv kernel; 3 channels / 17 outputs: im2col + QGEMM, pairs across taps; grouped: QGEMM per group
-PATHS = {"convsym_1x1": (32, 32, 1, 1, (0, 0, 0, 0)), "convsym_3x3": (16, 16, 3, 1, (1, 1, 1, 1)),
-         "gemm_stem": (3, 16, 3, 1, (1, 1, 1, 1)), "gemm_17_outputs": (24, 17, 1, 1, (0, 0, 0, 0)),
-         "gemm_grouped": (8, 8, 3, 2, (1, 1, 1, 1))}
-
-
-def _saturating_case(cin, cout, k, group, pads, seed=0):
-    """A convolution whose pair sums saturate: large same-sign weights on neighbouring channels, big input codes."""
-    rng = np.random.default_rng(seed)
-    cg = cin // group
-    w = rng.integers(-127, 128, (cout, cg, k, k)).astype(np.int8)
-    w[:, :, :, :] = np.where(rng.random(w.shape) < 0.5, 120, w)  # many pairs of 120 + 120 > 128
-    x = rng.integers(150, 256, (2, cin, 7, 6)).astype(np.uint8)
-    b = rng.integers(-5000, 5000, cout).astype(np.int32)
-    sw = rng.uniform(0.001, 0.003, cout).astype(np.float32)
-    return w, b, x, sw
-
-
-@pytest.mark.parametrize("path", list(PATHS))
-def test_pair_model_matches_onnxruntime_on_this_cpu(path):
-    """The numpy model, saturating or exact as this CPU's kind says, equals ORT's fused int8 kernel bit for bit;
-    and the two models differ on this data, so the comparison tells them apart."""
-    cin, cout, k, group, pads = PATHS[path]
-    w, b, x, sw = _saturating_case(cin, cout, k, group, pads)
-    sx, zx = 0.02, 3
-    probe = _conv_model(w, b, sx, zx, sw, 1.0, 0, group=group, pads=pads)
-    (conv,) = S.quantized_convs(probe)
-    exact_acc = S.conv_accumulators(conv, w, x, saturate=False) + b.reshape(1, -1, 1, 1)
-    real = exact_acc * (sx * sw).reshape(1, -1, 1, 1)
-    sy = float(real.max() - real.min()) / 255
-    zy = int(np.clip(round(-real.min() / sy), 0, 255))
-    model = _conv_model(w, b, sx, zx, sw, sy, zy, group=group, pads=pads)
-    (conv,) = S.quantized_convs(model)
-    exact = S.conv_output_codes(conv, w, b, x, sy, zy, saturate=False)
-    saturated = S.conv_output_codes(conv, w, b, x, sy, zy, saturate=True)
-    assert (exact != saturated).mean() > 0.05  # this case does saturate, visibly
-    got = _ort(model, x)
-    expected = saturated if HERE.saturates else exact
-    assert np.array_equal(got, expected), f"{(got != expected).mean():.4f} of outputs differ on a {HERE.name} CPU"
-    # with optimizations off ORT runs DequantizeLinear -> float Conv -> QuantizeLinear: the graph's own semantics
-    reference = _ort(model, x, fused=False)
-    assert np.abs(reference.astype(int) - exact).max() <= 1
+# ---- the pair model ------------------------------------------------------------------------------------
+# (the kind itself and each kernel path against the model: tests/test_saturation_kernels.py, torch-free)
 
 
 def test_saturation_count_sees_the_saturating_pairs():
     cin, cout, k, group, pads = PATHS["convsym_3x3"]
-    w, b, x, sw = _saturating_case(cin, cout, k, group, pads)
-    (conv,) = S.quantized_convs(_conv_model(w, b, 0.02, 3, sw, 1.0, 0, group=group, pads=pads))
+    w, b, x, sw = saturating_case(cin, cout, k, group, pads)
+    (conv,) = S.quantized_convs(conv_model(w, b, 0.02, 3, sw, 1.0, 0, group=group, pads=pads))
     r = S.conv_saturation(conv, w, x)
     assert r.saturated > 0 and r.worst > 32767
     # brute force over every pair of every position: the same count
@@ -175,7 +71,7 @@ def test_fit_leaves_no_pair_that_can_saturate_and_keeps_the_mean():
     rng = np.random.default_rng(2)
     b = rng.integers(-300, 300, cout).astype(np.int32)
     sx, zx = 0.05, 10
-    model = _conv_model(w8, b, sx, zx, sw, 0.5, 128, pads=(1, 1, 1, 1))
+    model = conv_model(w8, b, sx, zx, sw, 0.5, 128, pads=(1, 1, 1, 1))
     (conv,) = S.quantized_convs(model)
     assert S.risky_pairs(model) > 0
     x = rng.integers(0, 256, (4, 16, 9, 8)).astype(np.uint8)
@@ -202,15 +98,39 @@ def test_fit_leaves_no_pair_that_can_saturate_and_keeps_the_mean():
     assert np.abs((after - before)[interior].mean(axis=(0, 2, 3))).max() < 0.1 * np.abs(before).mean()
     assert onnx.checker.check_model(model) is None
     # and ORT runs the fitted graph exactly, on any CPU
-    got = _ort(model, x)
+    got = run_ort(model, x)
     assert np.array_equal(got, S.conv_output_codes(conv, w_new, inits["b"], x, 0.5, 128, saturate=False))
+
+
+def test_fit_keeps_a_per_tensor_weight_per_tensor():
+    """ORT's --per-tensor weights: one scale for the conv. The fit widens that one scale and the bias's, in their
+    own shapes; a per-channel bias scale without an axis made ORT refuse the DequantizeLinear once it ran alone
+    (found on an AVX2 CPU: the budget loop's float splice unfused it)."""
+    w_float = _float_conv_graph()
+    sw = np.array([np.abs(w_float).max() / 127], np.float32)
+    w8 = np.clip(np.rint(w_float / sw[0]), -127, 127).astype(np.int8)
+    rng = np.random.default_rng(5)
+    b = rng.integers(-300, 300, w8.shape[0]).astype(np.int32)
+    model = conv_model(w8, b, 0.05, 10, sw, 0.5, 128, pads=(1, 1, 1, 1))
+    assert S.risky_pairs(model) > 0
+    (conv,) = S.quantized_convs(model)
+    x = rng.integers(0, 256, (2, 16, 9, 8)).astype(np.uint8)
+    report = S.fit_pair_scales(model, {conv.name: w_float}, input_means={conv.codes: x.mean(axis=(0, 2, 3))})
+    assert report.channels == 1 and S.risky_pairs(model) == 0
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits["sw"].shape == () and inits["sb"].shape == () and inits["sw"] > sw[0]
+    assert onnx.checker.check_model(model, full_check=True) is None
+    (conv,) = S.quantized_convs(model)
+    exact = S.conv_output_codes(conv, inits["w"], inits["b"], x, 0.5, 128, saturate=False)
+    assert np.array_equal(run_ort(model, x), exact)
+    assert np.abs(run_ort(model, x, fused=False).astype(int) - exact).max() <= 1  # each node alone runs too
 
 
 def test_fit_touches_nothing_that_cannot_saturate():
     rng = np.random.default_rng(3)
     w8 = rng.integers(-60, 61, (16, 8, 1, 1)).astype(np.int8)  # |w_i| + |w_j| <= 120: safe already
     sw = np.full(16, 0.01, np.float32)
-    model = _conv_model(w8, None, 0.1, 0, sw, 1.0, 0)
+    model = conv_model(w8, None, 0.1, 0, sw, 1.0, 0)
     before = model.SerializeToString()
     (conv,) = S.quantized_convs(model)
     report = S.fit_pair_scales(model, {conv.name: w8 * 0.01})
@@ -277,12 +197,13 @@ def test_trained_graph_convolutions_match_onnxruntime_on_this_cpu(trained_graphs
         lo, hi = min(float(real.min()), 0.0), max(float(real.max()), 1e-6)
         sy = (hi - lo) / 255
         zy = int(round(-lo / sy))
-        model = _conv_model(w, b, conv.x_scale, conv.x_zero, conv.w_scale, sy, zy, group=conv.group, pads=conv.pads,
+        model = conv_model(w, b, conv.x_scale, conv.x_zero, conv.w_scale, sy, zy, group=conv.group, pads=conv.pads,
                             strides=conv.strides)
-        got = _ort(model, x)
-        expected = S.conv_output_codes(conv, w, b, x, sy, zy, saturate=bool(HERE.saturates))
+        got = run_ort(model, x)
+        expected = S.conv_output_codes(conv, w, b, x, sy, zy, saturate=bool(HERE.saturates_on("ort")))
         assert np.array_equal(got, expected), conv.name
-        differs += not np.array_equal(expected, S.conv_output_codes(conv, w, b, x, sy, zy, saturate=not HERE.saturates))
+        other = S.conv_output_codes(conv, w, b, x, sy, zy, saturate=not HERE.saturates_on("ort"))
+        differs += not np.array_equal(expected, other)
     assert differs >= 3  # saturation changes real outputs: the comparison above can tell the kinds apart
 
 
