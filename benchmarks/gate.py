@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from posequant.calibration import open_dataset
-from posequant.core.cpu import cpu_kind
+from posequant.core.cpu import cpu_kind, kind_source
 from posequant.core.errors import PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
 from posequant.core.numbers import check_number
@@ -262,14 +262,15 @@ def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, qe:
 
     here = cpu_kind()
     if model_format(int8_model) != "onnx":  # an IR / engine: the exact-semantics re-run needs the ONNX graph
-        return {"here": here.name, "made_for": _quantization_of(int8_model).get("cpu"), "note": None}
+        return {"here": here.name, "source": kind_source(), "made_for": _quantization_of(int8_model).get("cpu"),
+                "note": None}
     proto = onnx.load(str(int8_model), load_external_data=False)
     settings = quantization_settings(proto)
-    facts: dict[str, Any] = {"here": here.name, "made_for": settings.get("cpu"), "note": None}
+    facts: dict[str, Any] = {"here": here.name, "source": kind_source(), "made_for": settings.get("cpu"), "note": None}
     if device != "cpu" or backend not in ("ort", "openvino"):
         return facts
-    facts["note"] = cpu_mismatch(proto, int8_model.name, here)
-    if facts["note"] and here.saturates:
+    facts["note"] = cpu_mismatch(proto, int8_model.name, here, backend)
+    if facts["note"] and here.saturates_on(backend):
         say("measuring what saturation costs here: the INT8 model again, with exact int8 semantics")
         exact = evaluate(int8_model, qe.dataset, **{**common, "backend": "ort-reference"}, warn=lambda m: None)
         cost = main_metric(exact.metrics)[1] - main_metric(qe.metrics)[1]

@@ -65,7 +65,9 @@ def cpu_lines(result) -> list[str]:
     c = result.cpu or {}
     if not c:
         return []
-    lines = [f"cpu: this machine is {c['here']}; the INT8 graph was made for {c.get('made_for') or 'an unknown kind'}"]
+    source = f" ({c['source']})" if c.get("source") else ""
+    lines = [f"cpu: this machine is {c['here']}{source}; the INT8 graph was made for "
+             f"{c.get('made_for') or 'an unknown kind'}"]
     if c.get("note"):
         lines.append(f"note: {c['note']}")
     return lines

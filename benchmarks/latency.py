@@ -465,7 +465,8 @@ def format_bench(result: BenchResult) -> str:
 
     m = result.machine
     flags = ", ".join(k for k, v in m["cpu_flags"].items() if v) or "none of AVX2/AVX-512/VNNI/BF16/AMX"
-    lines = [f"{m['cpu']}: {m.get('cpu_kind_title', '?')}; flags {flags}; {m['threads']} threads of {m['cores']} cores"
+    lines = [f"{m['cpu']}: {m.get('cpu_kind_title', '?')} ({m.get('cpu_kind_source', '?')}); flags {flags}; "
+             f"{m['threads']} threads of {m['cores']} cores"
              + (f"; GPU {m['gpu']}" if m.get("gpu") else "")]
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     s = result.settings

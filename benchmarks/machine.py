@@ -8,10 +8,11 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from importlib import metadata
 from typing import Any
 
-from posequant.core.cpu import cpu_flags, cpu_kind, cpu_model
+from posequant.core.cpu import cpu_flags, cpu_kind, cpu_model, kind_source
 
 LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino")
 
@@ -30,14 +31,11 @@ def usable_cores() -> int:
 
 @functools.lru_cache(maxsize=1)
 def gpu_name() -> str | None:
-    """The first CUDA GPU's name, or None when there is none (torch first, then nvidia-smi)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+    """The first CUDA GPU's name, or None when there is none: torch's when something imported it already,
+    else nvidia-smi's (importing torch only to name the GPU costs seconds, minutes under an emulator)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -75,6 +73,7 @@ def machine_facts(threads: int | None = None) -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_kind": cpu_kind().name,
         "cpu_kind_title": cpu_kind().describe(),
+        "cpu_kind_source": kind_source(),
         "cpu_flags": cpu_flags(),
         "cores": usable_cores(),
         "threads": threads or usable_cores(),
