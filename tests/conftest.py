@@ -36,6 +36,20 @@ def small_model(family: str, seed: int = 0) -> torch.nn.Module:
     return randomise(BUILDERS[family](cfg), seed)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--qemu", action="store_true",
+                     help="run the tests marked qemu, under qemu-x86_64 (make test-avx2); without it they are skipped")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--qemu"):
+        return
+    skip = pytest.mark.skip(reason="runs under qemu-x86_64: make test-avx2")
+    for item in items:
+        if "qemu" in item.keywords:
+            item.add_marker(skip)
+
+
 def needs_shared(*paths: Path):
     missing = [p for p in paths if not p.exists()]
     return pytest.mark.skipif(bool(missing), reason=f"../shared not available ({missing[:1]})")
