@@ -53,6 +53,7 @@ class EvalResult:
     # True when the metrics cover only part of the split (--limit, skipped images): scored
     # against just those people (MPII) or just their images (COCO), not the whole split.
     partial: bool = False
+    scales: np.ndarray | None = None  # N x 2, each crop's box size / 200 px (metrics.person_size)
 
     @property
     def people_per_s(self) -> float:
@@ -211,7 +212,8 @@ def evaluate(
     metrics = score(meta, ds, done, preds, maxv, gt=gt)
     partial = len(done) < len(ds.people) or bool(skipped) or bool(ds.invalid)
     return EvalResult(str(model), str(data), ds.format, ds.split, len(preds), backend, device, flip, batch,
-                      metrics, preds, maxv, seconds, skipped, list(ds.invalid), partial)
+                      metrics, preds, maxv, seconds, skipped, list(ds.invalid), partial,
+                      np.array([p.scale for p in done]))
 
 
 def zero_head_boxes(ds, gt: dict[str, Any]) -> str | None:

@@ -248,6 +248,54 @@ def oks(
         return np.sum(np.exp(-e) * vis, axis=1) / vis.sum(axis=1)
 
 
+# ---- agreement: a second model against a reference, without labels ----------------------------
+
+DEFAULT_SIGMA = 0.063  # the mean of COCO's 17 keypoint sigmas, for joint sets without their own
+AGREEMENT_WITHIN = (0.02, 0.05)  # "within 2% / 5% of the person size"
+
+
+def person_size(scales: np.ndarray) -> np.ndarray:
+    """(N,) the person size of each crop: sqrt(w * h) of its box without the 1.25 padding (the crop box
+    is ``scale * 200`` pixels). For a COCO box that is sqrt of the (aspect-fixed) box area."""
+    scales = np.asarray(scales, dtype=np.float64).reshape(-1, 2)
+    return np.sqrt(np.prod(scales * 200.0, axis=1)) / 1.25
+
+
+def keypoint_agreement(
+    reference: np.ndarray, test: np.ndarray, size: np.ndarray, *, sigmas: Sequence[float] | None = None
+) -> dict[str, float]:
+    """How closely ``test``'s keypoints follow ``reference``'s (both N x J x 2 image pixels), e.g. an INT8
+    model's against its float model's on the same crops: no annotations needed, every joint counts.
+
+    - ``OKS``: the mean over people of COCO's object keypoint similarity with the reference as ground truth,
+      ``exp(-d^2 / (2 s^2 (2 sigma)^2))`` averaged over joints, ``s`` the person size (:func:`person_size`;
+      s^2 plays COCO's area) and ``sigmas`` the joint set's (COCO's) or :data:`DEFAULT_SIGMA`; 1 = identical;
+    - ``OKS_min``: the worst person's; ``within_2%`` / ``within_5%``: the share of joints (percent) no
+      farther from the reference than 2% / 5% of the person size.
+    A non-finite keypoint on either side counts as infinitely far.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    got = np.asarray(test, dtype=np.float64)
+    size = np.asarray(size, dtype=np.float64).reshape(-1)
+    if ref.ndim != 3 or ref.shape[2] != 2 or got.shape != ref.shape or len(size) != len(ref):
+        raise DataError(f"agreement needs two N x J x 2 keypoint arrays and N sizes: {ref.shape}, {got.shape}, "
+                        f"{size.shape}")
+    if not len(ref):
+        raise DataError("agreement needs at least one person")
+    if not (np.isfinite(size).all() and (size > 0).all()):
+        raise DataError("agreement needs finite person sizes above 0")
+    k = 2 * np.asarray(sigmas if sigmas is not None else [DEFAULT_SIGMA] * ref.shape[1], dtype=np.float64)
+    if k.shape != (ref.shape[1],):
+        raise DataError(f"{k.size} sigmas for {ref.shape[1]} joints")
+    d = np.linalg.norm(got - ref, axis=2)
+    d = np.where(np.isfinite(d), d, np.inf)
+    per_person = np.exp(-(d ** 2) / (2 * size[:, None] ** 2 * k ** 2)).mean(axis=1)
+    result = {"OKS": float(per_person.mean()), "OKS_min": float(per_person.min())}
+    for t in AGREEMENT_WITHIN:
+        result[f"within_{round(100 * t)}%"] = float(100 * (d <= t * size[:, None]).mean())
+    return result
+
+
 # ---- COCO keypoint AP ------------------------------------------------------------------------
 
 COCO_STATS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
