@@ -49,10 +49,10 @@ METHODS = ("auto", "minmax", "percentile", "entropy")
 TARGETS = ("ort", "openvino", "tensorrt")
 ACTIVATIONS = ("asymmetric", "symmetric")
 # uint8 with a zero point is ORT's native activation type (asymmetric costs nothing there) and measured
-# better on the trained model, AP and PCK on both coco-mini splits (README, "How the defaults were
-# chosen"); OpenVINO's int8 kernels prefer symmetric activations (NNCF's default)
+# better on the trained model, AP and PCK on both coco-mini splits (docs/quantize.md, "How the
+# defaults were chosen"); OpenVINO's int8 kernels prefer symmetric activations (NNCF's default)
 ACTIVATIONS_BY_TARGET = {"ort": "asymmetric", "openvino": "symmetric", "tensorrt": "symmetric"}
-# The deconvolution rewrite (scripts/bench_quantize.py, README): on ORT it turns pose_resnet_50's
+# The deconvolution rewrite (scripts/bench_quantize.py, docs/quantize.md): on ORT it turns pose_resnet_50's
 # float deconvolutions into QLinearConv (INT8 1.44x -> 2.86x ORT FP32). OpenVINO runs dense ones in
 # int8 natively, 3% faster than the rewrite (pose_resnet_50, static shapes), so its target rewrites
 # only grouped (depthwise) ones: they get per-channel weight scales instead of one per tensor, the
@@ -268,7 +268,7 @@ def _nncf(model, calib: CalibrationSet, *, method, per_channel, target, symmetri
     elif method == "percentile":
         advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.MEAN_QUANTILE
     dataset = nncf.Dataset(calib.crops, lambda x: {calib.crops.input_name: x})
-    # Full bias correction measured better than NNCF's fast variant on the trained model (README).
+    # Full bias correction measured better than NNCF's fast variant on the trained model (docs/quantize.md).
     # NNCF cannot cut its sub-graphs in some graphs (phase convolutions' Concat, ResNet's stem):
     # there it fails at once, and the fast variant is used.
     def run(fast: bool) -> onnx.ModelProto:

@@ -4,7 +4,7 @@ saturates on real data, and weights that cannot saturate, by construction.
 On x86 without VNNI (AVX2, AVX-512 without VNNI) ONNX Runtime's and oneDNN's int8 convolutions multiply
 raw uint8 activation codes by int8 weight codes with VPMADDUBSW, which adds each *pair* of neighbouring
 products into int16 with saturation (``posequant.core.cpu``). Which two products form a pair
-(read from MLAS and oneDNN; the README's INT8-on-CPU section gives the sources):
+(read from MLAS and oneDNN; docs/int8-on-x86.md gives the sources):
 
 - the reduction runs over (kernel row, kernel column, input channel), channel fastest, per group;
 - ONNX Runtime: pairs ``(k, k+1)``, k even, of that flattened order ("flat"), zero-padded at the end;

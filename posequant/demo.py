@@ -21,7 +21,7 @@ from posequant.pipeline import GateBudget
 
 TRAINED = Path("models/ultralight-simplepose")
 COCO_MINI = Path("data/coco-mini")
-# The CI gate's budgets (scripts/ci_gate.sh, README "CI gate"): on 68 people one joint of a group is 0.6-2.1 points.
+# The CI gate's budgets (scripts/ci_gate.sh, docs/ci-gate.md): on 68 people one joint of a group is 0.6-2.1 points.
 TRAINED_BUDGET = GateBudget(max_drop=2.0, max_joint_drop=4.5, min_speedup=1.0)
 SYNTHETIC_MODEL = pose_resnet.PoseResNetConfig(depth=18, num_joints=17, deconv_filters=(64, 64, 64))
 SYNTHETIC_SIZE = (128, 96)

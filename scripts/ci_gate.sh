@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI accuracy gate: the trained ultralight-simplepose model, quantized with `posequant quantize`'s
 # defaults (calibrated on coco-mini train), gated against its float export on coco-mini val (68 people).
-# Exit 1 when INT8 drifts past the budgets below (README, "CI gate"); skipped when ../shared is absent.
+# Exit 1 when INT8 drifts past the budgets below (docs/ci-gate.md); skipped when ../shared is absent.
 # Uses the .venv that `make test` created. Files go to ${CI_GATE_OUT:-ci-gate-out}/ (the gate report in gate/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ if [[ ! -f $MODEL/ultralight_simplepose_coco_256x192.pth || ! -d $DATA ]]; then
   echo "ci gate: skipped ($SHARED has no trained model or coco-mini)"
   exit 0
 fi
-# Budgets for 68 people (README, "CI gate", where the spread is measured): INT8 graphs of the same
+# Budgets for 68 people (docs/ci-gate.md, where the spread is measured): INT8 graphs of the same
 # fidelity to float (heatmap error) scored AP drops of up to 2.0 points and worst-group drops of 1.0-3.4
 # points over CPU kinds and calibration draws (14 runs, flip on): on 68 people one person's joints move
 # AP by about a point, and one joint of a 47-178-joint group is 0.6-2.1 points. So AP (x100) may drop

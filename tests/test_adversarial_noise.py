@@ -1,6 +1,6 @@
 """Issue 13, "noise, help and reports": third-party chatter off the terminal (``--verbose`` brings it back),
 truncated images found and skipped with a warning naming them, a help text on every option, one set of
-backend/device names, README synopses that list every option, and the gate report's tables and picture.
+backend/device names, synopses (README and docs/) that list every option, and the gate report's tables and picture.
 
 Real triggers only: a truncated JPEG/PNG written here (libjpeg/libpng complain on fd 2), an ONNX Runtime
 session asked for the CUDA provider on a machine without it, NNCF's progress bars; fd 1/2 are captured
@@ -50,7 +50,8 @@ from posequant.exporter.zoo import pose_resnet
 
 from conftest import REPO
 
-README = REPO / "README.md"
+# What a user reads: the README and the docs pages. Each command's synopsis may be on any of them.
+USER_DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def smooth_image(seed: int, size=(120, 160)) -> np.ndarray:
@@ -255,7 +256,7 @@ def test_eval_refuses_a_truncated_image_or_skips_it_with_a_warning(coco_model, c
     assert "Premature end" not in out + err
 
 
-# ---- help texts, backend names, README synopses ------------------------------------------------
+# ---- help texts, backend names, synopses ------------------------------------------------
 
 
 def _commands(group: click.Group, prefix=("posequant",)):
@@ -312,9 +313,9 @@ def test_bench_backend_list_takes_the_aliases(coco_model):
     assert set(ALIASES.values()) <= set(BACKENDS) | set(DEVICES)
 
 
-def readme_synopses(text: str) -> dict[str, str]:
-    """Per command, the synopsis lines of the README's code blocks: ``posequant CMD ...`` and the indented
-    lines after it ("" for the group's own ``posequant [--verbose] ...``)."""
+def page_synopses(text: str) -> dict[str, str]:
+    """Per command, the synopsis lines of one Markdown page's code blocks: ``posequant CMD ...`` and the
+    indented lines after it ("" for the group's own ``posequant [--verbose] ...``)."""
     out: dict[str, list[str]] = {}
     for block in re.findall(r"```[^\n]*\n(.*?)```", text, re.S):
         current = None
@@ -330,23 +331,39 @@ def readme_synopses(text: str) -> dict[str, str]:
     return {k: "\n".join(v) for k, v in out.items()}
 
 
+def documented_synopses() -> dict[str, str]:
+    """Per command, its synopsis lines from the README and every docs page together."""
+    merged: dict[str, list[str]] = {}
+    for page in USER_DOCS:
+        for name, text in page_synopses(page.read_text()).items():
+            merged.setdefault(name, []).append(text)
+    return {k: "\n".join(v) for k, v in merged.items()}
+
+
+def test_synopses_are_found_on_the_docs_pages():
+    """The merge sees the pages: export-pose's full synopsis is on its docs page, the group's in the README."""
+    synopses = documented_synopses()
+    assert "--data-samples" in synopses["export-pose"] and "--verbose" in synopses[""]
+    assert len(USER_DOCS) > 2
+
+
 def _mentions(text: str, opt: str) -> bool:
     return re.search(r"(?<![\w-])" + re.escape(opt) + r"(?![\w-])", text) is not None
 
 
 def test_readme_synopsis_lists_every_option_of_every_command():
-    synopses = readme_synopses(README.read_text())
+    synopses = documented_synopses()
     missing = []
     for path, cmd in _commands(main):
         name = "" if len(path) == 1 else path[-1]
         text = synopses.get(name, "")
         missing += [f"{' '.join(path)} {p.opts[-1]}" for p in _options(cmd)
                     if not any(_mentions(text, o) for o in p.opts + p.secondary_opts)]
-    assert not missing, f"README synopses miss: {missing}"
+    assert not missing, f"the synopses in README.md and docs/*.md miss: {missing}"
 
 
 def test_readme_synopsis_choices_are_the_commands_choices():
-    synopses = readme_synopses(README.read_text())
+    synopses = documented_synopses()
     wrong = []
     for path, cmd in _commands(main):
         text = synopses.get("" if len(path) == 1 else path[-1], "")

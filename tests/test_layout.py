@@ -139,9 +139,10 @@ def test_nothing_imports_the_bare_folder_names():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             bad += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in BARE]
-    readme = (REPO / "README.md").read_text().splitlines()
-    bad += [f"README.md:{i} {line.strip()}" for i, line in enumerate(readme, 1)
-            if line.lstrip().startswith(("from ", "import ")) and line.split()[1].split(".")[0] in BARE]
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:  # the code users copy
+        lines = page.read_text().splitlines()
+        bad += [f"{page.relative_to(REPO)}:{i} {line.strip()}" for i, line in enumerate(lines, 1)
+                if line.lstrip().startswith(("from ", "import ")) and line.split()[1].split(".")[0] in BARE]
     assert not bad
 
 

@@ -26,7 +26,7 @@ from posequant.exporter.zoo import pose_resnet
 from conftest import COCO_MINI, MPII_CALIB, MPII_MINI, SMALL, TRAINED_ARCH, TRAINED_CKPT, needs_shared, small_model
 
 # The accuracy claimed for the trained model (coco-mini val, no flip): drop in AP points and PCK@0.2 points.
-# issue 4's goal, met by the defaults alone (measured: AP -0.02, PCK@0.2 -0.31 points, README)
+# issue 4's goal, met by the defaults alone (measured: AP -0.02, PCK@0.2 -0.31 points, docs/quantize.md)
 CLAIMED_AP_DROP = 0.5
 CLAIMED_PCK_DROP = 0.5
 
@@ -401,7 +401,7 @@ def test_trained_model_within_claimed_budget(trained, tmp_path):
     f_pck, q_pck = e["float_metrics"]["PCK@0.2"]["Mean"], e["int8_metrics"]["PCK@0.2"]["Mean"]
     print(f"\ntrained model INT8 ({data['settings']}): AP {e['float']:.2f} -> {e['int8']:.2f} (drop {e['drop']:.2f}), "
           f"PCK@0.2 {f_pck:.2f} -> {q_pck:.2f} (drop {f_pck - q_pck:.2f}), kept in float {data['kept_float']}")
-    assert e["float"] == pytest.approx(51.93, abs=0.01)  # the float model as README measures it
+    assert e["float"] == pytest.approx(51.93, abs=0.01)  # the float model as docs/int8-on-x86.md measures it
     assert e["drop"] <= CLAIMED_AP_DROP
     assert f_pck - q_pck <= CLAIMED_PCK_DROP
     assert data["kept_float"] == [] and len(data["budget_steps"]) == 1  # the defaults, not the budget loop
