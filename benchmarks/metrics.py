@@ -296,6 +296,13 @@ def keypoint_agreement(
     return result
 
 
+def agreement_of(reference, test, keypoints: str | None = None) -> dict[str, float]:
+    """:func:`keypoint_agreement` of two evaluations of the same people (``EvalResult``s), COCO's sigmas for
+    COCO keypoints."""
+    sigmas = COCO_SIGMAS if keypoints == "coco" and reference.preds.shape[1] == len(COCO_SIGMAS) else None
+    return keypoint_agreement(reference.preds, test.preds, person_size(reference.scales), sigmas=sigmas)
+
+
 # ---- COCO keypoint AP ------------------------------------------------------------------------
 
 COCO_STATS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")

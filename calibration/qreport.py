@@ -38,6 +38,13 @@ def joint_rows(evaluation) -> tuple[str, list[tuple[str, float, float]]]:
     return key, [(name, value, q[key][name]) for name, value in f[key].items()]
 
 
+def agreement_line(agreement: dict[str, float]) -> str:
+    """INT8 vs float keypoints in one line (``metrics.keypoint_agreement``)."""
+    a = agreement
+    return (f"agreement with float keypoints: OKS {a['OKS']:.3f} (worst person {a['OKS_min']:.3f}), "
+            f"{a['within_2%']:.1f}% of joints within 2% of the person size, {a['within_5%']:.1f}% within 5%")
+
+
 def _num(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
 
@@ -130,6 +137,8 @@ def format_quantize(result) -> str:
                      f"budget {result.settings['max_drop']} points of {e.metric}:")
         lines.append(format_table(["metric", "float", "INT8", "drop"],
                                   [[k, _num(a), _num(b), _drop(a, b)] for k, a, b in summary_rows(e)]))
+        if e.agreement:
+            lines.append(agreement_line(e.agreement))
         if len(result.budget_steps) > 1:
             lines.append("budget steps")
             lines.append(format_table(["step", "nodes in float", "INT8", "drop"], _step_rows(result.budget_steps)))
@@ -226,6 +235,8 @@ def _accuracy_md(result) -> list[str]:
            f"({'met' if budget_met(result) else 'not met'}).", "",
            _md_table(["metric", "float", "INT8", "drop"],
                      [[k, _num(a), _num(b), _drop(a, b)] for k, a, b in summary_rows(e)]), ""]
+    if e.agreement:
+        out += [agreement_line(e.agreement), ""]
     key, rows = joint_rows(e)
     what = "joint" if key == "PCK@0.2" else "joint group"
     out += [f"### {key} per {what}", "",

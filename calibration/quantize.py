@@ -88,6 +88,7 @@ class Evaluation:
     float_metrics: dict[str, Any]
     int8_metrics: dict[str, Any]
     people: int
+    agreement: dict[str, float] | None = None  # INT8 keypoints against float's (metrics.keypoint_agreement)
 
     @property
     def drop(self) -> float:
@@ -123,7 +124,8 @@ class QuantizeResult:
         if self.evaluation:
             e = self.evaluation
             out["evaluation"] = {"metric": e.metric, "float": e.float_value, "int8": e.int8_value, "drop": e.drop,
-                                 "people": e.people, "float_metrics": e.float_metrics, "int8_metrics": e.int8_metrics}
+                                 "people": e.people, "agreement": e.agreement, "float_metrics": e.float_metrics,
+                                 "int8_metrics": e.int8_metrics}
         return out
 
 
@@ -537,28 +539,30 @@ def _open_val(val, meta: ModelMeta, split, warn=None):
 # ---- accuracy budget ---------------------------------------------------------------------------
 
 
-def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool) -> dict[str, Any]:
+def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool):
     from posequant.benchmarks.evaluate import evaluate
 
     onnx.save(model, str(path))
     # degenerate records were named once, when --val was opened
-    return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip, warn=lambda m: None).metrics
+    return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip, warn=lambda m: None)
 
 
 def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, flip, ignored, requant, say,
                  warn=None):
-    from posequant.benchmarks.metrics import FLOAT_FLOOR, main_metric
+    from posequant.benchmarks.metrics import FLOAT_FLOOR, agreement_of, main_metric
 
     say(f"evaluating float and INT8 on {len(val_ds.people)} people")
-    float_metrics = _evaluate(prepared, tmp / "float.onnx", val_ds, flip)
+    float_result = _evaluate(prepared, tmp / "float.onnx", val_ds, flip)
+    float_metrics = float_result.metrics
     name, float_value = main_metric(float_metrics)
     if float_value < FLOAT_FLOOR and warn:
         warn(f"the float model scores {name} {float_value:.2f} on --val {val_ds.root} (below {FLOAT_FLOOR:g}): it is "
              "not being scored, so the budget measures nothing; check its preprocessing and joint order")
 
     def measure(model):
-        metrics = _evaluate(model, tmp / "int8.onnx", val_ds, flip)
-        return Evaluation(name, float_value, main_metric(metrics)[1], float_metrics, metrics, len(val_ds.people))
+        result = _evaluate(model, tmp / "int8.onnx", val_ds, flip)
+        return Evaluation(name, float_value, main_metric(result.metrics)[1], float_metrics, result.metrics,
+                          len(val_ds.people), agreement_of(float_result, result, meta.keypoints))
 
     evaluation = measure(q)
     steps = [{"kept_float": sorted(ignored), "int8": evaluation.int8_value, "drop": evaluation.drop}]

@@ -25,10 +25,17 @@ from posequant.exporter.zoo import pose_resnet
 
 from conftest import COCO_MINI, MPII_CALIB, MPII_MINI, SMALL, TRAINED_ARCH, TRAINED_CKPT, needs_shared, small_model
 
-# The accuracy claimed for the trained model (coco-mini val, no flip): drop in AP points and PCK@0.2 points.
-# issue 4's goal, met by the defaults alone (measured: AP -0.02, PCK@0.2 -0.31 points, docs/quantize.md)
-CLAIMED_AP_DROP = 0.5
-CLAIMED_PCK_DROP = 0.5
+# What quantize's defaults keep of the trained model on coco-mini val (68 people, no flip), each bound above the
+# spread measured across harmless changes (scripts/bench_spread.py, docs/ci-gate.md: this CPU kind and exact
+# VNNI/AMX kernels, --cpu portable, three calibration draws of 64 people, onnxruntime 1.31.1 / 1.32.0, opencv
+# 4.13 / 5.0 / 5.1, the same file on OpenVINO):
+#   agreement with float keypoints, OKS    0.953 .. 0.965   (bound >= 0.94)
+#   AP drop                               -1.10 .. 2.43     (bound <= 3.0: one person moves AP about a point)
+#   PCK@0.2 drop                          -0.61 .. 0.31     (bound <= 1.5)
+# AP on 68 people is the noisiest of them: the agreement carries the claim.
+CLAIMED_MIN_OKS = 0.94
+CLAIMED_AP_DROP = 3.0
+CLAIMED_PCK_DROP = 1.5
 
 
 def invoke(*args):
@@ -399,12 +406,16 @@ def test_trained_model_within_claimed_budget(trained, tmp_path):
     c = data["calibration"]
     assert (c["format"], c["split"], c["people"]) == ("coco", "train", 86) and e["people"] == 68
     f_pck, q_pck = e["float_metrics"]["PCK@0.2"]["Mean"], e["int8_metrics"]["PCK@0.2"]["Mean"]
+    a = e["agreement"]
     print(f"\ntrained model INT8 ({data['settings']}): AP {e['float']:.2f} -> {e['int8']:.2f} (drop {e['drop']:.2f}), "
-          f"PCK@0.2 {f_pck:.2f} -> {q_pck:.2f} (drop {f_pck - q_pck:.2f}), kept in float {data['kept_float']}")
-    assert e["float"] == pytest.approx(51.93, abs=0.01)  # the float model as docs/int8-on-x86.md measures it
+          f"PCK@0.2 {f_pck:.2f} -> {q_pck:.2f} (drop {f_pck - q_pck:.2f}), agreement {a}, "
+          f"kept in float {data['kept_float']}")
+    assert 50 < e["float"] < 54  # the float model: 51.93 with opencv 5.0 and 5.1, 52.11 with 4.13
+    assert a["OKS"] >= CLAIMED_MIN_OKS and a["within_5%"] >= 90  # measured 93.5 .. 94.9
     assert e["drop"] <= CLAIMED_AP_DROP
     assert f_pck - q_pck <= CLAIMED_PCK_DROP
     assert data["kept_float"] == [] and len(data["budget_steps"]) == 1  # the defaults, not the budget loop
+    assert "agreement with float keypoints: OKS" in res.stdout and "agreement with float keypoints" in md.read_text()
     # the file written is the model that was measured
     again = evaluate(out, COCO_MINI, split="val", flip=False).metrics
     assert 100 * again["AP"] == pytest.approx(e["int8"], abs=1e-6)

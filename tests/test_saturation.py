@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from posequant.calibration import saturation as S
 from posequant.calibration.quantize import quantize
 from posequant.calibration.reader import calibration_set
-from posequant.core.cpu import KINDS, detected_kind
+from posequant.core.cpu import ENV, detected_kind
 from posequant.core.metadata import read_meta
 
 from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
@@ -261,13 +261,11 @@ def test_gate_and_bench_say_when_the_graph_was_made_for_another_cpu(trained_grap
     """On a saturating CPU an 8-bit graph gets one line naming the fix and what saturation costs (measured
     against the graph's exact semantics); a pair-fitted graph on an exact CPU gets one line naming what
     --cpu would keep; a graph made for an exact kind on another exact kind gets none."""
-    from posequant.benchmarks import gate as gate_module
     from posequant.benchmarks import latency
     from posequant.benchmarks.gate import gate
     from posequant.benchmarks.gate_report import format_gate
 
-    monkeypatch.setattr(gate_module, "cpu_kind", lambda: KINDS[pretend])
-    monkeypatch.setattr(latency, "cpu_kind", lambda: KINDS[pretend])
+    monkeypatch.setenv(ENV, pretend)  # as a user building for another machine would
     res = gate(trained_graphs["float"], trained_graphs[graph], COCO_MINI, min_speedup=0.0, runs=1, warmup=0,
                flip=False, limit=16)
     assert res.cpu["here"] == pretend and res.cpu["made_for"] == graph
