@@ -79,7 +79,7 @@ def draw_box(img: np.ndarray, bbox, color, text: str | None = None, thickness: i
     left; the text grows with ``thickness`` (pictures draw thicker lines on larger images)."""
     x, y, w, h = (float(v) for v in bbox)
     p1, p2 = (int(round(x)), int(round(y))), (int(round(x + w)), int(round(y + h)))
-    cv2.rectangle(img, p1, p2, color, thickness, cv2.LINE_AA)
+    cv2.rectangle(img, p1, p2, color, thickness, cv2.LINE_8)  # axis-aligned: crisp edges
     if text:
         scale, weight = max(0.45, thickness / 4), max(1, thickness // 3)
         (tw, th), base = cv2.getTextSize(text, FONT, scale, weight)

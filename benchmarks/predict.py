@@ -84,20 +84,21 @@ class PredictResult:
     detector: dict[str, Any] | None = None  # the detector's file, layout, precision and thresholds
     boxes: int = 0  # person boxes found by the detector or read from --boxes (before OKS-NMS)
 
-    def _ms(self, seconds: float) -> float:
+    def ms_per(self, seconds: float) -> float:
         units = self.images + self.frames
         return 1000 * seconds / units if units else 0.0
 
     @property
     def ms_per_unit(self) -> float:
-        return self._ms(self.seconds)
+        return self.ms_per(self.seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "compare": self.compare, "out_dir": self.out_dir, "backend": self.backend,
                 "device": self.device, "flip": self.flip, "images": self.images, "frames": self.frames,
                 "people": self.people, "boxes": self.boxes, "detector": self.detector, "seconds": self.seconds,
-                "ms_per_image_or_frame": self.ms_per_unit, "detector_ms_per_image_or_frame": self._ms(self.detect_seconds),
-                "pose_ms_per_image_or_frame": self._ms(self.pose_seconds),
+                "ms_per_image_or_frame": self.ms_per_unit,
+                "detector_ms_per_image_or_frame": self.ms_per(self.detect_seconds),
+                "pose_ms_per_image_or_frame": self.ms_per(self.pose_seconds),
                 "skipped": self.skipped, "image_ids": self.image_ids, "files": self.files}
 
 
@@ -601,9 +602,10 @@ def format_predict(result: PredictResult) -> str:
     lines = [head]
     if result.detector:
         d = result.detector
-        lines.append(f"  detector {Path(d['detector']).name} ({d['layout']}, {d['precision']}, score >= {d['det_score']:g}, "
-                     f"NMS IoU {d['det_iou']:g}): {result.boxes} boxes; per {unit}: detector "
-                     f"{result._ms(result.detect_seconds):.1f} ms, pose {result._ms(result.pose_seconds):.1f} ms")
+        detect_ms, pose_ms = result.ms_per(result.detect_seconds), result.ms_per(result.pose_seconds)
+        lines.append(f"  detector {Path(d['detector']).name} ({d['layout']}, {d['precision']}, "
+                     f"score >= {d['det_score']:g}, NMS IoU {d['det_iou']:g}): {result.boxes} boxes; per {unit}: "
+                     f"detector {detect_ms:.1f} ms, pose {pose_ms:.1f} ms")
     if result.skipped:
         lines.append(f"  skipped {len(result.skipped)} unreadable inputs (see {SUMMARY_FILE})")
     lines.append(f"wrote {len(result.files)} files in {result.out_dir}: {RESULTS_FILE}"
