@@ -334,8 +334,13 @@ def _mentions(text: str, opt: str) -> bool:
     return re.search(r"(?<![\w-])" + re.escape(opt) + r"(?![\w-])", text) is not None
 
 
+def documented_text() -> str:
+    """README.md and the pages under docs/: a command's synopsis may live in either."""
+    return "\n".join(p.read_text() for p in [README, *sorted((REPO / "docs").glob("*.md"))])
+
+
 def test_readme_synopsis_lists_every_option_of_every_command():
-    synopses = readme_synopses(README.read_text())
+    synopses = readme_synopses(documented_text())
     missing = []
     for path, cmd in _commands(main):
         name = "" if len(path) == 1 else path[-1]
@@ -346,7 +351,7 @@ def test_readme_synopsis_lists_every_option_of_every_command():
 
 
 def test_readme_synopsis_choices_are_the_commands_choices():
-    synopses = readme_synopses(README.read_text())
+    synopses = readme_synopses(documented_text())
     wrong = []
     for path, cmd in _commands(main):
         text = synopses.get("" if len(path) == 1 else path[-1], "")
