@@ -354,7 +354,8 @@ def coco_boxes(path: str | os.PathLike, images: dict[Any, Path], *, min_score: f
     by_image: dict[Any, list[Box]] = {key: [] for key in images}
     unknown = []
     for d in detections:
-        key = d.image_id if d.image_id in by_image else by_name.get(d.file_name) if d.file_name else None
+        known = isinstance(d.image_id, (int, float, str)) and d.image_id in by_image
+        key = d.image_id if known else by_name.get(d.file_name) if d.file_name else None
         if key is None:
             unknown.append(repr(d.image_id) if d.file_name is None else repr(d.file_name))
             continue

@@ -345,6 +345,7 @@ def test_a_wrong_box_costs_ap(tiny, tmp_path):
 
 @pytest.mark.parametrize("case, expect", [
     ("unknown_image", "boxes on images the annotations do not list"),
+    ("list_image_id", "boxes on images the annotations do not list"),
     ("both", "not both"),
     ("limit", "--limit counts ground-truth people"),
     ("no_boxes", "no person boxes"),
@@ -355,6 +356,8 @@ def test_detection_boxes_that_cannot_be_scored_are_refused(tiny, tmp_path, case,
     kw = {"boxes": path}
     if case == "unknown_image":
         dets[0]["image_id"] = 404
+    elif case == "list_image_id":
+        dets[0]["image_id"] = [1]
     elif case == "both":
         kw["detector"] = tiny.detector
     elif case == "limit":
@@ -421,6 +424,7 @@ def test_cli_eval_and_predict_take_the_detector(tiny, tmp_path):
     res = runner.invoke(cli.main, ["eval", str(tiny.model), "--data", str(tiny.coco), "--detector", str(tiny.detector),
                                    "--det-score", "0.5", "--no-flip", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
+    assert "COCO val: 6 person boxes (yolox detector people.onnx, score >= 0.5" in res.output
     assert json.loads((tmp_path / "e.json").read_text())["boxes"]["detector"] == str(tiny.detector)
     res = runner.invoke(cli.main, ["predict", str(tiny.model), str(tiny.coco / "val2017" / "000000000001.jpg"),
                                    "--detector", str(tiny.detector), "-o", str(tmp_path / "out"), "--no-flip"])
