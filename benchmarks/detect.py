@@ -234,11 +234,12 @@ def open_detector(path: str | os.PathLike, *, backend: str | None = None, device
             problems.append(f"{candidate.name}: {problem}")
     else:
         problems.append(f"{len(inputs)} inputs and {len(graph.graph.output)} outputs, not one of each")
+    expected = " or ".join(candidate.describe() for candidate in LAYOUTS.values())
     if layout is None:
         raise DetectorError(f"{option} {path} is not a detector layout posequant decodes ({'; '.join(problems)}); "
-                            f"expected {LAYOUTS['yolox'].describe()}")
-    if inputs[0].type.tensor_type.elem_type != 1:  # onnx.TensorProto.FLOAT: YOLOX takes float 0-255 pixels
-        raise DetectorError(f"{option} {path} takes a non-float input: {LAYOUTS['yolox'].describe()}")
+                            f"expected {expected}")
+    if inputs[0].type.tensor_type.elem_type != 1:  # onnx.TensorProto.FLOAT: the layouts take float pixels
+        raise DetectorError(f"{option} {path} takes a non-float input; expected {expected}")
     dims = _dims(inputs[0])
     try:
         runner = make_runner(backend, onnx_path=path, device=device)
