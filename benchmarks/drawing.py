@@ -72,3 +72,18 @@ def draw_skeleton(img: np.ndarray, points: np.ndarray, skeleton, color, *, show:
         cv2.circle(img, tuple(pts[j]), r, dot, -1, cv2.LINE_AA)
         cv2.circle(img, tuple(pts[j]), r, (0, 0, 0), 1, cv2.LINE_AA)
     return img
+
+
+def draw_box(img: np.ndarray, bbox, color, text: str | None = None, thickness: int = 2) -> np.ndarray:
+    """A person box (x, y, w, h) in ``color``, in place, with ``text`` (its score) on a dark tab at its top
+    left; the text grows with ``thickness`` (pictures draw thicker lines on larger images)."""
+    x, y, w, h = (float(v) for v in bbox)
+    p1, p2 = (int(round(x)), int(round(y))), (int(round(x + w)), int(round(y + h)))
+    cv2.rectangle(img, p1, p2, color, thickness, cv2.LINE_8)  # axis-aligned: crisp edges
+    if text:
+        scale, weight = max(0.45, thickness / 4), max(1, thickness // 3)
+        (tw, th), base = cv2.getTextSize(text, FONT, scale, weight)
+        x0, top = max(0, p1[0]), max(0, p1[1] - th - base - 4)
+        cv2.rectangle(img, (x0, top), (x0 + tw + 6, top + th + base + 4), (40, 40, 40), -1)
+        cv2.putText(img, text, (x0 + 3, top + th + 2), FONT, scale, color, weight, cv2.LINE_AA)
+    return img

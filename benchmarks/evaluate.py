@@ -11,10 +11,12 @@ from typing import Any, Callable
 import numpy as np
 
 from posequant.calibration import (
+    box_people,
     heatmaps_to_joints,
     iter_batches,
     load_mpii_gt,
     open_dataset,
+    read_image,
     skipped_image_warnings,
 )
 from posequant.core.batching import infer_at_batch
@@ -23,7 +25,8 @@ from posequant.core.metadata import ModelMeta, read_meta
 from posequant.core.onnxfile import check_heatmaps
 from posequant.core.quiet import warn as posequant_warn
 
-from .metrics import box_size, coco_keypoint_ap, coco_results, mpii_pckh, pck
+from .detect import DEFAULT_IOU, EVAL_SCORE, PersonBoxes, coco_boxes, detect_images, open_detector
+from .metrics import OKS_THRE, box_size, coco_keypoint_ap, coco_results, detection_results, mpii_pckh, pck
 from .runners import make_runner, model_format, resolve_backend
 
 MPII_PER_PERSON = ("jnt_missing", "pos_gt_src", "headboxes_src")  # last axis: one column per person
@@ -53,6 +56,9 @@ class EvalResult:
     # True when the metrics cover only part of the split (--limit, skipped images): scored
     # against just those people (MPII) or just their images (COCO), not the whole split.
     partial: bool = False
+    # the person boxes: None for the ground truth's; else where the detection boxes came from, how many
+    # were cropped and how many OKS-NMS kept (COCO AP on detector boxes, HRNet's USE_GT_BBOX: false)
+    boxes: dict[str, Any] | None = None
     scales: np.ndarray | None = None  # N x 2, each crop's box size / 200 px (metrics.person_size)
 
     @property
@@ -64,7 +70,8 @@ class EvalResult:
                 "people": self.people, "backend": self.backend, "device": self.device, "flip": self.flip,
                 "batch": self.batch, "metrics": self.metrics, "seconds": self.seconds,
                 "people_per_s": self.people_per_s, "skipped_images": self.skipped,
-                "skipped_records": self.skipped_records, "partial": self.partial}
+                "skipped_records": self.skipped_records, "partial": self.partial,
+                "boxes": self.boxes or {"source": "ground truth"}}
 
 
 def _load_model(model: Path, export_options: dict, tmp: Path, progress):
@@ -103,6 +110,53 @@ def mpii_ground_truth(ds) -> dict[str, Any]:
         raise DataError(f"{gt_path} has {n_gt} people but annot/{ds.split}.json lists {ds.listed}: "
                         "they must come from the same release, one gt column per json record")
     return gt
+
+
+def score_detections(ds, people, preds: np.ndarray, maxvals: np.ndarray, images: list[Any]
+                     ) -> tuple[dict[str, Any], int]:
+    """COCO AP of people cropped from detection boxes, HRNet's way: rescored, OKS-NMS per image
+    (:func:`detection_results`), then pycocotools on ``images`` (every image the boxes were looked for on;
+    the whole split when that is all of it). Returns the metrics and how many people OKS-NMS kept."""
+    if not people:
+        raise DataError(f"no person boxes on the {len(images)} images of {ds.root} {ds.split}: nothing to score "
+                        "(lower --det-score, or check the boxes)")
+    # HRNet's area: the crop box's, prod(scale * 200) in float32 as its all_boxes[:, 4]
+    areas = [float(np.prod(p.scale.astype(np.float32) * np.float32(200))) for p in people]
+    results, kept = detection_results([p.image_id for p in people], preds, maxvals, [p.score for p in people], areas)
+    whole = len(images) == len(ds.image_files)
+    ap = coco_keypoint_ap(ds.coco_json, results, image_ids=None if whole else images,
+                          exclude_ann_ids=ds.invalid_ann_ids)
+    return {k: ap.metrics[k] for k in ("AP", "AP50", "AP75", "AR")}, len(kept)
+
+
+def person_boxes(ds, *, boxes: str | Path | PersonBoxes | None = None, detector: str | Path | None = None,
+                 det_score: float = EVAL_SCORE, det_iou: float = DEFAULT_IOU, backend: str | None = None,
+                 device: str = "cpu", skip_missing: bool = False, progress_bar: bool = False) -> PersonBoxes:
+    """The detection boxes of a COCO split: from ``boxes`` (a detection-results JSON, or boxes already made)
+    or from running ``detector`` on every image its annotation file lists (in their stored orientation,
+    as the ground truth is). Missing or unreadable images are an error, or with ``skip_missing`` left out
+    (the scoring then covers the images looked at)."""
+    if boxes is not None and detector is not None:
+        raise PosequantError("give --boxes (detection results) or --detector (a detector to run), not both")
+    if ds.format != "coco":
+        raise DataError(f"{ds.root} is {ds.format.upper()}: detection boxes are scored with COCO keypoint AP "
+                        "(MPII's PCKh is defined on its annotated people only); give a COCO set")
+    if isinstance(boxes, PersonBoxes):
+        return boxes
+    if boxes is not None:
+        return coco_boxes(boxes, ds.image_files)
+    found = open_detector(detector, backend=backend, device=device, score=det_score, iou=det_iou)
+
+    def read(path: Path):
+        try:
+            return read_image(path)
+        except DataError:
+            if skip_missing:
+                return None
+            raise DataError(f"cannot run the detector on {path}: the image is missing or unreadable; restore it, "
+                            "or pass --skip-missing to go on without it") from None
+
+    return detect_images(found, ds.image_files, read, progress_bar=progress_bar)
 
 
 def score(meta: ModelMeta, ds, people, preds: np.ndarray, maxvals: np.ndarray, *,
@@ -147,6 +201,10 @@ def evaluate(
     limit: int | None = None,
     skip_missing: bool = False,
     threads: int | None = None,
+    boxes: str | Path | PersonBoxes | None = None,
+    detector: str | Path | None = None,
+    det_score: float = EVAL_SCORE,
+    det_iou: float = DEFAULT_IOU,
     export_options: dict | None = None,
     progress: Callable[[str], None] | None = None,
     progress_bar: bool = False,
@@ -160,6 +218,11 @@ def evaluate(
     the scoring, named in one ``warn`` line (a ``PosequantWarning`` when ``warn`` is None) and in
     ``skipped_records``; the result is then ``partial``. Data that cannot be scored at all (no
     joint evaluable, pycocotools' AP -1) raises :class:`DataError` instead of giving a number.
+
+    COCO on detection boxes (``boxes``: a detection-results JSON or :class:`PersonBoxes`; or ``detector``,
+    run on every image of the split with ``det_score``/``det_iou``): HRNet's test with ``USE_GT_BBOX:
+    false``, one crop per box, rescoring and OKS-NMS, then pycocotools (AP, AP50, AP75, AR; no PCK, which
+    needs each person's own ground truth). ``result.boxes`` says which boxes were used.
     """
     say_warning = warn or posequant_warn
     model, data = Path(model), Path(data)
@@ -174,6 +237,14 @@ def evaluate(
         for message in (ds.invalid_warning(), zero_head_boxes(ds, gt) if gt is not None else None):
             if message:
                 say_warning(message)
+        found = None
+        if boxes is not None or detector is not None:
+            if limit:
+                raise PosequantError("--limit counts ground-truth people; with --boxes or --detector evaluate the "
+                                     "whole split (every box of every image is scored)")
+            found = person_boxes(ds, boxes=boxes, detector=detector, det_score=det_score, det_iou=det_iou,
+                                 backend="ort" if backend == "torch" else backend, device=device,
+                                 skip_missing=skip_missing, progress_bar=progress_bar)
         runner = make_runner(backend, onnx_path=onnx_path, module=module, device=device, threads=threads)
         fixed = None if module is not None else onnx_fixed_batch(onnx_path)
         if fixed and fixed != batch:  # the file's batch is the only one it runs at
@@ -182,6 +253,10 @@ def evaluate(
                          + ("one crop at a time" if fixed == 1 else f"{fixed} crops at a time") + f", not --batch {batch}")
             batch = fixed
         people = ds.people[:limit] if limit else ds.people
+        if found is not None:  # one person per detection box, cropped as HRNet crops them
+            images = {k: p for k, p in ds.image_files.items() if k in found.by_image}
+            people = box_people(images, {k: [(b.bbox, b.score) for b in v] for k, v in found.by_image.items()},
+                                meta.input_size)
         # --skip-missing also goes on past images that exist but do not decode
         batches = iter_batches(people, meta, batch_size=batch, flip=flip, skip_bad=skip_missing)
         shown = batches
@@ -203,17 +278,27 @@ def evaluate(
             coords.append(c)
             maxvals.append(m)
         seconds = time.perf_counter() - t0
-    if not done:
-        raise DataError(f"none of the {len(people)} people's images in {data} could be read: check the dataset")
-    preds, maxv = np.concatenate(coords), np.concatenate(maxvals)
-    skipped = [str(p) for p in ds.skipped + batches.skipped]
+    skipped = list(dict.fromkeys(str(p) for p in ds.skipped + batches.skipped + (found.skipped if found else [])))
     for line in skipped_image_warnings(skipped):  # --skip-missing: say which, and why
         say_warning(line)
-    metrics = score(meta, ds, done, preds, maxv, gt=gt)
-    partial = len(done) < len(ds.people) or bool(skipped) or bool(ds.invalid)
+    j = meta.num_joints
+    preds = np.concatenate(coords) if coords else np.zeros((0, j, 2), np.float32)
+    maxv = np.concatenate(maxvals) if maxvals else np.zeros((0, j, 1), np.float32)
+    box_info = None
+    if found is None:
+        if not done:
+            raise DataError(f"none of the {len(people)} people's images in {data} could be read: check the dataset")
+        metrics = score(meta, ds, done, preds, maxv, gt=gt)
+        partial = len(done) < len(ds.people) or bool(skipped) or bool(ds.invalid)
+    else:  # scored on every image the boxes were looked for on, less those that could not be read
+        unread = set(map(str, batches.skipped))
+        images = [k for k, p in ds.image_files.items() if k in found.by_image and str(p) not in unread]
+        metrics, kept = score_detections(ds, done, preds, maxv, images)
+        partial = len(images) < len(ds.image_files) or bool(ds.invalid)
+        box_info = {**found.to_dict(), "people": len(done), "oks_thre": OKS_THRE, "kept_after_oks_nms": kept}
     return EvalResult(str(model), str(data), ds.format, ds.split, len(preds), backend, device, flip, batch,
-                      metrics, preds, maxv, seconds, skipped, list(ds.invalid), partial,
-                      np.array([p.scale for p in done]))
+                      metrics, preds, maxv, seconds, skipped, list(ds.invalid), partial, box_info,
+                      np.array([p.scale for p in done]).reshape(-1, 2))
 
 
 def zero_head_boxes(ds, gt: dict[str, Any]) -> str | None:

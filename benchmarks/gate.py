@@ -21,7 +21,8 @@ from posequant.core.errors import PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
 from posequant.core.numbers import check_number
 
-from .evaluate import EvalResult, ModelOutputError, evaluate, onnx_fixed_batch
+from .detect import DEFAULT_IOU, EVAL_SCORE
+from .evaluate import EvalResult, ModelOutputError, evaluate, onnx_fixed_batch, person_boxes
 from .gate_report import prepare_report_dir, write_report
 from .latency import BenchResult, bench, check_backend, onnx_precision
 from .metrics import FLOAT_FLOOR, box_size, main_metric, pck
@@ -41,6 +42,7 @@ MPII_GROUPS = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle")
 # Metadata the two models must share (besides input size and keypoints, which are always required):
 # the float checkpoint they were made from, and how their inputs are prepared and outputs decoded.
 SAME_SOURCE_FIELDS = ("source_sha256", "color", "mean", "std", "flip_pairs", "heatmap_size")
+DETECTOR_AP = "AP on detector boxes"  # the extra check with --boxes / --detector
 
 
 class GateInputError(PosequantError):
@@ -99,6 +101,7 @@ class GateResult:
     disagreements: list[dict[str, Any]] = field(default_factory=list)  # people where the two differ most
     report_files: list[str] = field(default_factory=list)
     cpu: dict[str, Any] = field(default_factory=dict)  # this CPU's kind, what the INT8 graph was made for, notes
+    boxes: dict[str, Any] | None = None  # with --boxes/--detector: the detection boxes both were scored on too
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +115,7 @@ class GateResult:
             "float_metrics": self.float_eval.metrics, "int8_metrics": self.int8_eval.metrics,
             "latency": self.latency.to_dict() if self.latency else None,
             "disagreements": self.disagreements, "report_files": self.report_files, "cpu": self.cpu,
+            "boxes": self.boxes,
         }
 
 
@@ -317,6 +321,10 @@ def gate(
     report_dir: str | Path | None = None,
     worst: int = 6,
     allow_different_source: bool = False,
+    boxes: str | Path | None = None,
+    detector: str | Path | None = None,
+    det_score: float = EVAL_SCORE,
+    det_iou: float = DEFAULT_IOU,
     progress: Callable[[str], None] | None = None,
 ) -> GateResult:
     """Evaluate and time ``int8_model`` against ``float_model`` on ``data`` (MPII or COCO).
@@ -328,6 +336,10 @@ def gate(
     The two models must come from the same source checkpoint and share their preprocessing
     (:data:`SAME_SOURCE_FIELDS`) unless ``allow_different_source``. Data that cannot be scored (no
     people, NaN or -1 metrics, the float model below :data:`FLOAT_FLOOR`) raises :class:`UnscorableError`.
+
+    With ``boxes`` (COCO detection results) or ``detector`` (run once, on ``backend``), both models are also
+    evaluated on those person boxes (``evaluate``'s HRNet path) and their AP there is one more check, within
+    ``max_drop``: what INT8 costs end to end. The ground-truth-box checks stay as they are.
     """
     say = progress or (lambda msg: None)
     # negative drop budgets demand that INT8 beat float (stricter, never a silent pass)
@@ -344,6 +356,14 @@ def gate(
         report_dir = prepare_report_dir(report_dir, {"--float": float_model, "--int8": int8_model, "--data": data})
 
     common = dict(split=split, flip=flip, backend=backend, device=device, batch=batch, limit=limit, threads=threads)
+    found = None
+    if boxes is not None or detector is not None:  # checked and found before minutes of evaluation
+        if limit:
+            raise GateInputError("--limit counts ground-truth people; with --boxes or --detector gate the whole split")
+        say("finding the person boxes" + (f" with {Path(detector).name}" if detector else f" in {Path(boxes).name}"))
+        ds = open_dataset(data, input_size=fmeta.input_size, split=split)
+        found = person_boxes(ds, boxes=boxes, detector=detector, det_score=det_score, det_iou=det_iou,
+                             backend=backend, device=device)
     say(f"evaluating the float model {float_model.name}")
     fe = evaluate(float_model, data, progress=say, **common, warn=lambda m: say(f"warning: {m}"))
     name, value = main_metric(fe.metrics)  # a float model scoring ~0 fails here, before the INT8 run
@@ -359,6 +379,17 @@ def gate(
     assert len(people) == fe.people == qe.people, "both evaluations must cover the same people"
     main, scores, groups, joints = _scores(fmeta, fe.format, people, fe, qe)
     check_scorable(main, scores, fe.people, f"{fe.format.upper()} {fe.split}")
+    box_info = None
+    if found is not None:
+        say(f"evaluating both models on the {found.count} person boxes")
+        on_boxes = {**common, "limit": None, "boxes": found}
+        fd = evaluate(float_model, data, **on_boxes, warn=lambda m: None)
+        try:
+            qd = evaluate(int8_model, data, **on_boxes, warn=lambda m: None)
+        except ModelOutputError as e:
+            raise BrokenInt8Error(f"gate FAIL: {e}") from None
+        scores[DETECTOR_AP] = _delta(100 * fd.metrics["AP"], 100 * qd.metrics["AP"])
+        box_info = fd.boxes
 
     say(f"timing both on {backend} ({device})")
     timed = onnx_fixed_batch(float_model) or 1  # a fixed-batch model runs only at its own batch
@@ -370,6 +401,8 @@ def gate(
 
     unit = f"{main} (x100)" if main == "AP" else main
     checks = [_drop_check(unit, scores[main], max_drop)]
+    if DETECTOR_AP in scores:
+        checks.append(_drop_check(f"{DETECTOR_AP} (x100)", scores[DETECTOR_AP], max_drop))
     checks += [_drop_check(f"joint group {g}", d, max_joint_drop) for g, d in groups.items() if np.isfinite(d["delta"])]
     checks.append(Check(f"speedup on {backend} ({device}, batch {timed})", speedup, min_speedup,
                         speedup is not None and speedup >= min_speedup, "speedup",
@@ -383,7 +416,7 @@ def gate(
     result = GateResult(
         not reasons, reasons, checks, str(float_model), str(int8_model), str(data), f"{fe.format.upper()} {fe.split}",
         fe.people, backend, device, flip, main, scores, groups, joints, speedup, latency, fe, qe, worst_people,
-        cpu=cpu)
+        cpu=cpu, boxes=box_info)
     if report_dir is not None:
         say(f"writing the report to {report_dir}")
         result.report_files = write_report(result, report_dir, fmeta, [people[i] for i in order])

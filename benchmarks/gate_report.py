@@ -73,6 +73,17 @@ def cpu_lines(result) -> list[str]:
     return lines
 
 
+def boxes_lines(result) -> list[str]:
+    """Which detection boxes the extra AP check used (none without --boxes / --detector)."""
+    b = getattr(result, "boxes", None)
+    if not b:
+        return []
+    how = (f"{b['layout']} detector, {b['precision']}, score >= {b['det_score']:g}, NMS IoU {b['det_iou']:g}"
+           if b["source"] == "detector" else "detection results")
+    return [f"boxes: {b['boxes']} person boxes on {b['images']} images from {Path(b['path']).name} ({how}); "
+            f"{b['kept_after_oks_nms']} kept by OKS-NMS ({b['oks_thre']:g}) for the float model"]
+
+
 def _other_warnings(result) -> list[str]:
     note = (result.cpu or {}).get("note") or ""
     return [w for w in result.latency.warnings if not (note and note.startswith(w))]  # bench's copy of the note
@@ -83,7 +94,7 @@ def format_gate(result) -> str:
             f"{'on' if result.flip else 'off'}; {result.backend} on {result.device})")
     lines = [head, format_table(CHECK_HEADERS, _check_rows(result))]
     lines += [f"  failed: {r}" for r in result.reasons]
-    lines += [f"  {line}" for line in cpu_lines(result)]
+    lines += [f"  {line}" for line in boxes_lines(result) + cpu_lines(result)]
     if result.latency:
         lines += [f"  warning: {w}" for w in _other_warnings(result)]
     if result.report_files:
@@ -113,7 +124,8 @@ def format_markdown(result, png: str | None) -> str:
           f"{'on' if result.flip else 'off'}); evaluated and timed on {result.backend} ({result.device})", ""]
     if result.reasons:
         md += ["Failed:", ""] + [f"- {r}" for r in result.reasons] + [""]
-    md += [f"- {line}" for line in cpu_lines(result)] + ([""] if cpu_lines(result) else [])
+    notes = boxes_lines(result) + cpu_lines(result)
+    md += [f"- {line}" for line in notes] + ([""] if notes else [])
     md += ["## Checks", "", _md_table(CHECK_HEADERS, _check_rows(result)), "",
            "Changes are INT8 minus float, in points (COCO AP x 100, PCK/PCKh in percent).", "",
            "## Metrics", "", _md_table(["metric", "float", "INT8", "change"], _delta_rows(result.scores)), "",

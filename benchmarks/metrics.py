@@ -320,6 +320,19 @@ class CocoKeypointAP:
         return self.metrics[key]
 
 
+def rescore(maxvals: np.ndarray, box_scores: Sequence[float] | None = None, *,
+            in_vis_thre: float = IN_VIS_THRE) -> np.ndarray:
+    """HRNet's person score (``coco.py::evaluate``): the mean of a person's joint maxvals above
+    ``in_vis_thre`` (0 when none is) times its box score (1 for ground-truth boxes). N x J(x1) -> N."""
+    scores = np.asarray(maxvals, dtype=np.float64).reshape(len(maxvals), -1)
+    boxes = np.ones(len(scores)) if box_scores is None else np.asarray(box_scores, dtype=np.float64)
+    out = np.zeros(len(scores))
+    for i, (s, box_score) in enumerate(zip(scores, boxes)):
+        confident = s[s > in_vis_thre]
+        out[i] = (float(confident.mean()) if len(confident) else 0.0) * float(box_score)
+    return out
+
+
 def coco_results(
     image_ids: Sequence[Any],
     coords: np.ndarray,
@@ -332,9 +345,9 @@ def coco_results(
     """COCO keypoint result dicts for N people: ``coords`` N x 17 x 2 (image pixels), ``maxvals``
     N x 17 x 1 (heatmap peaks).
 
-    The person score is HRNet's rescoring: the mean of the maxvals above ``in_vis_thre`` (0 when
-    none is) times the box score (1 for ground-truth boxes). HRNet then runs OKS-NMS per image;
-    with ground-truth boxes every box is a distinct annotated person, so that step is skipped.
+    The person score is HRNet's rescoring (:func:`rescore`). HRNet then runs OKS-NMS per image
+    (:func:`detection_results`); with ground-truth boxes every box is a distinct annotated person, so
+    that step is skipped here.
     """
     coords = check_predictions(coords, COCO.num_joints, "keypoint coordinates").astype(np.float64)
     scores = np.asarray(maxvals, dtype=np.float64).reshape(len(coords), -1)
@@ -342,17 +355,79 @@ def coco_results(
     if not (len(image_ids) == len(coords) == len(boxes)) or scores.shape[1] != coords.shape[1]:
         raise DataError(f"COCO results need one image id, {coords.shape[1]} maxvals and one box score per person: "
                         f"got {len(image_ids)} ids, maxvals {np.shape(maxvals)}, {len(boxes)} box scores")
+    person_scores = rescore(scores, boxes, in_vis_thre=in_vis_thre)
     results = []
-    for image_id, xy, s, box_score in zip(image_ids, coords, scores, boxes):
-        confident = s[s > in_vis_thre]
-        keypoint_score = float(confident.mean()) if len(confident) else 0.0
+    for image_id, xy, s, person_score in zip(image_ids, coords, scores, person_scores):
         results.append({
             "image_id": image_id.item() if isinstance(image_id, np.generic) else image_id,
             "category_id": category_id,
             "keypoints": np.concatenate([xy, s[:, None]], axis=1).reshape(-1).tolist(),
-            "score": keypoint_score * float(box_score),
+            "score": float(person_score),
         })
     return results
+
+
+# ---- OKS-NMS (HRNet's lib/nms/nms.py) ----------------------------------------------------------
+
+OKS_THRE = 0.9  # HRNet's TEST.OKS_THRE
+
+
+def oks_iou(g: np.ndarray, d: np.ndarray, area_g: float, areas_d: np.ndarray,
+            sigmas: Sequence[float] = COCO_SIGMAS) -> np.ndarray:
+    """HRNet's ``oks_iou`` (every joint, no visibility threshold, as its ``oks_nms`` calls it): the OKS of
+    keypoints ``g`` (J x 2+) with each of ``d`` (K x J x 2+), scaled by the mean of the two areas."""
+    variances = (np.asarray(sigmas, dtype=np.float64) * 2) ** 2
+    dx = d[:, :, 0] - g[:, 0]
+    dy = d[:, :, 1] - g[:, 1]
+    mean_area = (area_g + np.asarray(areas_d, dtype=np.float64)) / 2 + np.spacing(1)
+    e = (dx ** 2 + dy ** 2) / variances / mean_area[:, None] / 2
+    return np.sum(np.exp(-e), axis=1) / e.shape[1]
+
+
+def oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray, threshold: float = OKS_THRE,
+            sigmas: Sequence[float] = COCO_SIGMAS) -> list[int]:
+    """HRNet's ``oks_nms``: greedily, best score first, keep a person and drop the others whose OKS with it
+    is above ``threshold``. ``keypoints`` K x J x 2+ (image pixels), ``areas`` K (the crop box's area,
+    ``prod(scale * 200)``). Returns the kept indices, best first."""
+    keypoints = np.asarray(keypoints)
+    order = np.asarray(scores).argsort()[::-1]  # as HRNet: numpy's default sort, reversed
+    keep = []
+    while order.size > 0:
+        i = int(order[0])
+        keep.append(i)
+        overlap = oks_iou(keypoints[i], keypoints[order[1:]], float(areas[i]), np.asarray(areas)[order[1:]], sigmas)
+        order = order[np.flatnonzero(overlap <= threshold) + 1]
+    return keep
+
+
+def detection_results(
+    image_ids: Sequence[Any],
+    coords: np.ndarray,
+    maxvals: np.ndarray,
+    box_scores: Sequence[float],
+    areas: Sequence[float],
+    *,
+    oks_thre: float = OKS_THRE,
+    in_vis_thre: float = IN_VIS_THRE,
+) -> tuple[list[dict], list[int]]:
+    """COCO keypoint results of people cropped from detection boxes, HRNet's way (``USE_GT_BBOX: false``):
+    rescored (:func:`rescore`), then OKS-NMS within each image (:func:`oks_nms` at ``oks_thre``).
+
+    Returns the kept results (images in order of first appearance, each image's people best first, as
+    HRNet writes them) and the indices of the kept people in the input.
+    """
+    results = coco_results(image_ids, coords, maxvals, box_scores, in_vis_thre=in_vis_thre)
+    keypoints = np.concatenate([np.asarray(coords, np.float32),
+                                np.asarray(maxvals, np.float32).reshape(len(results), -1, 1)], axis=2)
+    by_image: dict[Any, list[int]] = {}
+    for i, r in enumerate(results):
+        by_image.setdefault(r["image_id"], []).append(i)
+    kept: list[int] = []
+    for members in by_image.values():
+        members = np.asarray(members)
+        scores = np.array([results[i]["score"] for i in members])
+        kept += [int(members[k]) for k in oks_nms(keypoints[members], scores, np.asarray(areas)[members], oks_thre)]
+    return [results[i] for i in kept], kept
 
 
 def coco_keypoint_ap(

@@ -1,15 +1,22 @@
 """``predict``: a pose model on images, folders and videos; COCO results JSON and pictures in OUT/.
 
-Persons come from ``--boxes`` (a COCO detection-results JSON: a list of ``{"image_id" or "file_name",
-"bbox": [x, y, w, h], "score"}``), or each image (each video frame) is one person. A box names its
-image by ``file_name`` (the image's file name, e.g. ``000000000139.jpg``) or by ``image_id`` (the number
-in the file name: COCO's ``000000000139.jpg`` is image 139). Boxes are for images; a video's frames are
-each one person.
+Persons come from a person detector (``--detector``, :mod:`posequant.benchmarks.detect`: boxes on each
+image and video frame), from ``--boxes`` (a COCO detection-results JSON: a list of ``{"image_id" or
+"file_name", "bbox": [x, y, w, h], "score"}``), or each image (each video frame) is one person. A box
+names its image by ``file_name`` (the image's file name, e.g. ``000000000139.jpg``) or by ``image_id``
+(the number in the file name: COCO's ``000000000139.jpg`` is image 139). ``--boxes`` are for images; a
+video's frames are each one person unless a detector finds them.
 
-Preprocessing and decoding are evaluation's: boxes are clipped as COCO annotations are
-(:func:`clip_box`), grown by the same padding (:func:`box_to_center_scale`), cropped and normalised by
-:func:`crop_person` / :func:`normalize` and decoded by :func:`heatmaps_to_joints` (flip test included),
-on the same runners; the results JSON is :func:`coco_results`', which eval's COCO scorer reads back.
+Preprocessing and decoding are evaluation's: ``--boxes`` are clipped as COCO's ground-truth boxes are
+(:func:`clip_box`), detector boxes are taken as they are (as HRNet takes detection boxes); both grow by
+the same padding (:func:`box_to_center_scale`), are cropped and normalised by :func:`crop_person` /
+:func:`normalize` and decoded by :func:`heatmaps_to_joints` (flip test included), on the same runners.
+The results JSON is :func:`coco_results`' (detector boxes: :func:`detection_results`', rescored and
+OKS-NMS-ed as ``eval --detector``), which eval's COCO scorer reads back.
+
+Photos are drawn and reported as a viewer shows them (turned by their EXIF orientation), except with
+``--boxes``: box files are made on the stored pixels (as COCO's annotations are), so then images are
+read as stored, as ``eval`` reads them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from posequant.calibration import (
     box_to_center_scale,
     clip_box,
     crop_person,
+    exif_orientation,
     heatmaps_to_joints,
     normalize,
     read_image,
@@ -43,8 +51,9 @@ from posequant.core.metadata import ModelMeta, read_meta
 from posequant.core.onnxfile import check_heatmaps
 from posequant.core.quiet import warn as posequant_warn
 
-from .drawing import FLOAT_BGR, INT8_BGR, draw_skeleton, label, legend_band
-from .metrics import coco_results
+from .detect import DEFAULT_IOU, PREDICT_SCORE, Box, Detector, open_detector, read_detections
+from .drawing import FLOAT_BGR, INT8_BGR, draw_box, draw_skeleton, label, legend_band
+from .metrics import coco_results, detection_results
 from .runners import make_runner, resolve_backend
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -53,14 +62,6 @@ COMPARE_RESULTS_FILE = "keypoints.compare.json"  # ... of --compare's model
 SUMMARY_FILE = "predict.json"
 PROGRESS_MIN_UNITS = 10  # images or frames: below that a bar is noise
 MODEL_SUFFIXES = (".onnx", ".xml", ".engine")  # an OpenVINO IR, a TensorRT engine: read_meta and the runners open them
-
-
-@dataclass
-class Box:
-    """One detection: [x, y, w, h] in image pixels and its score (1 when the file gives none)."""
-
-    bbox: tuple[float, float, float, float]
-    score: float
 
 
 @dataclass
@@ -73,21 +74,31 @@ class PredictResult:
     flip: bool
     images: int = 0  # images predicted (not counting video frames)
     frames: int = 0  # video frames predicted
-    people: int = 0  # persons predicted (MODEL's; --compare's are the same persons)
-    seconds: float = 0.0  # reading, inference and decoding of every image and frame (not writing)
+    people: int = 0  # persons predicted (MODEL's, after OKS-NMS with a detector)
+    seconds: float = 0.0  # reading, detection, inference and decoding of every image and frame (not writing)
+    detect_seconds: float = 0.0  # of which the detector's (letterbox, inference, decoding, NMS)
+    pose_seconds: float = 0.0  # of which the pose model's (crops, inference, flip test, decoding), every model
     skipped: list[str] = field(default_factory=list)  # "path: why"
     image_ids: dict[str, Any] = field(default_factory=dict)  # input file -> the image_id in the results
     files: list[str] = field(default_factory=list)
+    detector: dict[str, Any] | None = None  # the detector's file, layout, precision and thresholds
+    boxes: int = 0  # person boxes found by the detector or read from --boxes (before OKS-NMS)
+
+    def ms_per(self, seconds: float) -> float:
+        units = self.images + self.frames
+        return 1000 * seconds / units if units else 0.0
 
     @property
     def ms_per_unit(self) -> float:
-        units = self.images + self.frames
-        return 1000 * self.seconds / units if units else 0.0
+        return self.ms_per(self.seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "compare": self.compare, "out_dir": self.out_dir, "backend": self.backend,
                 "device": self.device, "flip": self.flip, "images": self.images, "frames": self.frames,
-                "people": self.people, "seconds": self.seconds, "ms_per_image_or_frame": self.ms_per_unit,
+                "people": self.people, "boxes": self.boxes, "detector": self.detector, "seconds": self.seconds,
+                "ms_per_image_or_frame": self.ms_per_unit,
+                "detector_ms_per_image_or_frame": self.ms_per(self.detect_seconds),
+                "pose_ms_per_image_or_frame": self.ms_per(self.pose_seconds),
                 "skipped": self.skipped, "image_ids": self.image_ids, "files": self.files}
 
 
@@ -142,16 +153,6 @@ def load_boxes(path: str | os.PathLike, images: Sequence[Path], *, min_score: fl
     A box naming no given image, or a file that is not such a list, is refused in one line.
     """
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"--boxes {path} does not exist: check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"--boxes {path} is not readable JSON ({e}): give COCO detection results "
-                        '[{"image_id" or "file_name", "bbox": [x, y, w, h], "score"}, ...]') from None
-    if not isinstance(entries, list):
-        raise DataError(f"--boxes {path} holds a JSON {type(entries).__name__}, not a list of detections: "
-                        'give COCO detection results [{"image_id" or "file_name", "bbox": [x, y, w, h], "score"}, ...]')
     by_name = {p.name: p for p in images}
     by_number: dict[int, Path] = {}
     for p in images:
@@ -160,33 +161,20 @@ def load_boxes(path: str | os.PathLike, images: Sequence[Path], *, min_score: fl
             by_number.setdefault(n, p)
     boxes: dict[Path, list[Box]] = {p: [] for p in images}
     unknown: list[str] = []
-    for i, e in enumerate(entries):
-        where = f"--boxes {path} (entry {i})"
-        if not isinstance(e, dict):
-            raise DataError(f"{where} is not an object: each detection is {{\"image_id\", \"bbox\", \"score\"}}")
-        bbox = e.get("bbox")
-        if (not isinstance(bbox, list) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in bbox)):
-            raise DataError(f"{where}: bbox {bbox!r} is not [x, y, w, h] (4 finite numbers): fix the file")
-        score = e.get("score", 1.0)
-        if not isinstance(score, (int, float)) or isinstance(score, bool) or not np.isfinite(score):
-            raise DataError(f"{where}: score {score!r} is not a finite number: fix the file")
-        if "file_name" in e:
-            image = by_name.get(Path(str(e["file_name"])).name)
-            key = f"file_name {e['file_name']!r}"
-        elif "image_id" in e:
+    for d in read_detections(path, "--boxes"):
+        if d.file_name is not None:
+            image, key = by_name.get(d.file_name), f"file_name {d.file_name!r}"
+        else:
             try:
-                image = by_number.get(int(e["image_id"]))
+                image = by_number.get(int(d.image_id))
             except (TypeError, ValueError):
                 image = None
-            key = f"image_id {e['image_id']!r}"
-        else:
-            raise DataError(f"{where} has neither image_id nor file_name: say which image each box is on")
+            key = f"image_id {d.image_id!r}"
         if image is None:
             unknown.append(key)
             continue
-        if score >= min_score:
-            boxes[image].append(Box(tuple(float(v) for v in bbox), float(score)))
+        if d.box.score >= min_score:
+            boxes[image].append(d.box)
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         raise DataError(f"--boxes {path} names {len(unknown)} images not among the inputs ({shown}): file_name "
@@ -237,35 +225,54 @@ class Model:
         return heatmaps_to_joints(self.meta, heatmaps, centers, scales, flipped)
 
 
-def persons(image_shape: tuple[int, ...], boxes: list[Box] | None, input_size: tuple[int, int]
-            ) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """(centers, scales, box scores) of an image's persons: its boxes, clipped as eval clips COCO's, or the whole image."""
+def persons(image_shape: tuple[int, ...], boxes: list[Box] | None, input_size: tuple[int, int], *, clip: bool = True
+            ) -> tuple[np.ndarray, np.ndarray, list[Box]]:
+    """(centers, scales, boxes) of an image's persons: its boxes (clipped as eval clips COCO's ground-truth
+    boxes, or with ``clip=False`` taken as given, as HRNet takes detection boxes), or the whole image as
+    one box scoring 1. A box wholly outside the image (clipped to nothing) is no person."""
     height, width = image_shape[:2]
     if boxes is None:
         c, s = whole_image_center_scale((height, width), input_size)
-        return c[None], s[None], [1.0]
-    centers, scales, scores = [], [], []
+        return c[None], s[None], [Box((0.0, 0.0, float(width), float(height)), 1.0)]
+    centers, scales, used = [], [], []
     for b in boxes:
-        clipped = clip_box(b.bbox, width, height)
-        if clipped is None:  # a box wholly outside the image: no person to crop
+        box = clip_box(b.bbox, width, height) if clip else b.bbox
+        if box is None:
             continue
-        c, s = box_to_center_scale(clipped, input_size)
+        c, s = box_to_center_scale(box, input_size)
         centers.append(c)
         scales.append(s)
-        scores.append(b.score)
+        used.append(b)
     if not centers:
         return np.zeros((0, 2)), np.zeros((0, 2)), []
-    return np.stack(centers), np.stack(scales), scores
+    return np.stack(centers), np.stack(scales), used
+
+
+@dataclass
+class People:
+    """One model's persons on one image or frame: joints (K x J x 2), scores (K x J x 1), their boxes and
+    their COCO-shaped results (``box`` and ``box_score`` added)."""
+
+    joints: np.ndarray
+    scores: np.ndarray
+    boxes: list[Box]
+    results: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.joints)
 
 
 # ---- pictures ----------------------------------------------------------------------------------
 
 
 def overlay(image: np.ndarray, meta: ModelMeta, joints: np.ndarray, scores: np.ndarray, color=FLOAT_BGR,
-            text: str | None = None) -> np.ndarray:
-    """``image`` with every person's skeleton; each joint's dot coloured (red 0 -> green 1) and sized by its score."""
+            text: str | None = None, boxes: Sequence[Box] = ()) -> np.ndarray:
+    """``image`` with every person's skeleton (and box, with its score); each joint's dot coloured
+    (red 0 -> green 1) and sized by its score."""
     img = image.copy()
     radius = max(3, int(round(max(img.shape[:2]) / 160)))
+    for b in boxes:
+        draw_box(img, b.bbox, color, f"{b.score:.2f}", thickness=max(1, radius // 2))
     for xy, s in zip(joints, scores):
         draw_skeleton(img, xy, meta.skeleton, color, scores=s, radius=radius)
     if text:
@@ -273,10 +280,11 @@ def overlay(image: np.ndarray, meta: ModelMeta, joints: np.ndarray, scores: np.n
     return img
 
 
-def side_by_side(image: np.ndarray, meta: ModelMeta, first, second, names: tuple[str, str]) -> np.ndarray:
+def side_by_side(image: np.ndarray, meta: ModelMeta, first: People, second: People, names: tuple[str, str],
+                 boxes: bool = False) -> np.ndarray:
     """The gate's picture style: the first model (green) left, the second (orange) right, a legend on top."""
-    left = overlay(image, meta, *first, FLOAT_BGR, names[0])
-    right = overlay(image, meta, *second, INT8_BGR, names[1])
+    left = overlay(image, meta, first.joints, first.scores, FLOAT_BGR, names[0], first.boxes if boxes else ())
+    right = overlay(image, meta, second.joints, second.scores, INT8_BGR, names[1], second.boxes if boxes else ())
     gap = np.full((image.shape[0], 6, 3), 255, np.uint8)
     panels = np.hstack([left, gap, right])
     legend = legend_band(panels.shape[1], ((names[0], FLOAT_BGR, "line"), (names[1], INT8_BGR, "line")))
@@ -318,6 +326,9 @@ def predict(
     *,
     boxes: str | os.PathLike | None = None,
     min_score: float = 0.0,
+    detector: str | os.PathLike | None = None,
+    det_score: float = PREDICT_SCORE,
+    det_iou: float = DEFAULT_IOU,
     backend: str | None = None,
     device: str = "cpu",
     flip: bool = True,
@@ -327,18 +338,23 @@ def predict(
 ) -> PredictResult:
     """Run ``model`` (and ``compare``) on images, folders and videos; write results and pictures in ``out_dir``.
 
-    OUT/ gets ``keypoints.json`` (COCO keypoint results, ``keypoints.compare.json`` for ``compare``),
-    ``NAME.pose.jpg`` per image (both models side by side with ``compare``), ``NAME.pose.mp4`` (same
-    frame rate) and ``NAME.frames.jsonl`` (one line per frame) per video, and ``predict.json``.
-    Unreadable images and videos are skipped, counted and named in one ``warn`` line; when none is
-    readable, :class:`DataError`. ``progress_bar``: None shows one on a terminal for 10+ images/frames.
+    Persons: a ``detector`` ONNX (YOLOX's layout, run on ``backend`` too; boxes scoring ``det_score`` or more,
+    NMS at ``det_iou``; then HRNet's rescoring and OKS-NMS), ``boxes`` (a detection-results JSON), or each
+    image is one person; boxes scoring below ``min_score`` are left out. OUT/ gets ``keypoints.json`` (COCO
+    keypoint results with each person's ``box`` and ``box_score``, ``keypoints.compare.json`` for
+    ``compare``), ``NAME.pose.jpg`` per image (boxes and skeletons; both models side by side with
+    ``compare``), ``NAME.pose.mp4`` (same frame rate) and ``NAME.frames.jsonl`` (one line per frame) per
+    video, and ``predict.json``. Unreadable images and videos are skipped, counted and named in one ``warn``
+    line; when none is readable, :class:`DataError`. ``progress_bar``: None shows one on a terminal for 10+
+    images/frames.
     """
     say = warn or posequant_warn
     model, out = Path(model), Path(out_dir)
     files = expand_inputs(inputs)
     names = output_names(files)
     planned = planned_files(inputs, compare)
-    ins = {"MODEL": model, "--boxes": boxes, "--compare": compare} | {f"input {p}": p for p in files}
+    ins = {"MODEL": model, "--boxes": boxes, "--compare": compare, "--detector": detector}
+    ins |= {f"input {p}": p for p in files}
     ins |= {f"INPUT {p}": p for p in map(Path, inputs) if Path(p).is_dir()}  # nothing written into an input folder
     check_outputs({"-o/": (out, planned)}, ins)  # before any work
     for p in map(Path, inputs):  # OUT/ inside an input folder: the next run would read its pictures back
@@ -346,6 +362,8 @@ def predict(
             raise PosequantError(f"-o {out} is inside the input folder {p}: choose an output folder outside it")
     if not 0.0 <= min_score or not np.isfinite(min_score):
         raise PosequantError(f"--min-score {min_score} must be a finite number >= 0")
+    if boxes is not None and detector is not None:
+        raise PosequantError("give --boxes (person boxes from a file) or --detector (a detector to run), not both")
     first = Model.open(model, backend, device)
     second = Model.open(Path(compare), backend, device, "--compare") if compare else None
     if second and second.meta.num_joints != first.meta.num_joints:
@@ -358,8 +376,16 @@ def predict(
     ids = image_ids(images)
     box_map = load_boxes(boxes, images, min_score=min_score) if boxes is not None else None
     backend = resolve_backend(model, backend)  # None: ort, or the one backend an IR / engine runs on
-    result = PredictResult(str(model), str(compare) if compare else None, str(out), backend, device, flip)
-    run = _Run(first, second, flip, result, out)
+    found = open_detector(detector, backend=backend, device=device, score=det_score, iou=det_iou) if detector else None
+    result = PredictResult(str(model), str(compare) if compare else None, str(out), backend, device, flip,
+                           detector=found.settings() if found else None)
+    if box_map is not None:  # box files are made on the stored pixels: say which photos a viewer shows turned
+        turned = [p.name for p in images if exif_orientation(p) != 1]
+        if turned:
+            say(f"{len(turned)} images carry an EXIF orientation ({', '.join(turned[:3])}"
+                f"{' and more' if len(turned) > 3 else ''}): --boxes are taken on the stored pixels, as COCO's "
+                "annotations are, so they are drawn as stored, not turned as a viewer shows them")
+    run = _Run(first, second, flip, result, out, found, min_score)
     with output_dir(out, "-o"):
         bar = _bar(files, progress_bar)
         for path in files:
@@ -397,58 +423,76 @@ def _frame_count(path: Path) -> int:
 
 
 class _Run:
-    """The state of one predict run: the models, the results gathered so far, OUT/."""
+    """The state of one predict run: the models, the detector, the results gathered so far, OUT/."""
 
-    def __init__(self, first: Model, second: Model | None, flip: bool, result: PredictResult, out: Path):
+    def __init__(self, first: Model, second: Model | None, flip: bool, result: PredictResult, out: Path,
+                 detector: Detector | None = None, min_score: float = 0.0):
         self.first, self.second, self.flip, self.result, self.out = first, second, flip, result, out
+        self.detector, self.min_score = detector, min_score
         self.results: list[dict] = []
         self.compare_results: list[dict] = []
 
-    def _both(self, image: np.ndarray, boxes: list[Box] | None):
-        """Each model's (joints, scores) and the box scores, every model cropping at its own input size."""
-        outs, box_scores = [], []
-        for m in (self.first, self.second):
-            if m is None:
-                continue
-            centers, scales, box_scores = persons(image.shape, boxes, m.meta.input_size)
-            if len(centers):
-                outs.append(m.predict(image, centers, scales, self.flip))
-            else:
-                j = m.meta.num_joints
-                outs.append((np.zeros((0, j, 2), np.float32), np.zeros((0, j, 1), np.float32)))
-        return outs, box_scores
+    def _people(self, image: np.ndarray, image_id: Any, boxes: list[Box] | None) -> list[People]:
+        """Each model's persons on one picture, every model cropping at its own input size. With a detector,
+        its boxes (found once for both models), then rescoring and OKS-NMS per model."""
+        detected = self.detector is not None
+        if detected:
+            before = self.detector.seconds
+            boxes = [b for b in self.detector.detect(image) if b.score >= self.min_score]
+            self.result.detect_seconds += self.detector.seconds - before
+        if boxes is not None:
+            self.result.boxes += len(boxes)
+        t0 = time.perf_counter()
+        out = [self._model_people(m, image, image_id, boxes, detected) for m in (self.first, self.second) if m]
+        self.result.pose_seconds += time.perf_counter() - t0
+        return out
 
-    def _picture(self, image: np.ndarray, outs) -> np.ndarray:
+    def _model_people(self, m: Model, image: np.ndarray, image_id: Any, boxes: list[Box] | None,
+                      detected: bool) -> People:
+        centers, scales, used = persons(image.shape, boxes, m.meta.input_size, clip=not detected)
+        j = m.meta.num_joints
+        if not len(centers):
+            return People(np.zeros((0, j, 2), np.float32), np.zeros((0, j, 1), np.float32), [], [])
+        joints, scores = m.predict(image, centers, scales, self.flip)
+        box_scores = [b.score for b in used]
+        if not _coco_joints(joints):  # MPII's 16 joints have no OKS sigmas: no OKS-NMS
+            results, kept = _plain_results(image_id, joints, scores, box_scores), list(range(len(joints)))
+        elif detected:  # HRNet's detection-box path, as eval --detector scores it
+            areas = [float(np.prod(s.astype(np.float32) * np.float32(200))) for s in scales]
+            results, kept = detection_results([image_id] * len(joints), joints, scores, box_scores, areas)
+        else:  # eval's own results and rescoring (ground-truth-like boxes: no OKS-NMS)
+            results, kept = coco_results([image_id] * len(joints), joints, scores, box_scores), list(range(len(joints)))
+        for r, k in zip(results, kept):
+            r["box"], r["box_score"] = list(used[k].bbox), used[k].score
+        return People(joints[kept], scores[kept], [used[k] for k in kept], results)
+
+    def _picture(self, image: np.ndarray, people: list[People], boxes: bool) -> np.ndarray:
         if self.second is None:
-            return overlay(image, self.first.meta, *outs[0])
-        return side_by_side(image, self.first.meta, outs[0], outs[1], (self.first.path.name, self.second.path.name))
+            p = people[0]
+            return overlay(image, self.first.meta, p.joints, p.scores, boxes=p.boxes if boxes else ())
+        return side_by_side(image, self.first.meta, people[0], people[1],
+                            (self.first.path.name, self.second.path.name), boxes)
 
-    def _coco(self, image_id: Any, outs, box_scores) -> tuple[list[dict], list[dict]]:
-        def results(joints, scores):
-            if not len(joints):
-                return []
-            if _coco_joints(joints):  # eval's own results and rescoring
-                return coco_results([image_id] * len(joints), joints, scores, box_scores)
-            return _plain_results(image_id, joints, scores, box_scores)
-
-        return results(*outs[0]), (results(*outs[1]) if len(outs) > 1 else [])
+    def _keep(self, people: list[People]) -> tuple[list[dict], list[dict]]:
+        self.result.people += len(people[0])
+        return people[0].results, (people[1].results if len(people) > 1 else [])
 
     def image(self, path: Path, image_id: Any, boxes: list[Box] | None, name: str) -> None:
         t0 = time.perf_counter()
         try:
-            image = read_image(path)
+            image = read_image(path, upright=boxes is None)  # box files name stored pixels, as COCO's
         except DataError as e:
             self.result.skipped.append(f"{path}: {_why(e)}")
             return
-        outs, box_scores = self._both(image, boxes)
+        people = self._people(image, image_id, boxes)
         self.result.seconds += time.perf_counter() - t0
-        first, second = self._coco(image_id, outs, box_scores)
+        first, second = self._keep(people)
         self.results += first
         self.compare_results += second
         self.result.images += 1
-        self.result.people += len(outs[0][0])
         self.result.image_ids[str(path)] = image_id
-        ok, buf = cv2.imencode(".jpg", self._picture(image, outs))
+        picture = self._picture(image, people, boxes is not None or self.detector is not None)
+        ok, buf = cv2.imencode(".jpg", picture)
         if not ok:
             raise PosequantError(f"cannot encode the picture of {path}: OpenCV's JPEG encoder failed")
         self.result.files.append(str(write_bytes_atomic(self.out / name, buf.tobytes(), "-o")))
@@ -482,9 +526,9 @@ class _Run:
                 index = 0
                 while frame is not None:
                     t0 = time.perf_counter()
-                    outs, box_scores = self._both(frame, None)
+                    people = self._people(frame, index, None)
                     self.result.seconds += time.perf_counter() - t0
-                    picture = self._picture(frame, outs)
+                    picture = self._picture(frame, people, self.detector is not None)
                     if writer is None:
                         h, w = picture.shape[:2]
                         writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
@@ -492,13 +536,12 @@ class _Run:
                             raise PosequantError(f"cannot write {video_path.name}: OpenCV has no mp4v video "
                                                  "encoder here; install opencv-python (not -headless builds without it)")
                     writer.write(picture)
-                    first, second = self._coco(index, outs, box_scores)
+                    first, second = self._keep(people)
                     line = {"frame": index, "time_s": index / fps, "people": first}
                     if self.second is not None:
                         line["compare"] = second
                     lines.write(json.dumps(line) + "\n")
                     self.result.frames += 1
-                    self.result.people += len(outs[0][0])
                     bar.update(1)
                     index += 1
                     t0 = time.perf_counter()  # decoding a frame counts, as reading an image does
@@ -552,10 +595,17 @@ def iter_frames_lines(path: str | os.PathLike) -> Iterator[dict]:
 def format_predict(result: PredictResult) -> str:
     units = [f"{result.images} images"] if result.images else []
     units += [f"{result.frames} video frames"] if result.frames else []
+    unit = "image" if not result.frames else "image/frame"
     head = (f"predict: {', '.join(units)}, {result.people} people in {result.seconds:.2f} s "
-            f"({result.ms_per_unit:.1f} ms per {'image' if not result.frames else 'image/frame'}; "
+            f"({result.ms_per_unit:.1f} ms per {unit}; "
             f"{result.backend} on {result.device}, flip {'on' if result.flip else 'off'})")
     lines = [head]
+    if result.detector:
+        d = result.detector
+        detect_ms, pose_ms = result.ms_per(result.detect_seconds), result.ms_per(result.pose_seconds)
+        lines.append(f"  detector {Path(d['detector']).name} ({d['layout']}, {d['precision']}, "
+                     f"score >= {d['det_score']:g}, NMS IoU {d['det_iou']:g}): {result.boxes} boxes; per {unit}: "
+                     f"detector {detect_ms:.1f} ms, pose {pose_ms:.1f} ms")
     if result.skipped:
         lines.append(f"  skipped {len(result.skipped)} unreadable inputs (see {SUMMARY_FILE})")
     lines.append(f"wrote {len(result.files)} files in {result.out_dir}: {RESULTS_FILE}"

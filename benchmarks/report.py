@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from posequant.core.table import format_table
@@ -21,8 +22,18 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scored_on(result) -> str:
+    """Who was scored: the ground truth's people, or detection boxes (which, and how many OKS-NMS kept)."""
+    b = getattr(result, "boxes", None)
+    if not b:
+        return f"{result.people} people"
+    source = (f"{b['layout']} detector {Path(b['detector']).name}, score >= {b['det_score']:g}, NMS IoU "
+              f"{b['det_iou']:g}" if b["source"] == "detector" else Path(b["path"]).name)
+    return f"{result.people} person boxes ({source}; {b['kept_after_oks_nms']} kept by OKS-NMS {b['oks_thre']:g})"
+
+
 def format_eval(result) -> str:
-    head = (f"{result.format.upper()} {result.split}: {result.people} people, backend {result.backend} "
+    head = (f"{result.format.upper()} {result.split}: {_scored_on(result)}, backend {result.backend} "
             f"({result.device}), flip {'on' if result.flip else 'off'}, batch {result.batch}, "
             f"{result.people_per_s:.1f} people/s")
     if result.skipped:

@@ -11,13 +11,21 @@ from .datasets import (
     PIXEL_STD,
     Person,
     PoseDataset,
+    box_people,
     box_to_center_scale,
     clip_box,
     load_mpii_gt,
     open_dataset,
     whole_image_center_scale,
 )
-from .images import TruncatedImageError, default_workers, image_problem, read_image, skipped_image_warnings
+from .images import (
+    TruncatedImageError,
+    default_workers,
+    exif_orientation,
+    image_problem,
+    read_image,
+    skipped_image_warnings,
+)
 from .preprocess import (
     Batch,
     BatchIterator,
@@ -47,10 +55,12 @@ __all__ = [
     "PoseDataset",
     "affine_transform",
     "average_flip",
+    "box_people",
     "box_to_center_scale",
     "clip_box",
     "crop_person",
     "dataset_order",
+    "exif_orientation",
     "decode_heatmaps",
     "default_workers",
     "flip_back",

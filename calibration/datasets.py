@@ -57,6 +57,7 @@ class Person:
     ann_id: int | None = None  # COCO only
     bbox: tuple[float, float, float, float] | None = None  # COCO only: cleaned box, x y w h
     area: float | None = None  # COCO only: the annotation's area
+    score: float | None = None  # a detection box's score (None: a ground-truth box)
 
     def __post_init__(self) -> None:
         # Own read-only float64 copies: the official code deep-copies each record before use;
@@ -92,6 +93,9 @@ class PoseDataset:
     invalid: list[str] = field(default_factory=list)
     invalid_ann_ids: list[Any] = field(default_factory=list)
     annotation_file: Path | None = None
+    # COCO: every image the annotation file lists (people or not), by image id, in its order: what a
+    # detector runs on and detection boxes name
+    image_files: dict[Any, Path] = field(default_factory=dict)
 
     def invalid_warning(self) -> str | None:
         """One line naming the records left out as degenerate (None when there are none)."""
@@ -447,8 +451,12 @@ def _load_coco(root: Path, split: str, input_size: tuple[int, int], skip_missing
         raise DataError(f"every person annotation in {ann_file} has degenerate ground truth "
                         f"({_examples(invalid)}): fix or regenerate the annotation file")
     people, skipped = _drop_missing(people, ann_file, skip_missing)
+    files = {}
+    for j, image in enumerate(data["images"]):
+        entry = _Entry(ann_file, f"images[{j}]", image)
+        files[entry.get("id")] = image_dir / entry.text("file_name")
     return PoseDataset(root, "coco", split, COCO, people, skipped, coco_json=ann_file, invalid=invalid,
-                       invalid_ann_ids=invalid_ids, annotation_file=ann_file)
+                       invalid_ann_ids=invalid_ids, annotation_file=ann_file, image_files=files)
 
 
 def _check_unique_ids(data: dict, ann_file: Path) -> None:
@@ -537,6 +545,22 @@ def _clean_coco_box(entry: _Entry, width: float, height: float) -> tuple[float, 
     """HRNet's box sanitising: clip to the image; None for empty boxes or zero area."""
     box = clip_box(entry.array("bbox", (4,), "[x, y, w, h]"), width, height)
     return box if entry.number("area") > 0 else None
+
+
+def box_people(image_files: dict[Any, Path], boxes: dict[Any, Sequence[tuple[Sequence[float], float]]],
+               input_size: tuple[int, int]) -> list[Person]:
+    """One person per detection box, as HRNet's ``_load_coco_person_detection_results``: the box as given
+    (not clipped, unlike ground-truth boxes) through the same :func:`box_to_center_scale`, its score kept.
+    ``boxes`` maps an image id of ``image_files`` to its (x y w h box, score) pairs; images in ``image_files``
+    order, each image's boxes in the order given."""
+    people = []
+    for image_id, path in image_files.items():
+        for bbox, score in boxes.get(image_id, ()):
+            center, scale = box_to_center_scale(bbox, input_size)
+            people.append(Person(image=path, center=center, scale=scale, joints=None, joints_vis=None,
+                                 index=len(people), image_id=image_id, bbox=tuple(float(v) for v in bbox),
+                                 score=float(score)))
+    return people
 
 
 def clip_box(box_xywh: Sequence[float], width: float, height: float) -> tuple[float, float, float, float] | None:

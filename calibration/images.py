@@ -15,6 +15,8 @@ from posequant.core.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # as JointsDataset: EXIF rotation ignored
+# What a photo viewer shows: OpenCV's decoder turns the pixels by the EXIF Orientation tag (all eight values)
+VIEWER_FLAGS = cv2.IMREAD_COLOR
 
 
 class TruncatedImageError(DataError):
@@ -31,8 +33,10 @@ def image_truncated(data: bytes) -> bool:
     return False
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The image at ``path`` as BGR uint8 H x W x 3, decoded as the official code does (``cv2.imread``).
+def read_image(path: str | os.PathLike, *, upright: bool = False) -> np.ndarray:
+    """The image at ``path`` as BGR uint8 H x W x 3, decoded as the official code does (``cv2.imread`` with
+    ``IMREAD_IGNORE_ORIENTATION``: the stored pixels, in which datasets are annotated), or with ``upright``
+    turned by its EXIF orientation as a photo viewer shows it (``predict`` on raw photos).
 
     A truncated JPEG or PNG raises :class:`TruncatedImageError` before it is decoded: libjpeg would
     decode it with a grey bottom (and print "Premature end of JPEG file" from a worker thread).
@@ -43,7 +47,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         data = None
     if data is not None and data.size and image_truncated(data.tobytes()):
         raise TruncatedImageError(f"image {path} is truncated (it ends before the image does): replace or remove it")
-    image = cv2.imdecode(data, IMREAD_FLAGS) if data is not None and data.size else None
+    image = cv2.imdecode(data, VIEWER_FLAGS if upright else IMREAD_FLAGS) if data is not None and data.size else None
     if image is None:
         raise DataError(f"cannot decode image {path}: the file is missing, truncated or not an image; replace or remove it")
     return image
@@ -106,3 +110,38 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
                 f.seek(length - 2, 1)
     except OSError:
         return None
+
+
+def exif_orientation(path: str | os.PathLike) -> int:
+    """The EXIF Orientation tag (1-8) of a JPEG's APP1 segment; 1 (as stored) when there is none or it is damaged."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return 1
+    if head[:2] != b"\xff\xd8":
+        return 1
+    at = 2
+    while at + 4 <= len(head) and head[at] == 0xFF:
+        marker, length = head[at + 1], int.from_bytes(head[at + 2:at + 4], "big")
+        if marker == 0xDA or length < 2:  # the image data: no EXIF before it
+            return 1
+        body = head[at + 4:at + 2 + length]
+        if marker == 0xE1 and body[:6] == b"Exif\x00\x00":
+            return _tiff_orientation(body[6:])
+        at += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[ifd:ifd + 2], order) if ifd + 2 <= len(tiff) else 0
+    for k in range(count):
+        entry = tiff[ifd + 2 + 12 * k:ifd + 14 + 12 * k]
+        if len(entry) == 12 and int.from_bytes(entry[:2], order) == 0x0112:
+            value = int.from_bytes(entry[8:10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1

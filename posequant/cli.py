@@ -63,17 +63,20 @@ class Number(click.ParamType):
 
     name = "number"
 
-    def __init__(self, minimum: float | None = 0.0, above: bool = False):
-        self.minimum, self.above = minimum, above
+    def __init__(self, minimum: float | None = 0.0, above: bool = False, maximum: float | None = None):
+        self.minimum, self.above, self.maximum = minimum, above, maximum
 
     def convert(self, value, param, ctx):
         option = max(param.opts, key=len) if param else "value"
         try:
-            return check_number(option, value, minimum=self.minimum, above=self.above)
+            return check_number(option, value, minimum=self.minimum, above=self.above, maximum=self.maximum)
         except OptionError as e:  # click names the option already
             self.fail(str(e).removeprefix(f"{option} "), param, ctx)
 
 
+FRACTION = Number(above=True, maximum=1.0)  # detector thresholds: in (0, 1]
+# posequant.benchmarks.detect's DEFAULT_IOU, PREDICT_SCORE and EVAL_SCORE (tests/test_detect.py checks they agree)
+DET_IOU, DET_SCORE_PREDICT, DET_SCORE_EVAL = 0.65, 0.3, 0.01
 DROP = Number(minimum=None)  # drop budgets: finite (negative: INT8 must beat float, a gate that only fails more)
 SPEEDUP = Number()  # finite, >= 0
 
@@ -146,6 +149,29 @@ def backend_option(choices=ONNX_BACKENDS, default="ort", help=None, name="--back
 
 device_option = click.option("--device", type=Names(DEVICES), default="cpu", show_default=True,
                              help="Where the models run (cuda: an NVIDIA GPU).")
+
+
+def detector_options(default_score: float, boxes_help: str):
+    """--boxes, --detector, --det-score, --det-iou: where the person boxes come from (eval, gate, predict).
+    The defaults are posequant.benchmarks.detect's (not imported here, to keep the command quick to start)."""
+
+    def wrap(f):
+        for option in reversed((
+            click.option("--boxes", type=click.Path(dir_okay=False, path_type=Path), metavar="DETS.json",
+                         help=boxes_help),
+            click.option("--detector", type=click.Path(dir_okay=False, path_type=Path), metavar="DET.onnx",
+                         help="A person detector to find the boxes (YOLOX's ONNX layout, float or INT8), run on "
+                              "the same backend as the model."),
+            click.option("--det-score", type=FRACTION, default=default_score, show_default=True,
+                         help="With --detector: keep boxes whose person score is at least this."),
+            click.option("--det-iou", type=FRACTION, default=DET_IOU, show_default=True,
+                         help="With --detector: non-maximum suppression drops boxes overlapping a better one by "
+                              "more than this IoU."),
+        )):
+            f = option(f)
+        return f
+
+    return wrap
 
 
 @click.group(cls=PosequantGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -242,6 +268,8 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
 @click.option("--limit", type=click.IntRange(1), help="Only the first N people.")
 @click.option("--skip-missing", is_flag=True,
               help="Go on when annotated images are missing, truncated or undecodable (a warning names them).")
+@detector_options(DET_SCORE_EVAL, "COCO AP on these person boxes (COCO detection results: image_id, bbox, score, "
+                                  "category_id 1) instead of the ground truth's, HRNet's way: rescoring, OKS-NMS.")
 @arch_option
 @click.option("--input-size", callback=_size, metavar="HxW", help="For a checkpoint MODEL (see export-pose).")
 @click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False),
@@ -251,8 +279,8 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
 @trust_option
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
 @click.option("--save-preds", metavar="OUT.mat", help="Save MPII predictions (HRNet's pred.mat layout).")
-def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_missing, arch, input_size,
-             keypoints, color, trust_pickle, json_out, save_preds):
+def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_missing, boxes, detector, det_score,
+             det_iou, arch, input_size, keypoints, color, trust_pickle, json_out, save_preds):
     """Evaluate an ONNX model or a checkpoint: PCKh (MPII) or AP and PCK@0.2 (COCO)."""
     from posequant.benchmarks.evaluate import evaluate
     from posequant.benchmarks.predictions import check_save_preds, save_mpii_preds
@@ -260,13 +288,14 @@ def eval_cmd(model, data, split, fmt, flip, backend, device, batch, limit, skip_
 
     # fail before the run, not after it
     _check({"--json": json_out, "--save-preds": save_preds},
-           {"MODEL": model, "--data": data, "--arch": arch_file(arch)})
+           {"MODEL": model, "--data": data, "--arch": arch_file(arch), "--boxes": boxes, "--detector": detector})
     if save_preds:
         check_save_preds(save_preds, data, format=fmt, split=split, limit=limit, skip_missing=skip_missing)
     export_options = dict(arch=arch, input_size=input_size, keypoints=keypoints, color=color,
                           trust_pickle=trust_pickle)
     result = evaluate(model, data, split=split, format=fmt, flip=flip, backend=backend, device=device,
-                      batch=batch, limit=limit, skip_missing=skip_missing, export_options=export_options,
+                      batch=batch, limit=limit, skip_missing=skip_missing, boxes=boxes, detector=detector,
+                      det_score=det_score, det_iou=det_iou, export_options=export_options,
                       progress=_progress, progress_bar=sys.stderr.isatty(), warn=_warn)
     _echo(format_eval(result), json_out)
     if save_preds:
@@ -368,6 +397,8 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
 @click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N people (a quick look, not a release gate).")
+@detector_options(DET_SCORE_EVAL, "Also check AP on these person boxes (COCO detection results), end to end: both "
+                                  "models on the same boxes, within --max-drop.")
 @click.option("--threads", type=click.IntRange(1), help="Threads per backend [default: the backend's own].")
 @click.option("--runs", type=click.IntRange(1), default=30, show_default=True, help="Timed rounds.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
@@ -377,16 +408,17 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
                    "(colour, mean/std, flip pairs, heatmap size): refused otherwise.")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
 def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedup, device, backend, split, flip,
-             limit, threads, runs, report_dir, allow_different_source, json_out):
+             limit, boxes, detector, det_score, det_iou, threads, runs, report_dir, allow_different_source, json_out):
     """Pass (exit 0) or fail (exit 1) an INT8 model against its float original: accuracy and speed."""
     from posequant.benchmarks.gate import gate
     from posequant.benchmarks.gate_report import REPORT_FILES, append_step_summary, check_step_summary, format_gate
 
     _check({"--json": json_out, "--report/": (report_dir, REPORT_FILES) if report_dir else None},
-           {"--float": float_model, "--int8": int8_model, "--data": data})
+           {"--float": float_model, "--int8": int8_model, "--data": data, "--boxes": boxes, "--detector": detector})
     check_step_summary()  # before the run
     result = gate(float_model, int8_model, data, max_drop=max_drop, max_joint_drop=max_joint_drop,
                   min_speedup=min_speedup, device=device, backend=backend, split=split, flip=flip, limit=limit,
+                  boxes=boxes, detector=detector, det_score=det_score, det_iou=det_iou,
                   threads=threads, runs=runs, report_dir=report_dir, allow_different_source=allow_different_source,
                   progress=_progress)
     _echo(format_gate(result), json_out)
@@ -529,12 +561,12 @@ def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, c
 @main.command("predict")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGE|FOLDER|VIDEO...")
-@click.option("--boxes", type=click.Path(dir_okay=False, path_type=Path), metavar="DETS.json",
-              help="Person boxes: COCO detection results (image_id or file_name, bbox, score); file_name matches "
-                   "an image's file name, image_id the number in it (000000000139.jpg is 139) [default: each "
-                   "image is one person].")
+@detector_options(DET_SCORE_PREDICT,
+                  "Person boxes: COCO detection results (image_id or file_name, bbox, score); file_name matches "
+                  "an image's file name, image_id the number in it (000000000139.jpg is 139) [default: each "
+                  "image is one person, unless --detector].")
 @click.option("--min-score", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Leave out --boxes scoring below this.")
+              help="Leave out boxes (--boxes or --detector's) scoring below this.")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("predict-out"),
               show_default=True, help="Folder for keypoints.json, the pictures and videos.")
 @backend_option(default=None, help="Runtime the model runs on [default: ort; openvino for an .xml, tensorrt for an "
@@ -544,14 +576,17 @@ def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, c
 @click.option("--compare", type=click.Path(dir_okay=False, path_type=Path), metavar="OTHER_MODEL",
               help="Also run this model (e.g. the INT8 one) and draw both side by side.")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
-def predict_cmd(model, inputs, boxes, min_score, out_dir, backend, device, flip, compare, json_out):
-    """Keypoints of a model on images, folders and videos: COCO results JSON and overlay pictures in OUT/."""
+def predict_cmd(model, inputs, boxes, detector, det_score, det_iou, min_score, out_dir, backend, device, flip, compare,
+                json_out):
+    """Keypoints of a model on images, folders and videos (one skeleton per person --detector finds): COCO
+    results JSON and overlay pictures in OUT/."""
     from posequant.benchmarks.predict import format_predict, planned_files, predict
 
     _check({"--json": json_out, "-o/": (out_dir, planned_files(inputs, compare))},  # --json not one of OUT/'s files
-           {"MODEL": model, "--boxes": boxes, "--compare": compare} | {str(p): p for p in inputs})
-    result = predict(model, inputs, out_dir, boxes=boxes, min_score=min_score, backend=backend, device=device,
-                     flip=flip, compare=compare, warn=_warn)
+           {"MODEL": model, "--boxes": boxes, "--detector": detector, "--compare": compare}
+           | {str(p): p for p in inputs})
+    result = predict(model, inputs, out_dir, boxes=boxes, min_score=min_score, detector=detector, det_score=det_score,
+                     det_iou=det_iou, backend=backend, device=device, flip=flip, compare=compare, warn=_warn)
     _echo(format_predict(result), json_out)
     _write_json(json_out, result.to_dict())
 
