@@ -23,6 +23,7 @@ import numpy as np
 
 from posequant.core.cpu import cpu_kind
 from posequant.core.errors import MissingMetadataError, PosequantError
+from posequant.core.modelfiles import model_bytes
 from posequant.core.onnxfile import load_onnx
 
 from .machine import gpu_name, has_bf16, machine_facts, usable_cores
@@ -129,7 +130,7 @@ def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) 
 
         note = cpu_mismatch(proto, path.name, cpu_kind())
     return BenchModel(str(path), onnx_path, precision, tuple(size), facts["fixed_batch"], group,
-                      path.stat().st_size / 2**20, facts["conv_transpose"], facts["conv_transpose_unquantized"],
+                      model_bytes(path) / 2**20, facts["conv_transpose"], facts["conv_transpose_unquantized"],
                       module, cpu_note=note)
 
 

@@ -32,8 +32,9 @@ from posequant.core.metadata import (
     stamp_command,
     write_meta,
 )
+from posequant.core.modelfiles import model_bytes
 from posequant.core.numbers import check_number
-from posequant.core.onnxfile import check_graph, load_onnx
+from posequant.core.onnxfile import check_graph, convert_opset, load_onnx, opset_of
 from posequant.core.quiet import quiet
 from posequant.core.version import __version__
 
@@ -59,6 +60,8 @@ ACTIVATIONS_BY_TARGET = {"ort": "asymmetric", "openvino": "symmetric", "tensorrt
 # largest accuracy gain on the trained model. True: all; "grouped": grouped only; False: none.
 REWRITE_BY_TARGET: dict[str, bool | str] = {"ort": True, "openvino": "grouped", "tensorrt": True}
 REWRITE_RTOL = 1e-5
+# DequantizeLinear's axis (one scale per output channel) came with opset 13: older graphs are converted first
+QDQ_MIN_OPSET = 13
 EQUALIZE_CROPS = 64  # calibration crops for the channel ranges of the equalization
 QUANTIZABLE = ("Conv", "ConvTranspose", "Add", "MatMul", "Gemm")
 # --cpu: a kind from posequant.core.cpu, this machine's ("auto") or "portable" (exact on every kind)
@@ -135,6 +138,24 @@ def _load(model_path: Path) -> onnx.ModelProto:
         raise QuantizeError(f"{model_path} is already quantized (it has QuantizeLinear/DequantizeLinear nodes): "
                             "give the float model")
     return model
+
+
+def upgrade_opset(model: onnx.ModelProto, meta: ModelMeta, where: str, say: Callable[[str], None]) -> onnx.ModelProto:
+    """A graph older than opset 13, converted to 13 (``onnx.version_converter``) and checked to compute the same:
+    per-channel weight scales need DequantizeLinear's ``axis``, which opset 13 brought (an older graph's INT8
+    file would be invalid)."""
+    old = opset_of(model)
+    if old >= QDQ_MIN_OPSET:
+        return model
+    upgraded = convert_opset(model, QDQ_MIN_OPSET, where)
+    diff = max_relative_diff(model, upgraded, (input_batch(model) or 1, 3, *meta.input_size))
+    if not diff <= REWRITE_RTOL:
+        raise QuantizeError(f"{where} converted from opset {old} to {QDQ_MIN_OPSET} computes other heatmaps (relative "
+                            f"difference {diff:.2e}): re-export it at opset {QDQ_MIN_OPSET} or newer")
+    same = "identical" if diff == 0 else f"within {diff:.1e}"
+    say(f"note: {Path(where).name} is opset {old}; INT8 (QDQ) needs opset {QDQ_MIN_OPSET}: quantizing it converted to "
+        f"opset {QDQ_MIN_OPSET} (onnx.version_converter; heatmaps {same})")
+    return upgraded
 
 
 def model_meta(model: onnx.ModelProto, where: str, *, input_size=None, keypoints=None, color=None) -> ModelMeta:
@@ -377,6 +398,8 @@ def quantize(
     meta = model_meta(float_model, str(model_path), input_size=input_size, keypoints=keypoints, color=color)
     keep_float = check_node_names(keep_float, float_model, str(model_path))
     val_ds = _open_val(val, meta, val_split, warn) if val else None
+    opset = opset_of(float_model)
+    float_model = upgrade_opset(float_model, meta, str(model_path), say)
     rewrite = REWRITE_BY_TARGET[target] if rewrite_deconv is None else rewrite_deconv
     activations = activations or ACTIVATIONS_BY_TARGET[target]
     if activations not in ACTIVATIONS:
@@ -406,7 +429,8 @@ def quantize(
                 "cpu": made_for.name if made_for else "portable", "cpu_title": made_for.describe() if made_for else
                 "any CPU (pair sums kept within int16: exact on every kind)", "quantized_on": cpu_kind().name,
                 "seed": seed, "num_samples": num_samples, "max_drop": max_drop if val else None,
-                "val": str(val) if val else None, "val_flip": val_flip}
+                "val": str(val) if val else None, "val_flip": val_flip,
+                "opset": {"input": opset, "quantized": opset_of(float_model)}}
     ignored = set(keep_float)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -434,7 +458,7 @@ def quantize(
         input=model_path, output=output, meta=meta, settings=settings, calibration=calibration,
         rewritten_deconvs=prep.rewritten, folded_batchnorms=prep.folded, equalized=prep.equalized,
         rewrite_max_rel_diff=prep.max_rel_diff, kept_float=sorted(ignored),
-        deconvs=int8_deconvolutions(q), float_bytes=model_path.stat().st_size, int8_bytes=len(data),
+        deconvs=int8_deconvolutions(q), float_bytes=model_bytes(model_path), int8_bytes=len(data),
         evaluation=evaluation, budget_steps=steps, seconds=time.perf_counter() - started, model=q)
     if evaluation is not None and not evaluation.drop <= max_drop:  # a NaN drop fails too
         raise BudgetError(f"INT8 drops {evaluation.metric} by {evaluation.drop:.2f} points even with "

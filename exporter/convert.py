@@ -19,6 +19,7 @@ from posequant.core.errors import ExportError, PosequantError
 from posequant.core.fileio import atomic_path, check_outputs, output_dir
 from posequant.core.irfile import bin_path, ir_precision, write_ir_props
 from posequant.core.metadata import read_meta
+from posequant.core.modelfiles import model_bytes
 from posequant.core.onnxfile import load_onnx
 
 FORMATS = ("openvino", "tensorrt")
@@ -95,7 +96,7 @@ def convert(model: str | Path, to: str, *, output: str | Path | None = None, com
         else:
             precision = _to_tensorrt(model, proto, out, props, fp16)
     size = (out.stat().st_size + companion.stat().st_size) / 2**20
-    return ConvertResult(model, out, companion, to, precision, model.stat().st_size / 2**20, size)
+    return ConvertResult(model, out, companion, to, precision, model_bytes(model) / 2**20, size)
 
 
 def _to_openvino(model: Path, out: Path, props: dict[str, str], compress: bool) -> str:

@@ -91,14 +91,9 @@ def _batch(ctx, param, value):
 
 
 def _check(outputs: dict, inputs: dict) -> None:
-    """Every output checked against every input before any work; ``--json -`` is standard output."""
-    from posequant.core.enginefile import is_engine, sidecar_path
-    from posequant.core.irfile import bin_path, is_ir
-
-    # an IR's weights and an engine's metadata are inputs too
-    extra = {f"{name} ({'.bin' if is_ir(p) else '.json'})": bin_path(p) if is_ir(p) else sidecar_path(p)
-             for name, p in inputs.items() if is_ir(p) or is_engine(p)}
-    check_outputs(outputs, {**inputs, **extra}, stdout_ok={"--json"})
+    """Every output checked against every input (a model with all of its files) before any work; ``--json -``
+    is standard output."""
+    check_outputs(outputs, inputs, stdout_ok={"--json"})
 
 
 def _echo(text: str, json_out: str | None) -> None:
@@ -195,7 +190,8 @@ def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
               help="Channel order the model was trained on [default: the family's].")
 @click.option("--mean", callback=_triple, metavar="R,G,B", help="Per-channel mean, 0-1 (or 0-255) units.")
 @click.option("--std", callback=_triple, metavar="R,G,B", help="Per-channel std, 0-1 (or 0-255) units.")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--opset", type=int, help="ONNX opset, 17 or newer [default: 17; an ONNX MODEL keeps its own, and "
+                                        "is converted when --opset is given].")
 @click.option("--batch", callback=_batch, default="dynamic", show_default=True, metavar="dynamic|N",
               help="Batch dimension: dynamic, or fixed to N.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")

@@ -160,9 +160,11 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
 
     ``outputs`` maps the option that names an output (``-o``, ``--json``, ...) to a file path;
     keys ending in ``/`` name output folders (``--report/``), mapped to the files the command will
-    write there. ``inputs`` maps what names an input (``MODEL``, ``--data``) to a file or a folder.
-    An output is refused when it resolves (realpath, or the same inode: a hard link) to an input
-    file, to an existing file inside an input folder, or to another output.
+    write there. ``inputs`` maps what names an input (``MODEL``, ``--data``) to a file or a folder;
+    a model input counts with all of its files (``posequant.core.modelfiles``: external data, an
+    IR's .bin, an engine's .json). An output is refused when it resolves (realpath, or the same
+    inode: a hard link) to an input file, to an existing file inside an input folder, or to
+    another output.
     """
     stdout_ok = set(stdout_ok)
     files: list[tuple[str, Path]] = []
@@ -180,6 +182,11 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
         files.append((option, Path(value)))
 
     ins = [(name, Path(p)) for name, p in inputs.items() if p is not None and Path(p).exists()]
+    # a model is all of its files: an ONNX model's external data, an IR's .bin, an engine's .json
+    from .modelfiles import companion_files
+
+    ins += [(f"{name} ({what})", p) for name, src in list(ins) if src.is_file()
+            for what, p in companion_files(src) if p.exists()]
     seen: dict[str, str] = {}
     for option, out in files:
         real = os.path.realpath(out)
@@ -200,7 +207,7 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
                                          f"{src}: choose another {option}")
             elif real == src_real or (ident is not None and ident == _identity(src)):
                 raise PosequantError(f"{option} {out} is the input {name} {src}: writing it would destroy the "
-                                     f"input; choose another {option}")
+                                     f"input; choose another {option.split(' (')[0]}")
 
 
 def _write_error(option: str | None, path: PathLike, e: OSError) -> PosequantError:
