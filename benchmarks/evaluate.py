@@ -17,6 +17,7 @@ from posequant.calibration import (
     open_dataset,
     skipped_image_warnings,
 )
+from posequant.core.args import Runtime, Whole, checked
 from posequant.core.batching import infer_at_batch
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.metadata import ModelMeta, read_meta
@@ -134,6 +135,8 @@ def score(meta: ModelMeta, ds, people, preds: np.ndarray, maxvals: np.ndarray, *
     return out
 
 
+@checked(batch=Whole(1), limit=Whole(1, optional=True), threads=Whole(1, optional=True), backend=Runtime(),
+         device=Runtime())
 def evaluate(
     model: str | Path,
     data: str | Path,

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from posequant.core.args import Names, Paths, Runtime, Whole, Wholes, checked
 from posequant.core.cpu import cpu_kind
 from posequant.core.errors import MissingMetadataError, PosequantError
 from posequant.core.modelfiles import model_bytes
@@ -355,6 +356,8 @@ def _warnings(models: list[BenchModel], configs: list[_Config], device: str, thr
     return out
 
 
+@checked(models=Paths("model"), device=Runtime(), backends=Names(runtime=True), batches=Wholes(1),
+         threads=Whole(1, optional=True), warmup=Whole(0), runs=Whole(1))
 def bench(
     models: Sequence[str | Path],
     *,
@@ -374,10 +377,6 @@ def bench(
     :class:`BackendError`); by default those that are not are listed in ``skipped`` with the reason.
     """
     say = progress or (lambda msg: None)
-    if not models:
-        raise PosequantError("give at least one MODEL (.onnx or checkpoint)")
-    if runs < 1 or warmup < 0 or not batches or min(batches) < 1:
-        raise PosequantError("--runs and each --batch must be at least 1, --warmup at least 0")
     check_device(device)
     explicit = backends is not None
     backends = list(dict.fromkeys(backends or DEVICE_BACKENDS[device]))

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 
+from posequant.core.args import Names, Runtime, Size, Whole, checked
 from posequant.core.cpu import KINDS, CpuKind, cpu_kind
 from posequant.core.errors import DataError, MetadataError, MissingMetadataError, PosequantError, VerificationError
 from posequant.core.fileio import check_outputs, write_bytes_atomic
@@ -342,6 +343,7 @@ def _ort(model, calib: CalibrationSet, *, method, per_channel, symmetric, ignore
     return onnx.load(str(dst))
 
 
+@checked(num_samples=Whole(1), seed=Whole(0), target=Runtime(), keep_float=Names(optional=False), input_size=Size())
 def quantize(
     model: str | Path,
     calib: str | Path,
@@ -388,8 +390,6 @@ def quantize(
     if engine not in ENGINES or method not in METHODS or target not in TARGETS or cpu not in CPUS:
         raise QuantizeError(f"engine/method/target/cpu must be one of {ENGINES} / {METHODS} / {TARGETS} / {CPUS}")
     max_drop = check_number("max_drop", max_drop, minimum=None)  # negative: INT8 must beat float. NaN: every "drop > budget" false, a budget that cannot fail
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or num_samples < 1:
-        raise QuantizeError(f"seed must be an integer >= 0 and num_samples >= 1, got {seed!r} and {num_samples!r}")
     made_for = _made_for(cpu)
     model_path = Path(model)
     output = Path(output) if output else default_output(model_path)

@@ -11,10 +11,11 @@ from typing import Callable
 import onnx
 import torch
 
-from posequant.core.errors import ExportError, MetadataError, PosequantError, VerificationError
+from posequant.core.args import Size, Whole, checked
+from posequant.core.errors import ExportError, PosequantError, VerificationError
 from posequant.core.fileio import arch_file, atomic_path, check_outputs
 from posequant.core.keypoints import keypoint_set_for
-from posequant.core.metadata import ModelMeta, check_size, format_size, write_meta
+from posequant.core.metadata import ModelMeta, format_size, write_meta
 from posequant.core.numbers import check_number, normalisation
 from posequant.core.onnxfile import PROTOBUF_LIMIT
 from posequant.core.quiet import ort_session, quiet
@@ -112,6 +113,7 @@ def _ort_session(model_bytes: bytes):
     return ort_session(model_bytes)
 
 
+@checked(input_size=Size(), batch=Whole(1, optional=True), data_samples=Whole(1), opset=Whole(1, optional=True))
 def export_pose(
     checkpoint: str | Path,
     output: str | Path | None = None,
@@ -160,15 +162,8 @@ def export_pose(
         raise PosequantError("--joints names a third-party ONNX model's channels; a checkpoint of our families "
                              "outputs its keypoint set's order: leave --joints out")
     opset = check_opset(opset) or MIN_OPSET
-    if batch is not None and batch < 1:
-        raise PosequantError(f"--batch must be 'dynamic' or a positive number, got {batch}")
     if color is not None and color.lower() not in ("rgb", "bgr"):
         raise PosequantError(f"--color must be rgb or bgr, got {color!r}")
-    if input_size is not None:
-        try:
-            check_size(tuple(input_size))  # 0x0, negative, 100000x100000: before loading anything
-        except MetadataError as e:
-            raise PosequantError(f"--input-size: {e}") from None
     output = Path(output) if output else default_output(checkpoint)
     # before minutes of work, not after; never onto the checkpoint, the --arch file or the data
     check_outputs({"-o": output}, {"CHECKPOINT": checkpoint, "--arch": arch_file(arch), "--data": data})

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from posequant.core.args import Size, Whole, checked
 from posequant.core.errors import ExportError, MissingMetadataError, PosequantError, VerificationError
 from posequant.core.fileio import atomic_path, check_outputs
 from posequant.core.keypoints import KEYPOINT_SETS, KeypointSet, keypoint_set_for
@@ -201,6 +202,7 @@ def _previous_meta(model: onnx.ModelProto, source: Path) -> ModelMeta | None:
         return None
 
 
+@checked(input_size=Size(), data_samples=Whole(1), opset=Whole(1, optional=True))
 def stamp_onnx(
     source: str | Path,
     output: str | Path | None = None,

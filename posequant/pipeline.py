@@ -32,6 +32,7 @@ from posequant.benchmarks.gate_report import format_gate
 from posequant.calibration import open_dataset
 from posequant.calibration.qreport import quantize_report_markdown
 from posequant.calibration.quantize import QuantizeResult, quantize
+from posequant.core.args import Runtime, Size, Whole, checked
 from posequant.core.errors import CheckpointError, DataError
 from posequant.core.fileio import arch_file, check_outputs, output_dir, write_text_atomic
 from posequant.core.numbers import check_number
@@ -99,6 +100,7 @@ def _clear_previous_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+@checked(input_size=Size(), num_samples=Whole(1), runs=Whole(1), threads=Whole(1, optional=True), target=Runtime())
 def run_pipeline(
     checkpoint: str | Path,
     calib: str | Path,

@@ -461,7 +461,7 @@ def test_absurd_input_sizes_refused_before_any_work(small_checkpoints, coco, tmp
 
 
 def test_absurd_input_size_through_the_library(small_checkpoints, tmp_path):
-    with pytest.raises(PosequantError, match="--input-size: size 100000x100000 is too large"):
+    with pytest.raises(PosequantError, match="input_size: size 100000x100000 is too large"):
         export_pose(small_checkpoints["pose_resnet"], tmp_path / "m.onnx", input_size=(100000, 100000))
 
 

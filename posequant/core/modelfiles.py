@@ -19,10 +19,26 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .enginefile import is_engine, sidecar_path
-from .irfile import bin_path, is_ir
-
 ONNX_SUFFIX = ".onnx"
+IR_SUFFIX = ".xml"  # an OpenVINO IR: the .xml and its .bin
+ENGINE_SUFFIXES = (".engine", ".plan")  # a TensorRT engine: its metadata in ENGINE.json
+
+
+def is_ir(path: Any) -> bool:
+    return isinstance(path, (str, Path)) and Path(path).suffix.lower() == IR_SUFFIX
+
+
+def bin_path(xml: str | Path) -> Path:
+    return Path(xml).with_suffix(".bin")
+
+
+def is_engine(path: Any) -> bool:
+    return isinstance(path, (str, Path)) and Path(path).suffix.lower() in ENGINE_SUFFIXES
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
 
 
 def _node_tensors(nodes) -> Iterator[Any]:
