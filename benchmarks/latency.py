@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from posequant.core.args import Names, Paths, Runtime, Whole, Wholes, checked
 from posequant.core.cpu import cpu_kind
 from posequant.core.errors import MissingMetadataError, PosequantError
+from posequant.core.fileio import temp_dir
 from posequant.core.modelfiles import model_bytes
 from posequant.core.onnxfile import load_onnx
 
@@ -392,7 +392,7 @@ def bench(
         else:
             usable.append(be)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with temp_dir() as tmp:
         loaded = [load_bench_model(Path(m), Path(tmp), export_options) for m in models]
         configs = _prepare(loaded, usable, device, sorted(set(batches)), threads, warmup, explicit, skipped, say)
         if not configs:

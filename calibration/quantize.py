@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import onnx
 from posequant.core.args import Names, Runtime, Size, Whole, checked
 from posequant.core.cpu import KINDS, CpuKind, cpu_kind
 from posequant.core.errors import DataError, MetadataError, MissingMetadataError, PosequantError, VerificationError
-from posequant.core.fileio import check_outputs, write_bytes_atomic
+from posequant.core.fileio import check_outputs, temp_dir, write_bytes_atomic
 from posequant.core.metadata import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -432,8 +431,7 @@ def quantize(
                 "val": str(val) if val else None, "val_flip": val_flip,
                 "opset": {"input": opset, "quantized": opset_of(float_model)}}
     ignored = set(keep_float)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with temp_dir() as tmp:
         say(f"calibrating on {len(calib_set.crops)} people ({engine})")
         run = dict(engine=engine, method=method, per_channel=per_channel, target=target, activations=activations,
                    tmp=tmp, pair_fit=made_for is None or bool(made_for.saturates))

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from posequant.core.enginefile import sidecar_path, tensorrt_problem
 from posequant.core.errors import ExportError, PosequantError
-from posequant.core.fileio import atomic_path, check_outputs, output_dir
+from posequant.core.fileio import atomic_path, check_outputs, output_dir, temp_dir
 from posequant.core.irfile import bin_path, ir_precision, write_ir_props
 from posequant.core.metadata import read_meta
 from posequant.core.modelfiles import model_bytes
@@ -127,7 +126,7 @@ def _save_pair(ir, out: Path, compress: bool) -> None:
 
     target = Path(os.path.realpath(out))
     with atomic_path(out) as xml_tmp, atomic_path(bin_path(out), "-o (.bin)") as bin_tmp:
-        with tempfile.TemporaryDirectory(prefix=f".{target.stem}.", dir=target.parent) as d:
+        with temp_dir(prefix=f".{target.stem}.", dir=target.parent) as d:
             try:
                 ov.save_model(ir, str(Path(d) / "m.xml"), compress_to_fp16=compress)
             except Exception as e:

@@ -6,6 +6,7 @@ User mistakes (:class:`PosequantError`) are caught here, once, and printed as on
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import click
 from posequant.core.args import ALIASES, BACKENDS, DEVICES, ONNX_BACKENDS, Whole, Wholes, canonical
 from posequant.core.cpu import KINDS as CPU_KINDS
 from posequant.core.errors import PosequantError
-from posequant.core.fileio import STDOUT, arch_file, check_outputs, write_text_atomic
+from posequant.core.fileio import STDOUT, Terminated, arch_file, check_outputs, terminate_cleanly, write_text_atomic
 from posequant.core.metadata import parse_size
 from posequant.core.numbers import OptionError, check_number, normalisation
 from posequant.core.quiet import set_verbose, show_warnings
@@ -24,11 +25,15 @@ from posequant.core.version import __version__
 class PosequantGroup(click.Group):
     def invoke(self, ctx):
         try:
-            with show_warnings(lambda line: click.echo(line, err=True)):
+            # SIGTERM (CI runners, `timeout`) unwinds like Ctrl-C: every temporary file of the command is removed
+            with terminate_cleanly(), show_warnings(lambda line: click.echo(line, err=True)):
                 return super().invoke(ctx)
         except PosequantError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)

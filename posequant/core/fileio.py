@@ -8,15 +8,21 @@
   would give it (``0666 & ~umask``), or keeps the mode of the file it replaces; an ``OSError``
   (ENOSPC, EROFS, EACCES, ...) becomes one :class:`PosequantError` line and no temp file is left.
 * ``-`` means standard output where a command allows it (the ``--json`` options).
+* :func:`terminate_cleanly` makes SIGTERM (what CI runners and ``timeout`` send) unwind like Ctrl-C while a
+  temporary file or folder of ours exists (:func:`atomic_path`, :func:`temp_dir`, a command of the CLI),
+  so the blocks that made them remove them: no ``*.tmp`` file or temporary folder is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -210,6 +216,56 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
                                      f"input; choose another {option.split(' (')[0]}")
 
 
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM: raised where it was, so temporary files are removed as for Ctrl-C (a
+    KeyboardInterrupt, so that code which lets Ctrl-C through lets this through too)."""
+
+
+_term = {"depth": 0, "installed": False, "raised": False}
+_term_lock = threading.Lock()
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _term["raised"]:  # a second SIGTERM must not cut the clean-up of the first short
+        return
+    _term["raised"] = True
+    raise Terminated(f"terminated (signal {signum})")
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """Within this block (nested uses are one), SIGTERM raises :class:`Terminated` instead of ending the process
+    on the spot. Only when SIGTERM still has its default action and only in the main thread (where Python runs
+    signal handlers): a program's own SIGTERM handler is left alone."""
+    with _term_lock:
+        outer = _term["depth"] == 0
+        _term["depth"] += 1
+        if outer and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            _term.update(installed=True, raised=False)
+    try:
+        yield
+    finally:
+        with _term_lock:
+            _term["depth"] -= 1
+            if _term["depth"] == 0 and _term["installed"]:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _term["installed"] = False
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str = "posequant.", dir: PathLike | None = None) -> Iterator[Path]:
+    """A temporary folder, removed with everything in it when the block ends: normally, on an error, on Ctrl-C
+    and on SIGTERM (:func:`terminate_cleanly`)."""
+    with terminate_cleanly():
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _write_error(option: str | None, path: PathLike, e: OSError) -> PosequantError:
     reason = e.strerror or str(e)
     return PosequantError(f"cannot write {_named(option, path)}: {reason}; nothing was written there "
@@ -229,22 +285,23 @@ def atomic_path(path: PathLike, option: str | None = "-o") -> Iterator[Path]:
         mode = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
         mode = new_file_mode()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-    except OSError as e:
-        raise _write_error(option, path, e) from None
-    tmp = Path(tmp)
-    try:
-        os.chmod(tmp, mode)
-        yield tmp
-        os.replace(tmp, target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(option, path, e) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with terminate_cleanly():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+        except OSError as e:
+            raise _write_error(option, path, e) from None
+        tmp = Path(tmp)
+        try:
+            os.chmod(tmp, mode)
+            yield tmp
+            os.replace(tmp, target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(option, path, e) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_bytes_atomic(path: PathLike, data: bytes, option: str | None = "-o") -> Path:
@@ -270,8 +327,8 @@ def write_text_atomic(path: PathLike, text: str, option: str | None = "-o") -> P
 
 @contextlib.contextmanager
 def output_dir(path: PathLike, option: str | None = "-o") -> Iterator[Path]:
-    """Create the folder ``path`` (0777 & ~umask, parents too); if the block fails and the folders we
-    made are still empty, remove them again: a failed run leaves no empty output folder behind."""
+    """Create the folder ``path`` (0777 & ~umask, parents too); if the block fails (SIGTERM included) and the
+    folders we made are still empty, remove them again: a failed run leaves no empty output folder behind."""
     path = Path(path)
     check_output_dir(path, option)
     made = []
@@ -279,15 +336,16 @@ def output_dir(path: PathLike, option: str | None = "-o") -> Iterator[Path]:
     while not p.exists():
         made.append(p)
         p = p.parent
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PosequantError(f"cannot create {_named(option, path)} ({e.strerror}): choose another "
-                             f"{option or 'folder'}") from None
-    try:
-        yield path
-    except BaseException:
-        for d in made:  # innermost first
-            with contextlib.suppress(OSError):
-                d.rmdir()  # only when empty
-        raise
+    with terminate_cleanly():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PosequantError(f"cannot create {_named(option, path)} ({e.strerror}): choose another "
+                                 f"{option or 'folder'}") from None
+        try:
+            yield path
+        except BaseException:
+            for d in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only when empty
+            raise
