@@ -182,7 +182,7 @@ def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color
     if len(dims) != 4 or not dims[1]:
         raise MetadataError(f"{where}: the model's output is not N x joints x H x W heatmaps: export it with "
                             "`posequant export-pose`")
-    kps = keypoint_set_for(dims[1], keypoints)
+    kps = keypoint_set_for(dims[1], keypoints, custom=False)  # --keypoints is required here
     heatmap = (dims[2], dims[3]) if dims[2] and dims[3] else _probe_heatmap_size(model, input_size)
     meta = ModelMeta(family="custom", keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
                      skeleton=kps.skeleton, input_size=tuple(input_size), heatmap_size=heatmap, color=color.lower(),

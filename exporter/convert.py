@@ -15,7 +15,7 @@ from pathlib import Path
 
 from posequant.core.enginefile import sidecar_path, tensorrt_problem
 from posequant.core.errors import ExportError, PosequantError
-from posequant.core.fileio import atomic_path, check_outputs, output_dir, temp_dir
+from posequant.core.fileio import atomic_path, check_outputs, output_dir, temp_dir, write_error, write_problem
 from posequant.core.irfile import bin_path, ir_precision, write_ir_props
 from posequant.core.metadata import read_meta
 from posequant.core.modelfiles import model_bytes
@@ -115,13 +115,14 @@ def _to_openvino(model: Path, out: Path, props: dict[str, str], compress: bool) 
     precision = ir_precision(ir)
     if compress and precision != "int8":
         precision = "fp16"
-    _save_pair(ir, out, compress)
+    _save_pair(ir, out, compress, model_bytes(model) + 2**16)
     return precision
 
 
-def _save_pair(ir, out: Path, compress: bool) -> None:
+def _save_pair(ir, out: Path, compress: bool, nbytes: int) -> None:
     """Write the .xml and .bin in a temporary folder beside ``out`` and move both into place: the pair
-    appears together (the .bin first, so a reader never finds an .xml without its weights) or not at all."""
+    appears together (the .bin first, so a reader never finds an .xml without its weights) or not at all.
+    ``nbytes``: about what the pair takes, to find the reason when OpenVINO's writer fails without one."""
     import openvino as ov
 
     target = Path(os.path.realpath(out))
@@ -129,8 +130,12 @@ def _save_pair(ir, out: Path, compress: bool) -> None:
         with temp_dir(prefix=f".{target.stem}.", dir=target.parent) as d:
             try:
                 ov.save_model(ir, str(Path(d) / "m.xml"), compress_to_fp16=compress)
-            except Exception as e:
-                raise ExportError(f"cannot write {out}: {str(e).strip().splitlines()[0][:160]}") from None
+            except Exception as e:  # a C++ stream error ("basic_ios::clear: iostream error"): ask the OS why
+                problem = write_problem(target.parent, nbytes)
+                if problem is not None:
+                    raise write_error("-o", out, problem) from None
+                raise ExportError(f"OpenVINO could not write {out} ({str(e).strip().splitlines()[0][:160]}): "
+                                  "check the folder, or choose another -o") from None
             # atomic_path renames xml_tmp/bin_tmp into place when both blocks end (the .bin's block first)
             os.replace(Path(d) / "m.bin", bin_tmp)
             os.replace(Path(d) / "m.xml", xml_tmp)

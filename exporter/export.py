@@ -221,11 +221,9 @@ def export_pose(
         report = verify(pose.module, _ort_session(data_bytes), cases, batch=batch, rtol=rtol)
         timings["verify_s"] = time.perf_counter() - t
         if not report.passed:
-            worst = max(report.cases, key=lambda c: c.rel_diff)
-            raise VerificationError(
-                f"ONNX output differs from PyTorch beyond tolerance (max abs diff {worst.max_abs_diff:.3g}, "
-                f"relative {worst.rel_diff:.3g} > {rtol:g}, {worst.argmax_mismatches} argmax mismatches on "
-                f"{worst.name}); nothing was written. Try --no-simplify, another --opset, or report a bug")
+            tries = ("--no-simplify, " if simplify else "") + "another --opset"
+            raise VerificationError(f"the ONNX model disagrees with PyTorch ({report.failure()}); nothing was "
+                                    f"written. Try {tries}, or report a bug")
 
     with atomic_path(output) as tmp:
         tmp.write_bytes(data_bytes)

@@ -31,6 +31,7 @@ from .common import ExportResult, _data_cases, check_opset, default_output, simp
 from .verify import VerifyReport, compare_heatmaps, random_inputs, run_onnx
 
 FAMILY = "onnx"  # metadata family of a stamped third-party model
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 class UnsupportedModelError(ExportError):
@@ -122,10 +123,27 @@ def _probe(session, where: Path, batch: int, size: tuple[int, int]) -> tuple[int
                           f"{str(e).strip().splitlines()[0][:200]}); check --input-size") from None
     if out.ndim != 4:
         raise _not_supported(where, f"the output is {list(out.shape)} at run time, not N x joints x h x w heatmaps")
+    if not np.isfinite(out).all():
+        raise ExportError(f"{where} returns NaN or inf heatmaps for an input of zeros: the model is broken (check "
+                          "its export)")
     if out.shape[2] > size[0] or out.shape[3] > size[1]:
         raise _not_supported(where, f"heatmaps of {out.shape[2]}x{out.shape[3]} are larger than the "
                              f"{size[0]}x{size[1]} input")
     return tuple(int(d) for d in out.shape)
+
+
+def _check_finite_weights(model: onnx.ModelProto, where: Path) -> None:
+    """NaN or inf in a float initializer or constant: the weights are damaged, whatever simplifying would do."""
+    from onnx import numpy_helper
+
+    consts = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t")]
+    for t in [*model.graph.initializer, *consts]:
+        if t.data_type in FLOAT_TYPES:
+            values = numpy_helper.to_array(t)
+            bad = int(values.size - np.isfinite(values).sum())
+            if bad:
+                raise ExportError(f"{where}: tensor {t.name!r} holds {bad} NaN or inf value(s) of {values.size}; the "
+                                  "weights are damaged (diverged training or a broken file): use another model")
 
 
 def _check_stride(session, where: Path, facts: GraphFacts, size: tuple[int, int], heatmap: tuple[int, int]) -> None:
@@ -247,6 +265,7 @@ def stamp_onnx(
         raise ExportError(f"{source} holds over 2 GiB of weights, which cannot be one self-contained .onnx file: "
                           "models this large are not supported yet")
     facts = check_graph(model, source)
+    _check_finite_weights(model, source)
     if opset is not None and opset < opset_of(model):
         raise PosequantError(f"--opset {opset}: {source} is opset {opset_of(model)} already, and graphs are not "
                              "converted down: leave --opset out")
@@ -286,7 +305,7 @@ def stamp_onnx(
         order = channel_joints(joints, kps, channels)
         order = () if order == tuple(range(channels)) else order
     else:
-        kps, order = keypoint_set_for(channels, keypoints), ()
+        kps, order = keypoint_set_for(channels, keypoints, custom=False), ()
 
     meta = ModelMeta(
         family=FAMILY, keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
@@ -299,7 +318,8 @@ def stamp_onnx(
         posequant_version=__version__, channel_joints=order,
     )
     timings = {"load_s": time.perf_counter() - t0}
-    if opset is not None and opset != opset_of(model):
+    converted = opset is not None and opset != opset_of(model)
+    if converted:
         say(f"converting {source.name} from opset {opset_of(model)} to {opset}")
         model = convert_opset(model, opset, str(source))
     if simplify:
@@ -322,11 +342,9 @@ def stamp_onnx(
         report = verify_copy(ref, copy, meta, batch, data=data, data_samples=data_samples, rtol=rtol)
         timings["verify_s"] = time.perf_counter() - t
         if not report.passed:
-            worst = max(report.cases, key=lambda c: c.rel_diff)
-            raise VerificationError(
-                f"the stamped copy differs from {source} beyond tolerance (max abs diff {worst.max_abs_diff:.3g}, "
-                f"relative {worst.rel_diff:.3g} > {rtol:g} on {worst.name}); nothing was written. Retry with "
-                "--no-simplify")
+            hint = "retry with --no-simplify" if simplify else "leave --opset out" if converted else "report it"
+            raise VerificationError(f"the stamped copy differs from {source} ({report.failure()}); nothing was "
+                                    f"written: {hint}")
     with atomic_path(output) as tmp:
         tmp.write_bytes(stamped)
     timings["total_s"] = time.perf_counter() - t0

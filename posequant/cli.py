@@ -5,7 +5,9 @@ User mistakes (:class:`PosequantError`) are caught here, once, and printed as on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,19 +17,61 @@ import click
 from posequant.core.args import ALIASES, BACKENDS, DEVICES, ONNX_BACKENDS, Whole, Wholes, canonical
 from posequant.core.cpu import KINDS as CPU_KINDS
 from posequant.core.errors import PosequantError
-from posequant.core.fileio import STDOUT, Terminated, arch_file, check_outputs, terminate_cleanly, write_text_atomic
+from posequant.core.fileio import (
+    STDOUT,
+    StdoutError,
+    Terminated,
+    arch_file,
+    check_outputs,
+    terminate_cleanly,
+    write_text_atomic,
+)
 from posequant.core.metadata import parse_size
 from posequant.core.numbers import OptionError, check_number, normalisation
 from posequant.core.quiet import set_verbose, show_warnings
 from posequant.core.version import __version__
 
 
+def _from_echo(e: BaseException) -> bool:
+    """Whether ``e`` was raised writing a line out (click.echo): standard output or error could not take it."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "echo" and "click" in tb.tb_frame.f_code.co_filename
+
+
+def _stdout_failed(e: OSError | StdoutError) -> None:
+    """One line for a standard output that cannot be written (a full device, a closed pipe); what is still
+    buffered then goes nowhere, quietly, when the process exits."""
+    with contextlib.suppress(OSError):
+        click.echo(f"error: {e if isinstance(e, StdoutError) else StdoutError.of(e)}", err=True)
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class PosequantGroup(click.Group):
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as e:  # ours are PosequantErrors by now; click's own lines (--help) end here
+            if not _from_echo(e):
+                raise
+            _stdout_failed(e)
+            sys.exit(2)
+
     def invoke(self, ctx):
         try:
             # SIGTERM (CI runners, `timeout`) unwinds like Ctrl-C: every temporary file of the command is removed
             with terminate_cleanly(), show_warnings(lambda line: click.echo(line, err=True)):
                 return super().invoke(ctx)
+        except StdoutError as e:
+            _stdout_failed(e)
+            ctx.exit(e.exit_code)
+        except OSError as e:
+            if not _from_echo(e):
+                raise
+            _stdout_failed(e)
+            ctx.exit(2)
         except PosequantError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)

@@ -179,7 +179,7 @@ def _run(checkpoint: Path, calib: Path, val: Path, out: Path, *, arch, input_siz
 def format_pipeline(result: PipelineResult) -> str:
     """The gate's checks, then one row per stage: what it made and how long it took."""
     e, q, g = result.export, result.quantize, result.gate
-    verify = "verified vs PyTorch" if e.verification else "not verified"
+    verify = f"verified vs {e.verification.reference}" if e.verification else "not verified"  # a stamp: its original
     main = g.scores[g.main_metric]
     speed = f"{g.speedup:.2f}x on {g.backend}" if g.speedup is not None else "speedup not measured"
     rows = [

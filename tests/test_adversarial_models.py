@@ -12,7 +12,10 @@ test is about the file or the graph, not the network.
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -379,7 +382,7 @@ def test_quantize_without_metadata_checks_the_input_too(d, coco, tmp_path):
 DAMAGED = [
     ("input_size", "banana"), ("input_size", "0x48"), ("heatmap_size", "16"), ("joint_names", "not json"),
     ("joint_names", "[]"), ("joint_names", "[1, 2]"), ("num_joints", "15"), ("num_joints", "many"),
-    ("flip_pairs", "[[1, 99]]"), ("flip_pairs", "[[1]]"), ("skeleton", '[["a", "b"]]'), ("mean", "[0.5, 0.5]"),
+    ("flip_pairs", "[[1, 99]]"), ("flip_pairs", "[[1]]"), ("flip_pairs", "[[1, 2], [2, 3]]"), ("flip_pairs", "[[4, 4]]"), ("skeleton", '[["a", "b"]]'), ("mean", "[0.5, 0.5]"),
     ("mean", "[NaN, 0.5, 0.5]"), ("std", "[0.2, 0, 0.2]"), ("std", '"wide"'), ("color", "gray"),
     ("keypoints", ""), ("family", " "), ("arch_config", "[1, 2]"), ("color", None), ("mean", None),
 ]
@@ -697,3 +700,116 @@ def test_the_trained_model_with_dynamic_sizes_refuses_264x200(tmp_path):
     line = one_line(invoke("export-pose", src, "--keypoints", "coco", "--color", "rgb", "--input-size", "264x200",
                            "-o", tmp_path / "s.onnx"), "come out 72x56")
     assert line.endswith("stride 4 and takes multiples of 32: use 256x192 or 288x224"), line
+
+
+# ---- messages (issue 22): each says what is wrong, once, and what to do -------------------------------------
+
+
+def test_overlapping_flip_pairs_are_refused_where_metadata_is_written():
+    """Read back they are refused (DAMAGED above); a stage never writes them either (was: AP 0.281 -> 0.173)."""
+    for pairs, why in ((((1, 2), (2, 3)), "joint 2 is in two pairs"), (((4, 4),), "joint 4 is paired with itself")):
+        model = tiny_graph(meta=None)
+        with pytest.raises(MetadataError, match=rf"key 'flip_pairs' is damaged .*{why}.*check the export's options"):
+            write_meta(model, META.with_(flip_pairs=pairs))
+        assert not model.metadata_props
+
+
+def test_a_zero_std_in_an_mmpose_data_preprocessor_is_refused_at_export(tmp_path):
+    """Was: exported, then called "damaged metadata - re-export" by every stage (and re-exporting repeats it)."""
+    from test_mmpose import SMALL_RES, small
+
+    sd = dict(small(SMALL_RES).state_dict())
+    sd["data_preprocessor.mean"] = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    sd["data_preprocessor.std"] = torch.tensor([58.395, 0.0, 57.375]).view(3, 1, 1)
+    ckpt = tmp_path / "td-hm_res18.pth"
+    torch.save({"state_dict": sd}, ckpt)
+    one_line(invoke("export-pose", ckpt, "-o", tmp_path / "m.onnx", "--input-size", "64x64"),
+             "data_preprocessor.std holds [58.395, 0, 57.375], a std that is not positive", "--mean/--std")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_failed_verification_names_what_failed():
+    """Was: the case with the largest relative difference, even when that was inside the tolerance and another
+    case failed on its argmax."""
+    from posequant.exporter.verify import CaseResult, VerifyReport
+
+    close = CaseResult("random inputs (seed 0)", 2, 1e-6, 1.0, (1.0,), 0)
+    peaks = CaseResult("coco val crops", 8, 5e-5, 1.0, (0.9,), 1)
+    far = CaseResult("coco val crops", 8, 0.5, 1.0, (1.0,), 0)
+    assert VerifyReport([close, peaks], 1e-4).failure() == ("1 joint(s) peak elsewhere on coco val crops, with a "
+                                                            "relative difference of 5e-05 (within 0.0001)")
+    assert VerifyReport([far, close], 1e-4).failure().endswith("relative 0.5 > 0.0001 on coco val crops")
+    nan = CaseResult("random inputs (seed 0)", 2, float("nan"), 1.0, (1.0,), 0)
+    assert VerifyReport([nan], 1e-4).failure() == "NaN or inf in the output on random inputs (seed 0)"
+    assert VerifyReport([close], 1e-4).failure() == ""
+
+
+def nan_graph() -> onnx.ModelProto:
+    """Finite weights, NaN heatmaps: 0 / 0 after the convolution."""
+    model = tiny_graph(meta=None)
+    model.graph.node[0].output[0] = "maps"
+    model.graph.node.extend([helper.make_node("Sub", ["maps", "maps"], ["zero"]),
+                             helper.make_node("Div", ["zero", "zero"], ["heatmaps"])])
+    return model
+
+
+@pytest.mark.parametrize("how", ["nan weights", "nan output"])
+def test_a_broken_model_is_refused_once_without_retry_advice(d, tmp_path, how):
+    """Was: "retry with --no-simplify", and with --no-simplify the same advice again."""
+    if how == "nan weights":
+        model = tiny_graph(meta=None)
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((17, 3, 4, 4), np.nan, np.float32), "w"))
+        expect = "tensor 'w' holds 816 NaN or inf value(s) of 816"
+    else:
+        model, expect = nan_graph(), "returns NaN or inf heatmaps for an input of zeros"
+    src = save(model, d / f"{how.replace(' ', '_')}.onnx")
+    for extra in ([], ["--no-simplify"]):
+        line = one_line(invoke("export-pose", src, "--keypoints", "coco", "--color", "rgb", "-o", tmp_path / "s.onnx",
+                               *extra), expect)
+        assert "--no-simplify" not in line
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_keypoints_advice_does_not_contradict_itself(d, tmp_path):
+    """A stamp needs --keypoints or --joints: a 14-channel model is told the sets there are, not to leave
+    --keypoints out (which the stamp then asks for)."""
+    src = save(tiny_graph(out_channels=14, meta=None), d / "fourteen.onnx")
+    line = one_line(invoke("export-pose", src, "--keypoints", "coco", "--color", "rgb", "-o", tmp_path / "s.onnx"),
+                    "--keypoints coco has 17 joints but the model outputs 14 heatmaps", "not supported yet")
+    assert "leave --keypoints out" not in line
+
+
+def run_cli(*args, stdout=None, preexec=None) -> subprocess.CompletedProcess:
+    code = "import sys; from posequant.cli import main; main(sys.argv[1:], prog_name='posequant')"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, preexec_fn=preexec, timeout=300)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["inspect", "{ckpt}"], ["inspect", "{ckpt}", "--json", "-"], ["--help"]],
+                         ids=["summary", "json", "help"])
+def test_standard_output_on_a_full_device_is_one_line(small_checkpoints, args):
+    with open("/dev/full", "w") as full:
+        res = run_cli(*[a.format(ckpt=small_checkpoints["hourglass"]) for a in args], stdout=full)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1] == ("error: cannot write to standard output: No space left on device; "
+                                           "redirect it elsewhere"), res.stderr
+
+
+def test_convert_on_a_full_disk_names_the_reason(good, tmp_path):
+    """OpenVINO's writer says "basic_ios::clear: iostream error"; the OS's reason is what the user needs. A file
+    size limit (RLIMIT_FSIZE) makes its real writes fail, as a full disk does, without mocking anything."""
+    import resource
+    import signal
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_cli("convert", good, "--to", "openvino", "-o", out / "m.xml", preexec=small_files)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip() == (f"error: cannot write -o {out / 'm.xml'}: {os.strerror(errno.EFBIG)}; nothing was "
+                                  "written there (free space or choose another -o)"), res.stderr
+    assert list(out.iterdir()) == []

@@ -266,10 +266,36 @@ def temp_dir(prefix: str = "posequant.", dir: PathLike | None = None) -> Iterato
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_error(option: str | None, path: PathLike, e: OSError) -> PosequantError:
+def write_error(option: str | None, path: PathLike, e: OSError) -> PosequantError:
+    """The one line for an output that could not be written: which, and the OS's reason."""
     reason = e.strerror or str(e)
     return PosequantError(f"cannot write {_named(option, path)}: {reason}; nothing was written there "
                           f"(free space or choose another {option or 'path'})")
+
+
+
+def write_problem(folder: PathLike, nbytes: int) -> OSError | None:
+    """Why ``nbytes`` cannot be written in ``folder`` (the ``OSError`` a write there gets: ENOSPC, EFBIG, EDQUOT,
+    EROFS, ...), or None when they can. For writers that hide the reason (OpenVINO's C++ streams say
+    "basic_ios::clear: iostream error"): the same write again, from Python, then removed."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".posequant-space.", dir=folder)
+    except OSError as e:
+        return e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            chunk, left = b"\0" * min(nbytes, 1 << 20), nbytes
+            while left > 0:
+                f.write(chunk[:left])
+                left -= len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return None
 
 
 @contextlib.contextmanager
@@ -290,7 +316,7 @@ def atomic_path(path: PathLike, option: str | None = "-o") -> Iterator[Path]:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
             os.close(fd)
         except OSError as e:
-            raise _write_error(option, path, e) from None
+            raise write_error(option, path, e) from None
         tmp = Path(tmp)
         try:
             os.chmod(tmp, mode)
@@ -298,18 +324,34 @@ def atomic_path(path: PathLike, option: str | None = "-o") -> Iterator[Path]:
             os.replace(tmp, target)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise _write_error(option, path, e) from None
+            raise write_error(option, path, e) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
 
-def write_bytes_atomic(path: PathLike, data: bytes, option: str | None = "-o") -> Path:
-    """Write ``data`` to ``path`` atomically; ``-`` writes it to standard output."""
-    if str(path) == STDOUT:
+class StdoutError(PosequantError):
+    """Standard output cannot be written (a full device, a closed pipe)."""
+
+    @classmethod
+    def of(cls, e: OSError) -> "StdoutError":
+        return cls(f"cannot write to standard output: {e.strerror or e}; redirect it elsewhere")
+
+
+def write_stdout(data: bytes) -> None:
+    """``data`` on standard output, after what was printed before; :class:`StdoutError` when it cannot take it."""
+    try:
         sys.stdout.flush()
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
+    except OSError as e:
+        raise StdoutError.of(e) from None
+
+
+def write_bytes_atomic(path: PathLike, data: bytes, option: str | None = "-o") -> Path:
+    """Write ``data`` to ``path`` atomically; ``-`` writes it to standard output."""
+    if str(path) == STDOUT:
+        write_stdout(data)
         return Path(STDOUT)
     with atomic_path(path, option) as tmp:
         tmp.write_bytes(data)
@@ -318,10 +360,6 @@ def write_bytes_atomic(path: PathLike, data: bytes, option: str | None = "-o") -
 
 def write_text_atomic(path: PathLike, text: str, option: str | None = "-o") -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; ``-`` writes it to standard output."""
-    if str(path) == STDOUT:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return Path(STDOUT)
     return write_bytes_atomic(path, text.encode("utf-8"), option)
 
 
