@@ -382,8 +382,8 @@ def test_quantize_without_metadata_checks_the_input_too(d, coco, tmp_path):
 DAMAGED = [
     ("input_size", "banana"), ("input_size", "0x48"), ("heatmap_size", "16"), ("joint_names", "not json"),
     ("joint_names", "[]"), ("joint_names", "[1, 2]"), ("num_joints", "15"), ("num_joints", "many"),
-    ("flip_pairs", "[[1, 99]]"), ("flip_pairs", "[[1]]"), ("flip_pairs", "[[1, 2], [2, 3]]"), ("flip_pairs", "[[4, 4]]"),
-    ("skeleton", '[["a", "b"]]'), ("mean", "[0.5, 0.5]"),
+    ("flip_pairs", "[[1, 99]]"), ("flip_pairs", "[[1]]"), ("flip_pairs", "[[1, 2], [2, 3]]"),
+    ("flip_pairs", "[[4, 4]]"), ("skeleton", '[["a", "b"]]'), ("mean", "[0.5, 0.5]"),
     ("mean", "[NaN, 0.5, 0.5]"), ("std", "[0.2, 0, 0.2]"), ("std", '"wide"'), ("color", "gray"),
     ("keypoints", ""), ("family", " "), ("arch_config", "[1, 2]"), ("color", None), ("mean", None),
 ]
