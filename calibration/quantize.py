@@ -41,7 +41,14 @@ from posequant.core.version import __version__
 from .deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
 from .equalize import equalize_relu_ranges
 from .images import skipped_image_warnings
-from .qdq import int8_deconvolutions, is_quantized, make_openvino_friendly, make_ort_friendly, make_tensorrt_friendly
+from .qdq import (
+    int8_deconvolutions,
+    is_quantized,
+    make_openvino_friendly,
+    make_ort_friendly,
+    make_tensorrt_friendly,
+    sink_depth_to_space,
+)
 from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
 from .saturation import fit_pair_scales, input_means
 
@@ -244,12 +251,14 @@ def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str
         q = _ort(model, calib, method=method, per_channel=per_channel, symmetric=symmetric, ignored=ignored, tmp=tmp)
         bias_correction = "none"
     if target == "ort":
-        make_ort_friendly(q)
+        make_ort_friendly(q, sink=False)
     elif target == "openvino":
         make_openvino_friendly(q)
     elif target == "tensorrt":
         make_tensorrt_friendly(q)
     fit = _fit_pairs(q, model, calib) if pair_fit else None
+    if target == "ort":  # after the pair fit: the sunk heatmap layer keeps its weight codes at one scale
+        sink_depth_to_space(q)
     for key, value in (("_bias_correction", bias_correction), ("_pair_fit", json.dumps(fit))):
         entry = q.metadata_props.add()  # read back (and removed) by quantize()
         entry.key, entry.value = key, value
