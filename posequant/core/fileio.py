@@ -338,11 +338,14 @@ class StdoutError(PosequantError):
         return cls(f"cannot write to standard output: {e.strerror or e}; redirect it elsewhere")
 
 
-def write_stdout(data: bytes) -> None:
+def write_stdout(data: bytes | str) -> None:
     """``data`` on standard output, after what was printed before; :class:`StdoutError` when it cannot take it."""
     try:
         sys.stdout.flush()
-        sys.stdout.buffer.write(data)
+        if isinstance(data, str):  # text as text: a notebook's stdout has no binary buffer
+            sys.stdout.write(data)
+        else:
+            sys.stdout.buffer.write(data)
         sys.stdout.flush()
     except OSError as e:
         raise StdoutError.of(e) from None
@@ -360,6 +363,9 @@ def write_bytes_atomic(path: PathLike, data: bytes, option: str | None = "-o") -
 
 def write_text_atomic(path: PathLike, text: str, option: str | None = "-o") -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; ``-`` writes it to standard output."""
+    if str(path) == STDOUT:
+        write_stdout(text)
+        return Path(STDOUT)
     return write_bytes_atomic(path, text.encode("utf-8"), option)
 
 
