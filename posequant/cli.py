@@ -178,8 +178,8 @@ def _progress(msg: str) -> None:
     click.echo(f"  {msg}", err=True)
 
 
-# The runtime names every command takes (eval, bench, gate, quantize, pipeline) are posequant.core.args', the
-# library's too; checked against posequant.benchmarks.runners and calibration.quantize.
+# The runtime names every command takes (eval, bench, gate, quantize, pipeline) live in posequant.core.args,
+# shared with the library; checked against posequant.benchmarks.runners and calibration.quantize.
 
 
 class Names(click.Choice):

@@ -125,7 +125,7 @@ def test_keypoints_must_match_joint_count(tmp_path, small_checkpoints):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"opset": 13}, "too old"),
-    ({"batch": 0}, "positive"),
+    ({"batch": 0}, "at least 1"),
     ({"color": "hsv"}, "rgb or bgr"),
     ({"mean": (0.1, 0.2)}, "3 values"),
     ({"std": (0.1, 0.0, 0.2)}, "positive"),

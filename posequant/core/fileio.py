@@ -237,11 +237,13 @@ def terminate_cleanly() -> Iterator[None]:
     """Within this block (nested uses are one), SIGTERM raises :class:`Terminated` instead of ending the process
     on the spot. Only when SIGTERM still has its default action and only in the main thread (where Python runs
     signal handlers): a program's own SIGTERM handler is left alone."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread runs signal handlers
+        yield
+        return
     with _term_lock:
         outer = _term["depth"] == 0
         _term["depth"] += 1
-        if outer and threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        if outer and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _on_sigterm)
             _term.update(installed=True, raised=False)
     try:
