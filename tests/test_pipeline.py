@@ -176,6 +176,7 @@ def test_github_workflow_commands_gate_the_trained_model(tmp_path):
     assert text.index("# INT8 gate: PASS") > len(quantize_md) - 1 and "## Checks" in text
 
 
+@pytest.mark.slow  # a whole pipeline run (~20 s here) for one phrase
 def test_pipeline_of_an_onnx_model_says_what_it_was_verified_against(inputs, tmp_path):
     """An ONNX input is stamped and checked against the original ONNX file, not PyTorch (issue 22)."""
     from posequant.pipeline import format_pipeline
