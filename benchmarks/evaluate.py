@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,10 @@ from posequant.calibration import (
     read_image,
     skipped_image_warnings,
 )
+from posequant.core.args import Runtime, Whole, checked
 from posequant.core.batching import infer_at_batch
 from posequant.core.errors import DataError, PosequantError
+from posequant.core.fileio import temp_dir
 from posequant.core.metadata import ModelMeta, read_meta
 from posequant.core.onnxfile import check_heatmaps
 from posequant.core.quiet import warn as posequant_warn
@@ -188,6 +189,8 @@ def score(meta: ModelMeta, ds, people, preds: np.ndarray, maxvals: np.ndarray, *
     return out
 
 
+@checked(batch=Whole(1), limit=Whole(1, optional=True), threads=Whole(1, optional=True), backend=Runtime(),
+         device=Runtime())
 def evaluate(
     model: str | Path,
     data: str | Path,
@@ -227,7 +230,7 @@ def evaluate(
     say_warning = warn or posequant_warn
     model, data = Path(model), Path(data)
     backend = resolve_backend(model, backend)  # None: ort, or the one backend an IR / engine runs on
-    with tempfile.TemporaryDirectory() as tmp:
+    with temp_dir() as tmp:
         onnx_path, meta, module = _load_model(model, export_options or {}, Path(tmp), progress)
         ds = open_dataset(data, input_size=meta.input_size, format=format, split=split, skip_missing=skip_missing)
         _check_match(meta, ds)
