@@ -49,6 +49,7 @@ from .qdq import (
     make_tensorrt_friendly,
     sink_depth_to_space,
 )
+from .ranges import refine_ranges
 from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
 from .saturation import fit_pair_scales, input_means
 
@@ -73,6 +74,8 @@ EQUALIZE_CROPS = 64  # calibration crops for the channel ranges of the equalizat
 QUANTIZABLE = ("Conv", "ConvTranspose", "Add", "MatMul", "Gemm")
 # --cpu: a kind from posequant.core.cpu, this machine's ("auto") or "portable" (exact on every kind)
 CPUS = ("auto", "portable", *KINDS)
+RANGE_CROPS = 64  # calibration crops for the activation ranges that ranges.refine_ranges sets
+CHECK_CROPS = 16  # and for judging whether each of its changes helps
 PAIR_FIT_CROPS = 32  # calibration crops for the mean inputs that the pair fit's bias change uses
 
 
@@ -256,13 +259,25 @@ def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str
         make_openvino_friendly(q)
     elif target == "tensorrt":
         make_tensorrt_friendly(q)
+    q, ranges = _refine_ranges(q, model, calib, depthwise=target == "ort")
     fit = _fit_pairs(q, model, calib) if pair_fit else None
     if target == "ort":  # after the pair fit: the sunk heatmap layer keeps its weight codes at one scale
         sink_depth_to_space(q)
-    for key, value in (("_bias_correction", bias_correction), ("_pair_fit", json.dumps(fit))):
+    for key, value in (("_bias_correction", bias_correction), ("_pair_fit", json.dumps(fit)),
+                       ("_ranges", json.dumps(ranges))):
         entry = q.metadata_props.add()  # read back (and removed) by quantize()
         entry.key, entry.value = key, value
     return q
+
+
+def _refine_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, calib: CalibrationSet, *, depthwise: bool
+                   ) -> tuple[onnx.ModelProto, dict]:
+    """Borrowed activation ranges and depthwise inputs (``ranges.refine_ranges``), each kept where it cuts the
+    output error on calibration crops: crops past the first :data:`RANGE_CROPS` judge when there are enough."""
+    feeds = list(itertools.islice(calib.crops.feeds(), RANGE_CROPS + CHECK_CROPS))
+    ranges, check = feeds[:RANGE_CROPS], feeds[RANGE_CROPS:] or feeds[:CHECK_CROPS]
+    q, report = refine_ranges(q, prepared, ranges, check=check, depthwise=depthwise)
+    return q, report
 
 
 def _fit_pairs(q: onnx.ModelProto, prepared: onnx.ModelProto, calib: CalibrationSet) -> dict:
@@ -457,6 +472,7 @@ def quantize(
             warn(line)
     settings["bias_correction"] = _pop_prop(q, "_bias_correction")
     settings["pair_fit"] = json.loads(_pop_prop(q, "_pair_fit") or "null")
+    settings["ranges"] = json.loads(_pop_prop(q, "_ranges") or "null")
     settings["exact_on"] = "every CPU kind" if settings["pair_fit"] is not None else \
         ", ".join(k for k, kind in KINDS.items() if kind.saturates is False)
     _stamp(q, meta, settings, sorted(ignored))
