@@ -26,7 +26,6 @@ own names and writes the results last, so OUT/ never holds results beside anothe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -303,7 +302,7 @@ def box_problem(bbox: Sequence[float], width: int, height: int) -> str | None:
 
 
 BOX_PROBLEMS = {
-    "empty": "of zero or negative size (or under a pixel)",
+    "empty": "of zero or negative size, or under a pixel",
     "outside": "wholly outside their images",
 }
 BOX_HINTS = {
@@ -498,8 +497,9 @@ def predict(
                            detector=found.settings() if found else None)
     result.ids_not_in_names = [str(p) for p in images if ids[p] < 0]
     if given.repeats:
-        say(f"{len(given.repeats)} inputs given more than once are predicted once: "
-            + _listed([f"{again} (the same file as {kept})" for again, kept in given.repeats], ", "))
+        again = [f"{p} ({'again' if str(p) == str(kept) else f'the same file as {kept}'})" for p, kept in given.repeats]
+        say(f"{_count(len(again), 'input')} given more than once {'is' if len(again) == 1 else 'are'} predicted "
+            f"once: {_listed(again, ', ')}")
     note = ids_note(images, ids)
     if note:
         say(note)
@@ -526,13 +526,18 @@ def predict(
                                 "check the files")
             run.finish()  # the results and the summary last: with them, every picture is this run's
         except BaseException:  # an error, Ctrl-C, SIGTERM: none of this run's files stays, no results either
-            _remove(out, [Path(f).name for f in result.files])
+            _remove(out, [Path(f).name for f in result.files], strict=False)
             raise
     if result.skipped:
         say(f"skipped {len(result.skipped)} of {len(files)} inputs that cannot be read: {_listed(result.skipped)}")
     for why, items in run.bad_boxes.items():
-        say(f"--boxes {boxes}: skipped {len(items)} boxes {BOX_PROBLEMS[why]} ({_listed(items)}): {BOX_HINTS[why]}")
+        say(f"--boxes {boxes}: skipped {_count(len(items), 'box', 'boxes')} {BOX_PROBLEMS[why]} ({_listed(items)}): "
+            f"{BOX_HINTS[why]}")
     return result
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _listed(items: Sequence[str], sep: str = "; ", shown: int = 3) -> str:
@@ -546,11 +551,18 @@ def _planned(given: Inputs) -> list[str]:
                         for n in ((name, frames_name(name)) if is_video(p) else (name,))]
 
 
-def _remove(out: Path, names: Sequence[str]) -> None:
-    """Remove these files of OUT/ (in this order; a symlink itself, not what it points to)."""
+def _remove(out: Path, names: Sequence[str], *, strict: bool = True) -> None:
+    """Remove these files of OUT/ (in this order; a symlink itself, not what it points to). ``strict``: one that
+    cannot be removed (a folder of that name) is one line; otherwise it is left."""
     for name in names:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             (out / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if strict:
+                raise PosequantError(f"-o {out}: cannot remove {name}, an earlier run's output under this run's "
+                                     f"names ({e.strerror}): remove it, or choose another -o") from None
 
 
 def _bar(files: Sequence[Path], shown: bool | None):

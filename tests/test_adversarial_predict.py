@@ -132,13 +132,13 @@ def test_the_same_file_given_twice_is_predicted_once(w, tmp_path):
     link = tmp_path / "link.jpg"
     link.symlink_to(b)
     out = tmp_path / "out"
-    said = warnings_of(invoke("predict", w.model, folder, a, link, "./" + os.path.relpath(a), "-o", out,
-                              "--no-flip"))
+    spelled = folder / ".." / "in" / a.name
+    said = warnings_of(invoke("predict", w.model, folder, a, link, spelled, "-o", out, "--no-flip"))
     assert [r["image_id"] for r in results(out)] == [1, 2]  # one result per image, each its own id
     assert summary(out)["images"] == 2 and sorted(p.name for p in out.glob("*.pose.jpg")) == [
         "000000000001.pose.jpg", "000000000002.pose.jpg"]
     assert len(said) == 1 and "3 inputs given more than once are predicted once" in said[0], said
-    assert f"{link} (the same file as {b})" in said[0]
+    assert f"{a} (again), {link} (the same file as {b}), {spelled} (the same file as {a})" in said[0]
 
 
 def test_gather_inputs_keeps_the_first_of_each_file(tmp_path):
@@ -206,7 +206,8 @@ def test_boxes_that_are_no_person_are_skipped_with_one_warning_per_kind(w, tmp_p
     said = warnings_of(invoke("predict", w.model, image, "--boxes", dets, "-o", out, "--no-flip"))
     assert len(results(out)) == 1 and results(out)[0]["box"] == [10, 10, 30, 30]
     assert len(said) == 2, said
-    assert "skipped 3 boxes of zero or negative size" in said[0] and "[0, 0, 0, 10] on 80x60" in said[0]
+    assert "skipped 3 boxes of zero or negative size, or under a pixel (" in said[0], said
+    assert "000000000001.jpg [0, 0, 0, 10] on 80x60" in said[0]
     assert "skipped 3 boxes wholly outside their images" in said[1] and "[-50, 0, 20, 20]" in said[1]
     assert len(summary(out)["skipped_boxes"]) == 6
     assert [box_problem(b, 80, 60) for b in boxes] == [None] + ["empty"] * 3 + ["outside"] * 3
@@ -240,6 +241,15 @@ def test_a_rerun_without_compare_leaves_no_earlier_comparison(w, tmp_path):
     assert not (out / COMPARE_RESULTS_FILE).exists() and len(results(out)) == 2
     assert (out / "a.pose.jpg").read_bytes() != b"earlier picture"
     assert (out / "other.pose.jpg").read_bytes() == b"not this run's name"  # not this run's: left alone
+
+
+def test_a_folder_under_a_results_name_is_one_line(w, tmp_path):
+    (image,) = images(tmp_path / "in", "a.jpg")
+    out = tmp_path / "out"
+    (out / RESULTS_FILE).mkdir(parents=True)
+    line = refused(invoke("predict", w.model, image, "-o", out))
+    assert f"cannot remove {RESULTS_FILE}" in line and "choose another -o" in line, line
+    assert sorted(p.name for p in out.iterdir()) == [RESULTS_FILE]
 
 
 # The CLI in a child process whose disk is slow at one name: it says SLOW, then blocks, for SIGTERM.
