@@ -504,7 +504,7 @@ def predict(
     if note:
         say(note)
     if box_map is not None:  # box files are made on the stored pixels: say which photos a viewer shows turned
-        turned = [p.name for p in images if exif_orientation(p) != 1]
+        turned = [str(p) for p in images if exif_orientation(p) != 1]
         if turned:
             say(f"{len(turned)} images carry an EXIF orientation ({', '.join(turned[:3])}"
                 f"{' and more' if len(turned) > 3 else ''}): --boxes are taken on the stored pixels, as COCO's "
