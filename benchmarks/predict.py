@@ -242,8 +242,8 @@ def ids_note(images: Sequence[Path], ids: dict[Path, int]) -> str | None:
     if not others or (len(others) == len(images) and not shared):  # all numbered, or none: nothing to explain
         return None
     why = [f"{p} ({f'shares {shared[p]}' if p in shared else 'no number'}: {ids[p]})" for p in others]
-    return (f"{len(others)} of {len(images)} images have no number of their own in their names, so their image_id "
-            f"is not one: {_listed(why, ', ')}; the others keep the number in their names ({SUMMARY_FILE} maps "
+    return (f"{len(others)} of {len(images)} images have no number of their own in their names and get negative "
+            f"image_ids: {_listed(why, ', ')}; the others keep the number in their names ({SUMMARY_FILE} maps "
             "each file to its id)")
 
 
@@ -512,6 +512,7 @@ def predict(
     run = _Run(first, second, flip, result, out, found, min_score)
     with output_dir(out, "-o"):
         _remove(out, planned)  # an earlier run's files under this run's names: never mistaken for this run's
+        bar = None
         try:
             bar = _bar(files, progress_bar)
             for path in files:
@@ -526,6 +527,8 @@ def predict(
                                 "check the files")
             run.finish()  # the results and the summary last: with them, every picture is this run's
         except BaseException:  # an error, Ctrl-C, SIGTERM: none of this run's files stays, no results either
+            if bar is not None:
+                bar.close()
             _remove(out, [Path(f).name for f in result.files], strict=False)
             raise
     if result.skipped:
