@@ -85,6 +85,24 @@ def tensor_stats(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[st
     return out
 
 
+def _stats_for(known: dict[str, dict] | None, model: onnx.ModelProto, tensors: list[str],
+               feeds: list[dict[str, np.ndarray]]) -> dict[str, dict]:
+    """:func:`tensor_stats` of ``tensors``, reusing those already in ``known`` (one pass for every change)."""
+    known = dict(known or {})
+    missing = [t for t in tensors if t not in known]
+    if missing:
+        known.update(tensor_stats(model, missing, feeds))
+    return known
+
+
+def _activation_inputs(q: onnx.ModelProto, prepared: onnx.ModelProto) -> list[str]:
+    """The float tensors of ``prepared`` that ``q`` quantizes as activations."""
+    known = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
+    inits = {i.name for i in q.graph.initializer}
+    return sorted({n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in known
+                   and n.input[0] not in inits})
+
+
 def _scalar(inits: dict, name: str) -> np.ndarray | None:
     if name not in inits:
         return None
@@ -99,7 +117,8 @@ def _set_new(g: onnx.GraphProto, inits: dict, name: str, value: np.ndarray) -> s
     return name
 
 
-def own_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[str]:
+def own_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *,
+               stats: dict[str, dict] | None = None) -> list[str]:
     """Give each per-tensor activation quantizer that uses less than :data:`USE` of its codes on the
     calibration crops the tensor's own range, in place. Returns the tensors changed."""
     g = q.graph
@@ -108,7 +127,7 @@ def own_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
     known = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
     quantizers = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in known and len(n.input) > 2
                   and _scalar(inits, n.input[1]) is not None and _scalar(inits, n.input[2]) is not None]
-    stats = tensor_stats(prepared, sorted({n.input[0] for n in quantizers}), feeds)
+    stats = _stats_for(stats, prepared, sorted({n.input[0] for n in quantizers}), feeds)
     changed = []
     for qn in quantizers:
         scale = float(_scalar(inits, qn.input[1]).reshape(-1)[0])
@@ -130,8 +149,8 @@ def own_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
     return changed
 
 
-def depthwise_channel_scales(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
-                             ) -> list[str]:
+def depthwise_channel_scales(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *,
+                             stats: dict[str, dict] | None = None) -> list[str]:
     """Per-channel input scales for the depthwise convolutions of a QDQ graph whose input quantizer has one
     scale and feeds only them, folded into their weight scales (see the module's docstring), in place.
     Returns the convolutions changed."""
@@ -156,7 +175,7 @@ def depthwise_channel_scales(q: onnx.ModelProto, prepared: onnx.ModelProto, feed
         if _scalar(inits, qx.input[1]) is None or _scalar(inits, qx.input[2]) is None:
             continue
         found.append((conv, dx, dw, qx))
-    stats = tensor_stats(prepared, [qx.input[0] for *_, qx in found], feeds)
+    stats = _stats_for(stats, prepared, [qx.input[0] for *_, qx in found], feeds)
     changed = []
     for conv, dx, dw, qx in found:
         s = stats[qx.input[0]]
@@ -232,7 +251,8 @@ def _fake_quant_mse(centers: np.ndarray, counts: np.ndarray, lo: float, hi: floa
     return float((counts * (centers - (codes - zero) * step) ** 2).sum())
 
 
-def mse_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[str]:
+def mse_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *,
+               stats: dict[str, dict] | None = None) -> list[str]:
     """Per-tensor activation ranges chosen by the least mean squared quantization error on the calibration
     crops, among clips of the observed extremes (outliers otherwise set the step for everything), in place.
     Returns the tensors whose range changed."""
@@ -242,7 +262,7 @@ def mse_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
     known = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
     quantizers = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in known and len(n.input) > 2
                   and _scalar(inits, n.input[1]) is not None and _scalar(inits, n.input[2]) is not None]
-    stats = tensor_stats(prepared, sorted({n.input[0] for n in quantizers}), feeds)
+    stats = _stats_for(stats, prepared, sorted({n.input[0] for n in quantizers}), feeds)
     bounds = {}
     for t, s in stats.items():
         lo = min(float(np.min(s["channel_min"])) if s["channel_min"] is not None else s["mean_min"], 0.0)
@@ -304,13 +324,14 @@ def refine_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dic
     Returns the graph and what was tried, measured and kept."""
     reference = [_session(prepared).run(None, f) for f in check]
     error = output_error(q, reference, check)
+    stats = tensor_stats(prepared, _activation_inputs(q, prepared), feeds)  # one pass serves every change
     report: dict = {"error_before": error}
     steps = [("own_ranges", own_ranges), ("mse_ranges", mse_ranges)]
     if depthwise:
         steps.append(("depthwise_channel_scales", depthwise_channel_scales))
     for key, change in steps:
         trial = copy.deepcopy(q)
-        touched = change(trial, prepared, feeds)
+        touched = change(trial, prepared, feeds, stats=stats)
         if not touched:
             report[key] = {"changed": 0, "kept": False}
             continue
