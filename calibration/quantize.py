@@ -478,7 +478,7 @@ def quantize(
         if val_ds is not None or agree_ds is not None:
             q, ignored, evaluation, steps = _meet_budget(
                 prepared, q, calib_set, val_ds or agree_ds, meta, tmp, budget=budget, flip=val_flip,
-                ignored=ignored, requant=lambda names: _quantize_once(prepared, calib_set, ignored=names, **run),
+                ignored=ignored,
                 say=say, warn=warn)
     calibration = {**calib_set.to_dict(), "eval_split_overlap": overlap}
     if calib_set.skipped_images and warn:
@@ -645,7 +645,7 @@ def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool):
     return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip, warn=lambda m: None)
 
 
-def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget, flip, ignored, requant, say,
+def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget, flip, ignored, say,
                  warn=None):
     """Keep the most harmful nodes in float until ``budget`` holds on ``ds`` (labelled: the main metric and
     the agreement; a plain set: the agreement alone)."""
@@ -692,23 +692,40 @@ def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget,
         return q, ignored, evaluation, steps
     say("ranking the quantized nodes by harm (each one alone back in float, on 16 calibration crops)")
     ranking = [n for n in rank_harm(prepared, q, calib_set, limit=16) if n not in ignored]
-    chunk = 1
+    first, keep = q, frozenset(ignored)  # --keep-float nodes: NNCF left them out already
     # keeping most of the model in float is not an INT8 model any more: give up past a quarter
     cap = max(1, len(ranking) // 4)
     best = (q, ignored, evaluation)
-    while not budget.met(evaluation) and ranking and len(ignored) < cap:
-        take = min(chunk, cap - len(ignored))
-        ignored = ignored | set(ranking[:take])
-        ranking = ranking[take:]
-        q = requant(ignored)
-        evaluation = measure(q)
-        steps.append(_step(ignored, evaluation))
-        say(f"{len(ignored)} nodes in float: {line(evaluation)}")
+
+    def attempt(count: int):
+        chosen = keep | set(ranking[:count])
+        # spliced into the graph already quantized: seconds, where re-quantizing takes a minute or more
+        candidate = splice_float(prepared, first, ranking[:count])
+        e = measure(candidate)
+        steps.append(_step(chosen, e))
+        say(f"{len(chosen)} nodes in float: {line(e)}")
+        return candidate, chosen, e
+
+    # the most harmful 1, 2, 4, ... nodes until the budget holds, then the fewest between the last two sizes
+    low, count = 0, 1
+    while count <= cap:
+        q, ignored, evaluation = attempt(count)
         if _closer(evaluation, best[2], budget):
             best = (q, ignored, evaluation)
-        chunk *= 2  # 1, 2, 4, ... nodes more per step: few re-quantizations even for deep models
-    if not budget.met(evaluation):  # never end on a worse step than one with fewer nodes in float
-        q, ignored, evaluation = best
+        if budget.met(evaluation):
+            break
+        low, count = count, (count * 2 if count < cap else cap + 1)
+        count = min(count, cap) if low < cap else count
+    else:
+        return (*best, steps)  # never met: the closest step, never a worse one than a step with fewer nodes
+    high = count
+    while high - low > 1:
+        mid = (low + high) // 2
+        candidate = attempt(mid)
+        if budget.met(candidate[2]):
+            high, (q, ignored, evaluation) = mid, candidate
+        else:
+            low = mid
     return q, ignored, evaluation, steps
 
 
@@ -727,6 +744,44 @@ def _closer(e: "Evaluation", than: "Evaluation", budget: Budget) -> bool:
             miss += 100 * max(0.0, budget.min_agreement - (x.agreement["OKS"] if x.agreement else 0.0))
         return miss
     return shortfall(e) < shortfall(than)
+
+
+def quantized_nodes(prepared: onnx.ModelProto, q: onnx.ModelProto) -> list[str]:
+    """Nodes of ``prepared`` that run quantized in ``q`` (an input read through a DequantizeLinear)."""
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    q_nodes = {n.name: n for n in q.graph.node}
+    return [n.name for n in prepared.graph.node if n.op_type in QUANTIZABLE and n.name in q_nodes
+            and any(producers.get(t) == "DequantizeLinear" for t in q_nodes[n.name].input)]
+
+
+def splice_float(prepared: onnx.ModelProto, q: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """``q`` with the nodes ``names`` back in float: each reads its float inputs, weights and bias (from
+    ``prepared``), nothing re-calibrated; what it feeds is quantized as before."""
+    variant = copy.deepcopy(q)
+    producers = {o for n in q.graph.node for o in n.output}
+    # float activations the INT8 graph still computes (the input of each quantizer); those that
+    # make_ort_friendly moved past (a dropped ReLU's output) are not there, and their uint8 stand-in stays
+    in_q = producers | {i.name for i in q.graph.input}
+    float_nodes = {n.name: n for n in prepared.graph.node}
+    float_inits = {i.name: i for i in prepared.graph.initializer}
+    nodes = {n.name: n for n in variant.graph.node}
+    added: set[str] = set()
+    for name in names:
+        n, node = float_nodes[name], nodes[name]
+        quantized_inputs = list(node.input)
+        del node.input[:]
+        for slot, t in enumerate(n.input):
+            if t in float_inits:  # under a fresh name: ORT's quantizer gives a weight's DequantizeLinear output its name
+                if f"{t}__float" not in added:
+                    w = copy.deepcopy(float_inits[t])
+                    w.name = f"{t}__float"
+                    variant.graph.initializer.append(w)
+                    added.add(w.name)
+                t = f"{t}__float"
+            elif t not in in_q and slot < len(quantized_inputs):
+                t = quantized_inputs[slot]
+            node.input.append(t)
+    return variant
 
 
 def rank_harm(prepared: onnx.ModelProto, q: onnx.ModelProto, calib_set: CalibrationSet, *, limit: int = 16) -> list[str]:
@@ -754,29 +809,6 @@ def rank_harm(prepared: onnx.ModelProto, q: onnx.ModelProto, calib_set: Calibrat
     def error(model: onnx.ModelProto) -> float:
         return sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outputs(model), reference)) / norm
 
-    producers = {o: n.op_type for n in q.graph.node for o in n.output}
-    q_nodes = {n.name: i for i, n in enumerate(q.graph.node)}
-    float_inits = {i.name: i for i in prepared.graph.initializer}
-    # float activations the INT8 graph still computes (the input of each quantizer); those that
-    # make_ort_friendly moved past (a dropped ReLU's output) are not there, and their uint8 stand-in stays
-    in_q = set(producers) | {i.name for i in q.graph.input}
-    candidates = [n for n in prepared.graph.node if n.op_type in QUANTIZABLE and n.name in q_nodes
-                  and any(producers.get(t) == "DequantizeLinear" for t in q.graph.node[q_nodes[n.name]].input)]
     base = error(q)
-    harm = {}
-    for n in candidates:
-        variant = copy.deepcopy(q)
-        node = variant.graph.node[q_nodes[n.name]]
-        quantized_inputs = list(node.input)
-        del node.input[:]
-        for slot, t in enumerate(n.input):
-            if t in float_inits:  # under a fresh name: ORT's quantizer gives a weight's DequantizeLinear output its name
-                w = copy.deepcopy(float_inits[t])
-                w.name = f"{t}__float"
-                variant.graph.initializer.append(w)
-                t = w.name
-            elif t not in in_q and slot < len(quantized_inputs):
-                t = quantized_inputs[slot]
-            node.input.append(t)
-        harm[n.name] = base - error(variant)
+    harm = {name: base - error(splice_float(prepared, q, [name])) for name in quantized_nodes(prepared, q)}
     return sorted(harm, key=lambda k: -harm[k])

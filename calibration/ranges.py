@@ -36,6 +36,8 @@ from .qdq import links
 
 LEVELS = 255
 USE = 0.5  # a tensor using less than this share of the codes gets its own range
+FUSED_OUTPUTS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Concat", "MaxPool", "AveragePool",
+                 "GlobalAveragePool", "Relu", "Clip", "DepthToSpace", "Resize", "Transpose", "Reshape"}
 MIN_GAIN = 0.05  # a change is kept when it cuts the relative output error by at least 5%
 
 
@@ -174,6 +176,10 @@ def depthwise_channel_scales(q: onnx.ModelProto, prepared: onnx.ModelProto, feed
             continue
         if _scalar(inits, qx.input[1]) is None or _scalar(inits, qx.input[2]) is None:
             continue
+        source = producers.get(qx.input[0])
+        if source is not None and (source.op_type in FUSED_OUTPUTS or all(
+                producers.get(t) is not None and producers[t].op_type == "DequantizeLinear" for t in source.input)):
+            continue  # ORT would fuse this Q into its producer's QLinear op, which takes one output scale only
         found.append((conv, dx, dw, qx))
     stats = _stats_for(stats, prepared, [qx.input[0] for *_, qx in found], feeds)
     changed = []
@@ -200,9 +206,16 @@ def depthwise_channel_scales(q: onnx.ModelProto, prepared: onnx.ModelProto, feed
         dx.input[1] = _set_new(g, inits, f"{dx.name or dx.output[0]}_common_scale", np.array(common, np.float32))
         w_scale = numpy_helper.to_array(inits[dw.input[1]]).astype(np.float32).reshape(-1)
         w_scale = np.broadcast_to(w_scale, (channels,)) * (per_channel / common)
-        dw.input[1] = _set_new(g, inits, f"{dw.name or dw.output[0]}_folded_scales", w_scale.astype(np.float32))
-        if w_scale.size > 1 and not any(a.name == "axis" for a in dw.attribute):
-            dw.attribute.append(helper.make_attribute("axis", 0))
+        wname = dw.name or dw.output[0]
+        dw.input[1] = _set_new(g, inits, f"{wname}_folded_scales", w_scale.astype(np.float32))
+        if len(dw.input) > 2 and dw.input[2] in inits:  # a per-tensor weight's zero point becomes one per channel
+            w_zero = numpy_helper.to_array(inits[dw.input[2]])
+            dw.input[2] = _set_new(g, inits, f"{wname}_folded_zeros", np.broadcast_to(w_zero.reshape(-1)[:1],
+                                                                                    (channels,)).astype(w_zero.dtype))
+        for a in list(dw.attribute):
+            if a.name == "axis":
+                dw.attribute.remove(a)
+        dw.attribute.append(helper.make_attribute("axis", 0))
         _rescale_bias(g, inits, producers, conv, common * w_scale.astype(np.float32))
         changed.append(conv.name or conv.output[0])
     return changed
@@ -303,6 +316,15 @@ def mse_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
     return changed
 
 
+def _runs_fused(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> bool:
+    """ONNX Runtime builds and runs ``model`` with its fusions on (what the change is for)."""
+    try:
+        _session(model).run(None, feed)
+        return True
+    except Exception:  # noqa: BLE001 - ORT's kernels refuse a fused op's arguments in many ways
+        return False
+
+
 def output_error(model: onnx.ModelProto, reference: list[list[np.ndarray]], feeds: list[dict[str, np.ndarray]]
                  ) -> float:
     """sum((out - ref)^2) / sum(ref^2) over every output and crop, ``model`` in its QDQ semantics."""
@@ -336,7 +358,7 @@ def refine_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dic
             report[key] = {"changed": 0, "kept": False}
             continue
         after = output_error(trial, reference, check)
-        kept = after <= (1 - MIN_GAIN) * error
+        kept = after <= (1 - MIN_GAIN) * error and _runs_fused(trial, check[0])
         report[key] = {"changed": len(touched), "error": after, "kept": kept}
         if kept:
             q, error = trial, after
