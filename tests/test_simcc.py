@@ -262,3 +262,13 @@ def test_a_model_without_metadata_gets_the_stamp_command(work):
     with pytest.raises(PosequantError, match="stamp it first: posequant export-pose"):
         quantize(work["src"], work["data"], input_size=SIZE, keypoints="coco", color="rgb",
                  output=work["dir"] / "x.onnx")
+
+
+def test_pipeline_takes_a_simcc_onnx(work, tmp_path):
+    from posequant.pipeline import GateBudget, run_pipeline
+
+    res = run_pipeline(work["src"], work["data"], work["data"], tmp_path / "out", keypoints="coco", color="rgb",
+                       budget=GateBudget(max_drop=100, max_joint_drop=100, min_speedup=0), flip=False, runs=2)
+    assert res.passed and res.export.meta.head == "simcc" and res.quantize.meta.outputs == ("px", "py")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["gate"]["float_metrics"]["AP"] > 0.99
