@@ -104,6 +104,37 @@ def _const(inits: dict, name: str) -> np.ndarray | None:
     return numpy_helper.to_array(inits[name]) if name in inits else None
 
 
+def _int8_weight(inits: dict, dw: onnx.NodeProto, ndim: int) -> np.ndarray | None:
+    """The int8 weight codes a DequantizeLinear reads, when they are constant, of rank ``ndim`` and symmetric
+    (zero point 0: what posequant writes; asymmetric weights are left alone); else None."""
+    w = _const(inits, dw.input[0])
+    if w is None or w.dtype != np.int8 or w.ndim != ndim:
+        return None
+    w_zero = _const(inits, dw.input[2]) if len(dw.input) > 2 else None
+    return None if w_zero is not None and w_zero.any() else w
+
+
+def _input_quantization(inits: dict, dx: onnx.NodeProto) -> tuple[float, int, bool] | None:
+    """(scale, zero point as the kernels see it: uint8, signed or not) of an input DequantizeLinear with one scale;
+    None for per-channel activations (OpenVINO's depthwise inputs: not on the u8s8 GEMM path)."""
+    sx, zx = _const(inits, dx.input[1]), _const(inits, dx.input[2]) if len(dx.input) > 2 else None
+    if sx is None or sx.size != 1:
+        return None
+    signed = zx is not None and zx.dtype == np.int8
+    zero = int(zx.reshape(-1)[0]) + (128 if signed else 0) if zx is not None else (128 if signed else 0)
+    return float(sx.reshape(-1)[0]), zero, signed
+
+
+def _bias(inits: dict, producers: dict, node: onnx.NodeProto) -> tuple[str | None, bool]:
+    """The initializer of a node's bias (its third input) and whether it is int32 codes behind a DequantizeLinear."""
+    if len(node.input) < 3 or not node.input[2]:
+        return None, False
+    db = producers.get(node.input[2])
+    if db is not None and db.op_type == "DequantizeLinear" and db.input[0] in inits:
+        return db.input[0], True
+    return (node.input[2], False) if node.input[2] in inits else (None, False)
+
+
 def quantized_convs(model: onnx.ModelProto) -> list[QConv]:
     """The Conv/ConvTranspose nodes whose input and weights come through DequantizeLinear from integer codes."""
     g = model.graph
@@ -116,31 +147,17 @@ def quantized_convs(model: onnx.ModelProto) -> list[QConv]:
         dx, dw = producers.get(n.input[0]), producers.get(n.input[1])
         if not (dx is not None and dw is not None and dx.op_type == dw.op_type == "DequantizeLinear"):
             continue
-        w = _const(inits, dw.input[0])
-        if w is None or w.dtype != np.int8 or w.ndim != 4:
+        w, x = _int8_weight(inits, dw, 4), _input_quantization(inits, dx)
+        if w is None or x is None:
             continue
-        w_zero = _const(inits, dw.input[2]) if len(dw.input) > 2 else None
-        if w_zero is not None and w_zero.any():
-            continue  # asymmetric weights: not what posequant writes; left alone
-        sx, zx = _const(inits, dx.input[1]), _const(inits, dx.input[2]) if len(dx.input) > 2 else None
-        if sx is None or sx.size != 1:
-            continue  # per-channel activations (OpenVINO's depthwise inputs): not on the u8s8 GEMM path
-        signed = zx is not None and zx.dtype == np.int8
-        zero = int(zx.reshape(-1)[0]) + (128 if signed else 0) if zx is not None else (128 if signed else 0)
-        bias, bias_int = None, False
-        if len(n.input) > 2 and n.input[2]:
-            db = producers.get(n.input[2])
-            if db is not None and db.op_type == "DequantizeLinear" and db.input[0] in inits:
-                bias, bias_int = db.input[0], True
-            elif n.input[2] in inits:
-                bias = n.input[2]
+        bias, bias_int = _bias(inits, producers, n)
         group = int(_attr(n, "group", 1))
         transpose = n.op_type == "ConvTranspose"
         kernel = tuple(int(k) for k in w.shape[2:])
         pads = tuple(int(p) for p in _attr(n, "pads", [0, 0, 0, 0]))
         in_ch = w.shape[0] // group if transpose else w.shape[1]
         out_ch = w.shape[1] * group if transpose else w.shape[0]
-        out.append(QConv(n, dx.input[0], float(sx.reshape(-1)[0]), zero, signed, dw.input[0],
+        out.append(QConv(n, dx.input[0], *x, dw.input[0],
                          _const(inits, dw.input[1]).reshape(-1).astype(np.float32), bias, bias_int, group,
                          transpose, kernel, tuple(int(s) for s in _attr(n, "strides", [1, 1])), pads,
                          tuple(int(d) for d in _attr(n, "dilations", [1, 1])), in_ch, out_ch))
@@ -166,32 +183,18 @@ def quantized_matmuls(model: onnx.ModelProto) -> list[QConv]:
             dx, moved = producers.get(dx.input[0]), True
         if not (dx is not None and dw is not None and dx.op_type == dw.op_type == "DequantizeLinear"):
             continue
-        w = _const(inits, dw.input[0])
-        if w is None or w.dtype != np.int8 or w.ndim != 2:
-            continue
-        w_zero = _const(inits, dw.input[2]) if len(dw.input) > 2 else None
-        if w_zero is not None and w_zero.any():
-            continue
-        sx, zx = _const(inits, dx.input[1]), _const(inits, dx.input[2]) if len(dx.input) > 2 else None
-        if sx is None or sx.size != 1:
+        w, x = _int8_weight(inits, dw, 2), _input_quantization(inits, dx)
+        if w is None or x is None:
             continue
         kind = "gemm" if n.op_type == "Gemm" and _attr(n, "transB", 0) else "matmul"
         k_dim, n_dim = (1, 0) if kind == "gemm" else (0, 1)
         w_scale = _const(inits, dw.input[1]).reshape(-1).astype(np.float32)
         if w_scale.size > 1 and (w_scale.size != w.shape[n_dim] or _attr(dw, "axis", 1) % 2 != n_dim):
             continue  # scales along K: not one scale per output; left alone
-        signed = zx is not None and zx.dtype == np.int8
-        zero = int(zx.reshape(-1)[0]) + (128 if signed else 0) if zx is not None else (128 if signed else 0)
-        bias, bias_int = None, False
-        if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]:
-            db = producers.get(n.input[2])
-            if db is not None and db.op_type == "DequantizeLinear" and db.input[0] in inits:
-                bias, bias_int = db.input[0], True
-            elif n.input[2] in inits:
-                bias = n.input[2]
-        out.append(QConv(n, n.input[0] if moved else dx.input[0], float(sx.reshape(-1)[0]), zero, signed,
-                         dw.input[0], w_scale, bias, bias_int, 1, False, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1),
-                         int(w.shape[k_dim]), int(w.shape[n_dim]), kind, moved))
+        bias, bias_int = _bias(inits, producers, n)  # a MatMul has two inputs: none
+        out.append(QConv(n, n.input[0] if moved else dx.input[0], *x, dw.input[0], w_scale, bias, bias_int, 1,
+                         False, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), int(w.shape[k_dim]), int(w.shape[n_dim]),
+                         kind, moved))
     return out
 
 
