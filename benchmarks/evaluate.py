@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,11 @@ from posequant.calibration import (
     read_image,
     skipped_image_warnings,
 )
+from posequant.core.args import Runtime, Whole, checked
 from posequant.core.batching import infer_at_batch
 from posequant.core.decoding import head_of
 from posequant.core.errors import DataError, PosequantError
+from posequant.core.fileio import temp_dir
 from posequant.core.metadata import ModelMeta
 from posequant.core.modelfile import ModelFile, model_format, open_model
 from posequant.core.quiet import warn as posequant_warn
@@ -189,6 +190,8 @@ def score(meta: ModelMeta, ds, people, preds: np.ndarray, maxvals: np.ndarray, *
     return out
 
 
+@checked(batch=Whole(1), limit=Whole(1, optional=True), threads=Whole(1, optional=True), backend=Runtime(),
+         device=Runtime())
 def evaluate(
     model: str | Path | ModelFile,
     data: str | Path,
@@ -231,7 +234,7 @@ def evaluate(
     data = Path(data)
     path = model.path if isinstance(model, ModelFile) else model
     backend = resolve_backend(path, backend)  # None: ort, or the one backend an IR / engine runs on
-    with tempfile.TemporaryDirectory() as tmp:
+    with temp_dir() as tmp:
         opened, module = _load_model(model, export_options or {}, Path(tmp), progress)
         meta, head = opened.meta, head_of(opened.meta)
         ds = open_dataset(data, input_size=meta.input_size, format=format, split=split, skip_missing=skip_missing)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from posequant.calibration import open_dataset
+from posequant.core.args import Runtime, Whole, checked
 from posequant.core.cpu import cpu_kind, kind_source
 from posequant.core.errors import PosequantError
 from posequant.core.metadata import ModelMeta
@@ -305,6 +306,8 @@ def _quantization_of(path: Path) -> dict:
 # ---- the gate ----------------------------------------------------------------------------------
 
 
+@checked(limit=Whole(1, optional=True), batch=Whole(1), threads=Whole(1, optional=True), warmup=Whole(0), runs=Whole(1),
+         worst=Whole(0), backend=Runtime(), device=Runtime())
 def gate(
     float_model: str | Path,
     int8_model: str | Path,

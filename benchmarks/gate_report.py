@@ -12,7 +12,7 @@ import numpy as np
 
 from posequant.calibration import crop_person, read_image
 from posequant.core.errors import DataError, PosequantError
-from posequant.core.fileio import check_outputs, write_bytes_atomic, write_text_atomic
+from posequant.core.fileio import check_outputs, output_dir, write_bytes_atomic
 from posequant.core.metadata import ModelMeta
 from posequant.core.table import format_table
 
@@ -235,26 +235,32 @@ def draw_disagreements(meta: ModelMeta, people, float_preds: np.ndarray, int8_pr
 
 
 def write_report(result, folder: Path, meta: ModelMeta, people) -> list[str]:
-    """Write disagreements.png (when the images can be read), report.md and report.json; their paths."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PosequantError(f"cannot create --report {folder} ({e.strerror}): choose another --report") from None
+    """Write disagreements.png (when the images can be read), report.md and report.json; their paths.
+
+    All three or none: a write that fails (a full disk, SIGTERM) removes what this call wrote, and the folder
+    when it made it."""
     idx = [p["index"] for p in result.disagreements]
     picture = draw_disagreements(meta, people, result.float_eval.preds[idx], result.int8_eval.preds[idx],
                                  [p["disagreement"] for p in result.disagreements])
-    files = [folder / "report.md", folder / "report.json"]
-    png = None
+    contents: dict[str, bytes] = {}
     if picture is not None:
         ok, buf = cv2.imencode(".png", picture)
         if ok:
-            png = "disagreements.png"
-            write_bytes_atomic(folder / png, buf.tobytes(), "--report")
-            files.append(folder / png)
-    result.report_files = [str(f) for f in files]
-    write_text_atomic(folder / "report.md", format_markdown(result, png), "--report")
-    write_text_atomic(folder / "report.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n",
-                      "--report")
+            contents["disagreements.png"] = buf.tobytes()
+    png = "disagreements.png" if contents else None
+    result.report_files = [str(folder / n) for n in ("report.md", "report.json", *contents)]
+    contents["report.md"] = format_markdown(result, png).encode("utf-8")
+    contents["report.json"] = (json.dumps(result.to_dict(), indent=2, default=str) + "\n").encode("utf-8")
+    written: list[Path] = []
+    with output_dir(folder, "--report"):
+        try:
+            for name, data in contents.items():
+                write_bytes_atomic(folder / name, data, "--report")
+                written.append(folder / name)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     return result.report_files
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +20,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from posequant.core.args import Names, Paths, Runtime, Whole, Wholes, checked
 from posequant.core.cpu import cpu_kind
 from posequant.core.errors import MissingMetadataError, PosequantError
+from posequant.core.fileio import temp_dir
+from posequant.core.modelfiles import model_bytes
 from posequant.core.onnxfile import load_onnx
 
 from .machine import gpu_name, has_bf16, machine_facts, usable_cores
@@ -129,7 +131,7 @@ def load_bench_model(path: Path, tmp: Path, export_options: dict | None = None) 
 
         note = cpu_mismatch(proto, path.name, cpu_kind())
     return BenchModel(str(path), onnx_path, precision, tuple(size), facts["fixed_batch"], group,
-                      path.stat().st_size / 2**20, facts["conv_transpose"], facts["conv_transpose_unquantized"],
+                      model_bytes(path) / 2**20, facts["conv_transpose"], facts["conv_transpose_unquantized"],
                       module, cpu_note=note)
 
 
@@ -354,6 +356,8 @@ def _warnings(models: list[BenchModel], configs: list[_Config], device: str, thr
     return out
 
 
+@checked(models=Paths("model"), device=Runtime(), backends=Names(runtime=True), batches=Wholes(1),
+         threads=Whole(1, optional=True), warmup=Whole(0), runs=Whole(1))
 def bench(
     models: Sequence[str | Path],
     *,
@@ -373,10 +377,6 @@ def bench(
     :class:`BackendError`); by default those that are not are listed in ``skipped`` with the reason.
     """
     say = progress or (lambda msg: None)
-    if not models:
-        raise PosequantError("give at least one MODEL (.onnx or checkpoint)")
-    if runs < 1 or warmup < 0 or not batches or min(batches) < 1:
-        raise PosequantError("--runs and each --batch must be at least 1, --warmup at least 0")
     check_device(device)
     explicit = backends is not None
     backends = list(dict.fromkeys(backends or DEVICE_BACKENDS[device]))
@@ -392,7 +392,7 @@ def bench(
         else:
             usable.append(be)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with temp_dir() as tmp:
         loaded = [load_bench_model(Path(m), Path(tmp), export_options) for m in models]
         configs = _prepare(loaded, usable, device, sorted(set(batches)), threads, warmup, explicit, skipped, say)
         if not configs:

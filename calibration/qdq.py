@@ -47,7 +47,7 @@ class _Consts:
             self.nodes[name].attribute[0].t.CopyFrom(tensor)
 
 
-def make_ort_friendly(model: onnx.ModelProto) -> dict[str, int]:
+def make_ort_friendly(model: onnx.ModelProto, *, sink: bool = True) -> dict[str, int]:
     """Rewrite a QDQ model so that ONNX Runtime's CPU fusions apply; the computed values do not change.
 
     - int8 activations become uint8 with the zero point moved by 128 (the same dequantized
@@ -57,7 +57,8 @@ def make_ort_friendly(model: onnx.ModelProto) -> dict[str, int]:
       the form ORT's QLinearConv takes (rounding of at most half a bias step).
     - the rewritten deconvolutions' Concat / DepthToSpace run on uint8 (``quantize_data_movement``),
       and depthwise ones become true depthwise convolutions (``split_grouped_phases``); the last
-      one's DepthToSpace moves to the heatmaps (``sink_depth_to_space``).
+      one's DepthToSpace moves to the heatmaps (``sink_depth_to_space``; ``sink=False`` leaves that to the
+      caller, to run after anything that re-fits weight scales).
     """
     g = model.graph
     consts = _Consts(g)
@@ -103,7 +104,7 @@ def make_ort_friendly(model: onnx.ModelProto) -> dict[str, int]:
     del g.value_info[:]  # stale element types after the zero-point move; ORT re-infers them
     chains = quantize_data_movement(model)
     depthwise = split_grouped_phases(model)
-    sunk = sink_depth_to_space(model)
+    sunk = sink_depth_to_space(model) if sink else 0
     return {"zero_points_to_uint8": len(moved), "int32_biases": biases, "uint8_depth_to_space": chains,
             "depthwise_phase_splits": depthwise, "depth_to_space_to_output": sunk}
 
@@ -240,6 +241,10 @@ def quantize_data_movement(model: onnx.ModelProto) -> int:
             g.node.insert(index + offset, n)
         moved += 1
     if moved:
+        used = {i for n in g.node for i in n.input} | outputs  # the weight and bias DQs a rescale left unread
+        for n in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
+            g.node.remove(n)
+        _drop_unused_initializers(g)
         del g.value_info[:]
     return moved
 
@@ -408,6 +413,9 @@ def sink_depth_to_space(model: onnx.ModelProto) -> int:
         c_in, c_out = channels.get(d2s.input[0], 0), channels.get(t, 0)
         if not chain or not c_in or not c_out:
             continue
+        rescale = _channel_scales_to_move(chain, producers, consts)
+        if rescale is None:
+            continue
         base = d2s.name or d2s.output[0]
         names = [f"{base}_phases_as_batch_shape", f"{base}_phases_as_batch", f"{base}_phases_as_channels_shape",
                  f"{t}_phases", f"{t}_phases_as_channels"]
@@ -418,17 +426,93 @@ def sink_depth_to_space(model: onnx.ModelProto) -> int:
         chain[0].input[0] = names[1]
         chain[-1].output[0] = names[3]
         to_channels = onnx.helper.make_node("Reshape", [names[3], names[2]], [names[4]], name=names[4])
-        rearrange = onnx.helper.make_node("DepthToSpace", [names[4]], [t], name=base, blocksize=block, mode="DCR")
+        tail = _scales_behind_reshape(g, consts, producers, chain[-1], rescale, names[4], block) if rescale else []
+        rearrange = onnx.helper.make_node("DepthToSpace", [tail[-1].output[0] if tail else names[4]], [t], name=base,
+                                          blocksize=block, mode="DCR")
         index = list(g.node).index(d2s)
         g.node.remove(d2s)
         g.node.insert(index, to_batch)
         index = list(g.node).index(chain[-1])
-        g.node.insert(index + 1, to_channels)
-        g.node.insert(index + 2, rearrange)
+        for i, node in enumerate([to_channels, *tail, rearrange]):
+            g.node.insert(index + 1 + i, node)
         moved += 1
     if moved:
+        used = {i for n in g.node for i in n.input} | outputs  # the weight and bias DQs a rescale left unread
+        for n in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
+            g.node.remove(n)
+        _drop_unused_initializers(g)
         del g.value_info[:]
     return moved
+
+
+def _channel_scales_to_move(chain: list[onnx.NodeProto], producers: dict, consts: _Consts
+                            ) -> tuple[np.ndarray, np.ndarray | None] | tuple[()] | None:
+    """What a sunk chain needs so that OpenVINO computes it as its QDQ graph says.
+
+    OpenVINO's CPU plugin (2026.4) carries a per-channel dequantization (a 1x1 convolution's per-channel weight
+    scales, its int32 bias) through the Reshape that takes the phases out of the batch in the wrong channel
+    order: joint j's heatmap at phase p got the scale of channel (p * J + j) // s^2 (relative L2 0.4 on the
+    trained model's --target ort file; ONNX Runtime computes it right). A per-tensor dequantization, or one
+    followed by a QuantizeLinear before the Reshape, is carried correctly. So: ``()`` when no per-channel
+    dequantization reaches the Reshape; (weight scales, float bias or None) of the last convolution when it does
+    and can be moved behind the Reshape (:func:`_scales_behind_reshape`); None when the chain is left alone.
+    """
+    tail = chain
+    for i, node in enumerate(chain):
+        if node.op_type == "QuantizeLinear":
+            tail = chain[i + 1:]  # requantized: what came before reaches the Reshape per tensor
+    convs = [n for n in tail if n.op_type == "Conv"]
+    per_channel = []
+    for conv in convs:
+        dq = producers.get(conv.input[1])
+        scale = consts.get(dq.input[1]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if scale is not None and scale.size > 1:
+            per_channel.append((conv, dq, scale))
+    if not per_channel:
+        return ()
+    conv, dq, scale = per_channel[-1]
+    zero = consts.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    if len(per_channel) > 1 or conv is not chain[-1] or (zero is not None and np.any(zero)):
+        return None
+    bias = None
+    if len(conv.input) > 2 and conv.input[2]:
+        bdq = producers.get(conv.input[2])
+        if bdq is not None and bdq.op_type == "DequantizeLinear":
+            q, bscale = consts.get(bdq.input[0]), consts.get(bdq.input[1])
+            bzero = consts.get(bdq.input[2]) if len(bdq.input) > 2 and bdq.input[2] else 0
+            bias = None if q is None or bscale is None else ((q.astype(np.float64) - bzero) * bscale).astype(np.float32)
+        else:
+            bias = consts.get(conv.input[2])
+        if bias is None:
+            return None
+    return scale.astype(np.float32).reshape(-1), bias
+
+
+def _scales_behind_reshape(g: onnx.GraphProto, consts: _Consts, producers: dict, conv: onnx.NodeProto,
+                           rescale: tuple[np.ndarray, np.ndarray | None], after: str, block: int
+                           ) -> list[onnx.NodeProto]:
+    """The last convolution of a sunk chain with its weights at one scale (the same int8 codes) and no bias; its
+    per-channel scales and its bias applied behind the Reshape out of the batch instead, tiled over the phases
+    as DepthToSpace (DCR) orders the channels: conv(x, q * s_j) + b_j = conv(x, q) * s_j + b_j. The nodes that
+    follow the Reshape (Mul, Add); the caller feeds the last one to the DepthToSpace."""
+    scale, bias = rescale
+    dq = producers[conv.input[1]]
+    base = conv.name or conv.output[0]
+    unit = [f"{base}_weight_unit_scale", f"{base}_weight_zero_point", f"{base}_weight_codes"]
+    g.initializer.extend([numpy_helper.from_array(np.array(1.0, np.float32), unit[0]),
+                          numpy_helper.from_array(np.array(0, consts.get(dq.input[0]).dtype), unit[1])])
+    codes = onnx.helper.make_node("DequantizeLinear", [dq.input[0], unit[0], unit[1]], [unit[2]], name=unit[2])
+    g.node.insert(list(g.node).index(conv), codes)
+    conv.input[1] = unit[2]
+    del conv.input[2:]
+    names = [f"{base}_scales_by_phase", f"{after}_scaled", f"{base}_bias_by_phase", f"{after}_biased"]
+    tiled = np.tile(scale, block**2).reshape(1, -1, 1, 1)
+    g.initializer.append(numpy_helper.from_array(tiled, names[0]))
+    nodes = [onnx.helper.make_node("Mul", [after, names[0]], [names[1]], name=names[1])]
+    if bias is not None:
+        g.initializer.append(numpy_helper.from_array(np.tile(bias, block**2).reshape(1, -1, 1, 1), names[2]))
+        nodes.append(onnx.helper.make_node("Add", [names[1], names[2]], [names[3]], name=names[3]))
+    return nodes
 
 
 def _drop_unused_initializers(g: onnx.GraphProto) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 
+from posequant.core.args import Names, Runtime, Size, Whole, checked
 from posequant.core.cpu import KINDS, CpuKind, cpu_kind
 from posequant.core.errors import DataError, MetadataError, MissingMetadataError, PosequantError, VerificationError
-from posequant.core.fileio import check_outputs, write_bytes_atomic
+from posequant.core.fileio import check_outputs, temp_dir, write_bytes_atomic
 from posequant.core.metadata import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -32,15 +32,23 @@ from posequant.core.metadata import (
     stamp_command,
     write_meta,
 )
+from posequant.core.modelfiles import model_bytes
 from posequant.core.numbers import check_number
-from posequant.core.onnxfile import check_graph, load_onnx
+from posequant.core.onnxfile import check_graph, convert_opset, load_onnx, opset_of
 from posequant.core.quiet import quiet
 from posequant.core.version import __version__
 
 from .deconv import fold_deconv_batchnorm, max_relative_diff, rewrite_deconvs
 from .equalize import equalize_relu_ranges
 from .images import skipped_image_warnings
-from .qdq import int8_deconvolutions, is_quantized, make_openvino_friendly, make_ort_friendly, make_tensorrt_friendly
+from .qdq import (
+    int8_deconvolutions,
+    is_quantized,
+    make_openvino_friendly,
+    make_ort_friendly,
+    make_tensorrt_friendly,
+    sink_depth_to_space,
+)
 from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
 from .saturation import fit_pair_scales, input_means
 
@@ -59,6 +67,8 @@ ACTIVATIONS_BY_TARGET = {"ort": "asymmetric", "openvino": "symmetric", "tensorrt
 # largest accuracy gain on the trained model. True: all; "grouped": grouped only; False: none.
 REWRITE_BY_TARGET: dict[str, bool | str] = {"ort": True, "openvino": "grouped", "tensorrt": True}
 REWRITE_RTOL = 1e-5
+# DequantizeLinear's axis (one scale per output channel) came with opset 13: older graphs are converted first
+QDQ_MIN_OPSET = 13
 EQUALIZE_CROPS = 64  # calibration crops for the channel ranges of the equalization
 QUANTIZABLE = ("Conv", "ConvTranspose", "Add", "MatMul", "Gemm")
 # --cpu: a kind from posequant.core.cpu, this machine's ("auto") or "portable" (exact on every kind)
@@ -137,6 +147,24 @@ def _load(model_path: Path) -> onnx.ModelProto:
     return model
 
 
+def upgrade_opset(model: onnx.ModelProto, meta: ModelMeta, where: str, say: Callable[[str], None]) -> onnx.ModelProto:
+    """A graph older than opset 13, converted to 13 (``onnx.version_converter``) and checked to compute the same:
+    per-channel weight scales need DequantizeLinear's ``axis``, which opset 13 brought (an older graph's INT8
+    file would be invalid)."""
+    old = opset_of(model)
+    if old >= QDQ_MIN_OPSET:
+        return model
+    upgraded = convert_opset(model, QDQ_MIN_OPSET, where)
+    diff = max_relative_diff(model, upgraded, (input_batch(model) or 1, 3, *meta.input_size))
+    if not diff <= REWRITE_RTOL:
+        raise QuantizeError(f"{where} converted from opset {old} to {QDQ_MIN_OPSET} computes other heatmaps (relative "
+                            f"difference {diff:.2e}): re-export it at opset {QDQ_MIN_OPSET} or newer")
+    same = "identical" if diff == 0 else f"within {diff:.1e}"
+    say(f"note: {Path(where).name} is opset {old}; INT8 (QDQ) needs opset {QDQ_MIN_OPSET}: quantizing it converted to "
+        f"opset {QDQ_MIN_OPSET} (onnx.version_converter; heatmaps {same})")
+    return upgraded
+
+
 def model_meta(model: onnx.ModelProto, where: str, *, input_size=None, keypoints=None, color=None) -> ModelMeta:
     """The model's posequant metadata, or one built from the options for a model without it."""
     try:
@@ -164,7 +192,7 @@ def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color
     if len(dims) != 4 or not dims[1]:
         raise MetadataError(f"{where}: the model's output is not N x joints x H x W heatmaps: export it with "
                             "`posequant export-pose`")
-    kps = keypoint_set_for(dims[1], keypoints)
+    kps = keypoint_set_for(dims[1], keypoints, custom=False)  # --keypoints is required here
     heatmap = (dims[2], dims[3]) if dims[2] and dims[3] else _probe_heatmap_size(model, input_size)
     meta = ModelMeta(family="custom", keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
                      skeleton=kps.skeleton, input_size=tuple(input_size), heatmap_size=heatmap, color=color.lower(),
@@ -226,12 +254,14 @@ def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str
         q = _ort(model, calib, method=method, per_channel=per_channel, symmetric=symmetric, ignored=ignored, tmp=tmp)
         bias_correction = "none"
     if target == "ort":
-        make_ort_friendly(q)
+        make_ort_friendly(q, sink=False)
     elif target == "openvino":
         make_openvino_friendly(q)
     elif target == "tensorrt":
         make_tensorrt_friendly(q)
     fit = _fit_pairs(q, model, calib) if pair_fit else None
+    if target == "ort":  # after the pair fit: the sunk heatmap layer keeps its weight codes at one scale
+        sink_depth_to_space(q)
     for key, value in (("_bias_correction", bias_correction), ("_pair_fit", json.dumps(fit))):
         entry = q.metadata_props.add()  # read back (and removed) by quantize()
         entry.key, entry.value = key, value
@@ -325,6 +355,7 @@ def _ort(model, calib: CalibrationSet, *, method, per_channel, symmetric, ignore
     return onnx.load(str(dst))
 
 
+@checked(num_samples=Whole(1), seed=Whole(0), target=Runtime(), keep_float=Names(optional=False), input_size=Size())
 def quantize(
     model: str | Path,
     calib: str | Path,
@@ -371,8 +402,6 @@ def quantize(
     if engine not in ENGINES or method not in METHODS or target not in TARGETS or cpu not in CPUS:
         raise QuantizeError(f"engine/method/target/cpu must be one of {ENGINES} / {METHODS} / {TARGETS} / {CPUS}")
     max_drop = check_number("max_drop", max_drop, minimum=None)  # negative: INT8 must beat float. NaN: every "drop > budget" false, a budget that cannot fail
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or num_samples < 1:
-        raise QuantizeError(f"seed must be an integer >= 0 and num_samples >= 1, got {seed!r} and {num_samples!r}")
     made_for = _made_for(cpu)
     model_path = Path(model)
     output = Path(output) if output else default_output(model_path)
@@ -381,6 +410,8 @@ def quantize(
     meta = model_meta(float_model, str(model_path), input_size=input_size, keypoints=keypoints, color=color)
     keep_float = check_node_names(keep_float, float_model, str(model_path))
     val_ds = _open_val(val, meta, val_split, warn) if val else None
+    opset = opset_of(float_model)
+    float_model = upgrade_opset(float_model, meta, str(model_path), say)
     rewrite = REWRITE_BY_TARGET[target] if rewrite_deconv is None else rewrite_deconv
     activations = activations or ACTIVATIONS_BY_TARGET[target]
     if activations not in ACTIVATIONS:
@@ -410,10 +441,10 @@ def quantize(
                 "cpu": made_for.name if made_for else "portable", "cpu_title": made_for.describe() if made_for else
                 "any CPU (pair sums kept within int16: exact on every kind)", "quantized_on": cpu_kind().name,
                 "seed": seed, "num_samples": num_samples, "max_drop": max_drop if val else None,
-                "val": str(val) if val else None, "val_flip": val_flip}
+                "val": str(val) if val else None, "val_flip": val_flip,
+                "opset": {"input": opset, "quantized": opset_of(float_model)}}
     ignored = set(keep_float)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with temp_dir() as tmp:
         say(f"calibrating on {len(calib_set.crops)} people ({engine})")
         run = dict(engine=engine, method=method, per_channel=per_channel, target=target, activations=activations,
                    tmp=tmp, pair_fit=made_for is None or bool(made_for.saturates))
@@ -438,7 +469,7 @@ def quantize(
         input=model_path, output=output, meta=meta, settings=settings, calibration=calibration,
         rewritten_deconvs=prep.rewritten, folded_batchnorms=prep.folded, equalized=prep.equalized,
         rewrite_max_rel_diff=prep.max_rel_diff, kept_float=sorted(ignored),
-        deconvs=int8_deconvolutions(q), float_bytes=model_path.stat().st_size, int8_bytes=len(data),
+        deconvs=int8_deconvolutions(q), float_bytes=model_bytes(model_path), int8_bytes=len(data),
         evaluation=evaluation, budget_steps=steps, seconds=time.perf_counter() - started, model=q)
     if evaluation is not None and not evaluation.drop <= max_drop:  # a NaN drop fails too
         raise BudgetError(f"INT8 drops {evaluation.metric} by {evaluation.drop:.2f} points even with "

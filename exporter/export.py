@@ -11,23 +11,32 @@ from typing import Callable
 import onnx
 import torch
 
-from posequant.core.errors import ExportError, MetadataError, PosequantError, VerificationError
+from posequant.core.args import Size, Whole, checked
+from posequant.core.errors import ExportError, PosequantError, VerificationError
 from posequant.core.fileio import arch_file, atomic_path, check_outputs
 from posequant.core.keypoints import keypoint_set_for
-from posequant.core.metadata import ModelMeta, check_size, format_size, write_meta
+from posequant.core.metadata import ModelMeta, format_size, write_meta
 from posequant.core.numbers import check_number, normalisation
+from posequant.core.onnxfile import PROTOBUF_LIMIT
 from posequant.core.quiet import ort_session, quiet
 from posequant.core.version import __version__
 
 from .checkpoint import load_checkpoint
-from .common import ExportResult, _data_cases, default_output, simplify_onnx
+from .common import (
+    MIN_OPSET,
+    ExportResult,
+    _data_cases,
+    check_opset,
+    default_output,
+    simplify_onnx,
+    size_advice,
+    stride_of,
+)
 from .model import resolve_model
 from .verify import random_inputs, verify
 
-MIN_OPSET = 17
 SIMCC_OUTPUTS = ("simcc_x", "simcc_y")  # a SimCC checkpoint's output names, x first
 DEFAULT_INPUT_SIZE = {16: (256, 256), 17: (256, 192)}  # MPII and COCO configs of the official repos
-PROTOBUF_LIMIT = 2**31 - 1
 
 
 def _why(e: Exception) -> str:
@@ -56,49 +65,12 @@ def _heatmap_shape(out) -> tuple[int, tuple[int, int]]:
     return out.shape[1], (out.shape[2], out.shape[3])
 
 
-def _stride(size: tuple[int, int], heatmap: tuple[int, int]) -> int | None:
-    """The whole number the input is divided by to give the heatmaps, the same for height and width, or None."""
-    (h, w), (hh, hw) = size, heatmap
-    if hh <= 0 or hw <= 0 or h % hh or w % hw or h // hh != w // hw:
-        return None
-    return h // hh
-
-
 def _try_size(module: torch.nn.Module, size: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
     try:
         out = _forward(module, size)
     except Exception:  # any failure of the network at this size: not a size it fits
         return None
     return _heatmap_shape(out)
-
-
-def _sizes_that_fit(module: torch.nn.Module, size: tuple[int, int]) -> tuple[int, int, list[tuple[int, int]]] | None:
-    """(multiple, stride, [sizes]): the nearest sizes below and above ``size`` the network fits, as the
-    smallest multiple (4, 8, ... 128) of which rounding both sides down and up gives exact heatmaps.
-
-    One multiple more is probed too: a size too small for the backbone can look exact by accident
-    (8x8 heatmaps from an 8x8 input, stride 1, when the network's stride is 4)."""
-    h, w = size
-    seen: dict[tuple[int, int], int | None] = {}
-
-    def stride_at(c: tuple[int, int]) -> int | None:
-        if c not in seen:
-            r = _try_size(module, c)
-            seen[c] = _stride(c, r[1]) if r else None
-        return seen[c]
-
-    for m in (4, 8, 16, 32, 64, 128):
-        down = (max(m, h // m * m), max(m, w // m * m))
-        up = (-(-h // m) * m, -(-w // m) * m)
-        cands = list(dict.fromkeys([down, up]))
-        strides = set()
-        for c in cands + [(up[0] + m, up[1] + m)]:  # stops at the first size that does not fit
-            strides.add(stride_at(c))
-            if None in strides or len(strides) > 1:
-                break
-        else:
-            return m, strides.pop(), cands
-    return None
 
 
 def fit_input_size(module: torch.nn.Module, size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
@@ -115,15 +87,9 @@ def fit_input_size(module: torch.nn.Module, size: tuple[int, int]) -> tuple[int,
         failure = _why(e)
     else:
         joints, heatmap = _heatmap_shape(out)  # the wrong kind of output is refused whatever the size
-    if failure is None and _stride(size, heatmap):
+    if failure is None and stride_of(size, heatmap):
         return joints, heatmap
-    fit = _sizes_that_fit(module, size)
-    if fit:
-        m, stride, sizes = fit
-        advice = (f"the network has stride {stride} and takes multiples of {m}: use "
-                  f"{' or '.join(format_size(s) for s in sizes)}")
-    else:
-        advice = "no nearby multiple of 4 to 128 fits either: check the architecture"
+    advice = size_advice(lambda c: (_try_size(module, c) or (0, None))[1], size)
     if failure is not None:
         raise ExportError(f"--input-size {h}x{w}: the model cannot run at this size ({failure}); {advice}")
     raise ExportError(f"--input-size {h}x{w} does not fit the network: its heatmaps come out {format_size(heatmap)}, "
@@ -162,6 +128,7 @@ def _ort_session(model_bytes: bytes):
     return ort_session(model_bytes)
 
 
+@checked(input_size=Size(), batch=Whole(1, optional=True), data_samples=Whole(1), opset=Whole(1, optional=True))
 def export_pose(
     checkpoint: str | Path,
     output: str | Path | None = None,
@@ -172,7 +139,7 @@ def export_pose(
     color: str | None = None,
     mean=None,
     std=None,
-    opset: int = MIN_OPSET,
+    opset: int | None = None,
     batch: int | None = None,
     simplify: bool = True,
     trust_pickle: bool = False,
@@ -186,7 +153,8 @@ def export_pose(
 ) -> ExportResult:
     """Export a pose checkpoint to one self-contained ONNX file with posequant metadata.
 
-    ``batch=None`` exports a dynamic batch dimension. Input normalisation defaults to what the
+    ``batch=None`` exports a dynamic batch dimension; ``opset=None`` exports opset 17 (an ONNX input keeps its own
+    opset unless ``opset`` is given, and is then converted). Input normalisation defaults to what the
     family's own training code did; ``color``/``mean``/``std`` override it. A ``.onnx`` file is a
     third-party model: it is stamped instead (:func:`posequant.exporter.onnx_in.stamp_onnx`). Raises
     :class:`VerificationError` (and writes nothing) when ONNX Runtime disagrees with PyTorch.
@@ -204,7 +172,7 @@ def export_pose(
             raise PosequantError(f"{', '.join(given)} apply to checkpoints; {checkpoint} is ONNX, which keeps its own "
                                  "graph and batch: leave them out")
         return stamp_onnx(checkpoint, output, input_size=input_size, keypoints=keypoints, joints=joints, color=color,
-                          mean=mean, std=std, simplify=simplify, verify_model=verify_model, data=data,
+                          mean=mean, std=std, opset=opset, simplify=simplify, verify_model=verify_model, data=data,
                           data_samples=data_samples, rtol=rtol, simcc_outputs=simcc_outputs, progress=progress)
     if joints:
         raise PosequantError("--joints names a third-party ONNX model's channels; a checkpoint of our families "
@@ -212,17 +180,9 @@ def export_pose(
     if simcc_outputs:
         raise PosequantError("--simcc-outputs names a third-party SimCC ONNX model's outputs; a checkpoint is "
                              "exported with outputs simcc_x and simcc_y: leave --simcc-outputs out")
-    if opset < MIN_OPSET:
-        raise PosequantError(f"--opset {opset} is too old: posequant exports opset {MIN_OPSET} or newer")
-    if batch is not None and batch < 1:
-        raise PosequantError(f"--batch must be 'dynamic' or a positive number, got {batch}")
+    opset = check_opset(opset) or MIN_OPSET
     if color is not None and color.lower() not in ("rgb", "bgr"):
         raise PosequantError(f"--color must be rgb or bgr, got {color!r}")
-    if input_size is not None:
-        try:
-            check_size(tuple(input_size))  # 0x0, negative, 100000x100000: before loading anything
-        except MetadataError as e:
-            raise PosequantError(f"--input-size: {e}") from None
     output = Path(output) if output else default_output(checkpoint)
     # before minutes of work, not after; never onto the checkpoint, the --arch file or the data
     check_outputs({"-o": output}, {"CHECKPOINT": checkpoint, "--arch": arch_file(arch), "--data": data})
@@ -285,11 +245,9 @@ def export_pose(
         report = verify(pose.module, _ort_session(data_bytes), cases, batch=batch, rtol=rtol)
         timings["verify_s"] = time.perf_counter() - t
         if not report.passed:
-            worst = max(report.cases, key=lambda c: c.rel_diff)
-            raise VerificationError(
-                f"ONNX output differs from PyTorch beyond tolerance (max abs diff {worst.max_abs_diff:.3g}, "
-                f"relative {worst.rel_diff:.3g} > {rtol:g}, {worst.argmax_mismatches} argmax mismatches on "
-                f"{worst.name}); nothing was written. Try --no-simplify, another --opset, or report a bug")
+            tries = ("--no-simplify, " if simplify else "") + "another --opset"
+            raise VerificationError(f"the ONNX model disagrees with PyTorch ({report.failure()}); nothing was "
+                                    f"written. Try {tries}, or report a bug")
 
     with atomic_path(output) as tmp:
         tmp.write_bytes(data_bytes)

@@ -9,7 +9,6 @@ outputs, SimCC vectors whose lengths give no one split ratio) is refused in one 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +17,21 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from posequant.core.args import Size, Whole, checked
 from posequant.core.errors import ExportError, MissingMetadataError, PosequantError, VerificationError
 from posequant.core.fileio import atomic_path, check_outputs
 from posequant.core.keypoints import KEYPOINT_SETS, KeypointSet, keypoint_set_for
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, format_size, read_meta, write_meta
+from posequant.core.modelfiles import sha256_of_model
 from posequant.core.numbers import check_number, normalisation
-from posequant.core.onnxfile import load_onnx
+from posequant.core.onnxfile import PROTOBUF_LIMIT, convert_opset, load_onnx, opset_of
 from posequant.core.version import __version__
 
-from .common import ExportResult, _data_cases, default_output, simplify_onnx
+from .common import ExportResult, _data_cases, check_opset, default_output, simplify_onnx, size_advice, stride_of
 from .verify import VerifyReport, compare_heatmaps, output_labels, random_inputs, run_onnx
 
 FAMILY = "onnx"  # metadata family of a stamped third-party model
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 class UnsupportedModelError(ExportError):
@@ -65,7 +67,7 @@ def _not_supported(where: Path, found: str) -> UnsupportedModelError:
 
 
 def check_graph(model: onnx.ModelProto, where: Path) -> GraphFacts:
-    """The graph's input and output, refused in one line when they are not a heatmap pose model's."""
+    """The graph's input and outputs, refused in one line when they are not a heatmap or SimCC pose model's."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     outputs = list(model.graph.output)
@@ -104,12 +106,16 @@ def check_graph(model: onnx.ModelProto, where: Path) -> GraphFacts:
     return GraphFacts(image.name, out.name, dims[0], (dims[2], dims[3]), _dims(out)[1])
 
 
-def _session(model_bytes: bytes):
+def _session(model_bytes: bytes, where: str):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - an op or opset this ONNX Runtime does not know, bad shapes, ...
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{where}: ONNX Runtime cannot load this graph ({why}): check the model") from None
 
 
 def _probe(session, where: Path, batch: int, size: tuple[int, int]) -> tuple[int, ...]:
@@ -121,6 +127,9 @@ def _probe(session, where: Path, batch: int, size: tuple[int, int]) -> tuple[int
                           f"{str(e).strip().splitlines()[0][:200]}); check --input-size") from None
     if out.ndim != 4:
         raise _not_supported(where, f"the output is {list(out.shape)} at run time, not N x joints x h x w heatmaps")
+    if not np.isfinite(out).all():
+        raise ExportError(f"{where} returns NaN or inf heatmaps for an input of zeros: the model is broken (check "
+                          "its export)")
     if out.shape[2] > size[0] or out.shape[3] > size[1]:
         raise _not_supported(where, f"heatmaps of {out.shape[2]}x{out.shape[3]} are larger than the "
                              f"{size[0]}x{size[1]} input")
@@ -178,6 +187,41 @@ def simcc_layout(session, where: Path, batch: int, size: tuple[int, int], given:
     return SimCCLayout(x, y, shapes[x][1], length[x], length[y], length[x] / w)
 
 
+def _check_finite_weights(model: onnx.ModelProto, where: Path) -> None:
+    """NaN or inf in a float initializer or constant: the weights are damaged, whatever simplifying would do."""
+    from onnx import numpy_helper
+
+    consts = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t")]
+    for t in [*model.graph.initializer, *consts]:
+        if t.data_type in FLOAT_TYPES:
+            values = numpy_helper.to_array(t)
+            bad = int(values.size - np.isfinite(values).sum())
+            if bad:
+                raise ExportError(f"{where}: tensor {t.name!r} holds {bad} NaN or inf value(s) of {values.size}; the "
+                                  "weights are damaged (diverged training or a broken file): use another model")
+
+
+def _check_stride(session, where: Path, facts: GraphFacts, size: tuple[int, int], heatmap: tuple[int, int]) -> None:
+    """Refuse heatmaps that are not the input divided by a whole stride (e.g. 72x56 for 264x200 on a backbone that
+    rounds up): every decoded joint would be misplaced, as for a checkpoint exported at such a size."""
+    if stride_of(size, heatmap):
+        return
+    found = f"its heatmaps come out {format_size(heatmap)}, not the input divided by a whole stride (decoded joints " \
+            "would be misplaced)"
+    if all(facts.input_hw):
+        raise UnsupportedModelError(f"{where} takes {format_size(size)} inputs (fixed in the graph) but {found}: "
+                                    "re-export it at a size its stride divides")
+
+    def heatmap_at(candidate: tuple[int, int]) -> tuple[int, int] | None:
+        try:
+            return _probe(session, where, facts.batch or 1, candidate)[2:]
+        except PosequantError:
+            return None
+
+    raise PosequantError(f"--input-size {format_size(size)} does not fit {where}: {found}; "
+                         f"{size_advice(heatmap_at, size)}")
+
+
 def _input_size(facts: GraphFacts, given: tuple[int, int] | None, where: Path) -> tuple[int, int] | None:
     h, w = facts.input_hw
     if h and w:
@@ -231,6 +275,7 @@ def _previous_meta(model: onnx.ModelProto, source: Path) -> ModelMeta | None:
         return None
 
 
+@checked(input_size=Size(), data_samples=Whole(1), opset=Whole(1, optional=True))
 def stamp_onnx(
     source: str | Path,
     output: str | Path | None = None,
@@ -241,6 +286,7 @@ def stamp_onnx(
     color: str | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    opset: int | None = None,
     simplify: bool = True,
     verify_model: bool = True,
     data: str | Path | None = None,
@@ -254,7 +300,9 @@ def stamp_onnx(
     The batch stays what the file has (a fixed batch is run at that size by every later stage).
     ``joints`` names the model's channels, in order, in the keypoint set's names; ``mean``/``std``
     default to ImageNet's. A SimCC model's x and y outputs are told apart by their lengths, or named by
-    ``simcc_outputs`` ("X_NAME,Y_NAME"). Returns an :class:`~posequant.exporter.export.ExportResult`.
+    ``simcc_outputs`` ("X_NAME,Y_NAME"). The graph keeps its opset unless ``opset`` names a newer one: it is
+    then converted (``onnx.version_converter``) and the verification compares it with the original.
+    Returns an :class:`~posequant.exporter.export.ExportResult`.
     """
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
@@ -266,11 +314,21 @@ def stamp_onnx(
     check_outputs({"-o": output}, {"MODEL": source, "--data": data})
     mean, std = normalisation(mean, "mean"), normalisation(std, "std")
     rtol = check_number("--rtol", rtol, above=True)
-    model = load_onnx(source)  # one line for a missing, empty, truncated or non-ONNX file
+    opset = check_opset(opset)
+    # one line for a missing, empty, truncated or non-ONNX file; external weights read in (resolved against the
+    # model's folder), so the stamp is one self-contained file whatever the current directory
+    model = load_onnx(source, load_external_data=True)
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        raise ExportError(f"{source} holds over 2 GiB of weights, which cannot be one self-contained .onnx file: "
+                          "models this large are not supported yet")
     facts = check_graph(model, source)
     if simcc_outputs and facts.head != "simcc":
         raise PosequantError(f"--simcc-outputs names a SimCC model's x and y outputs; {source} has one heatmap "
                              "output: leave it out")
+    _check_finite_weights(model, source)
+    if opset is not None and opset < opset_of(model):
+        raise PosequantError(f"--opset {opset}: {source} is opset {opset_of(model)} already, and graphs are not "
+                             "converted down: leave --opset out")
     previous = _previous_meta(model, source)
     if previous is not None:  # stamped again (to change what the options say): the rest stays as it was
         if previous.precision != "fp32":
@@ -298,21 +356,22 @@ def stamp_onnx(
         raise PosequantError(f"--color must be rgb or bgr, got {color!r}")
 
     original = model.SerializeToString()
-    ref = _session(original)
+    ref = _session(original, str(source))
     batch = facts.batch
     simcc = None
-    if facts.head == "simcc":
+    if facts.head == "simcc":  # no stride to check: the vectors' lengths are the input's times the split ratio
         simcc = simcc_layout(ref, source, batch or 1, size, simcc_outputs)
         channels, heatmap_size = simcc.joints, (simcc.ly, simcc.lx)
     else:
         shape = _probe(ref, source, batch or 1, size)
         channels, heatmap_size = shape[1], (shape[2], shape[3])
+        _check_stride(ref, source, facts, size, heatmap_size)
     if joints:
         kps = _named_set([n.strip() for n in joints.split(",")], keypoints)
         order = channel_joints(joints, kps, channels)
         order = () if order == tuple(range(channels)) else order
     else:
-        kps, order = keypoint_set_for(channels, keypoints), ()
+        kps, order = keypoint_set_for(channels, keypoints, custom=False), ()
 
     meta = ModelMeta(
         family=FAMILY, keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
@@ -322,11 +381,15 @@ def stamp_onnx(
                                                     {"output": facts.output_name}), "batch": batch or "dynamic"},
         # a model stamped again keeps its origin, so the gate still pairs it with INT8 models made before
         source_checkpoint=previous.source_checkpoint if previous else source.name,
-        source_sha256=previous.source_sha256 if previous else hashlib.sha256(source.read_bytes()).hexdigest(),
+        source_sha256=previous.source_sha256 if previous else sha256_of_model(source),
         posequant_version=__version__, channel_joints=order, head=facts.head,
         simcc_split_ratio=simcc.ratio if simcc else None, outputs=(simcc.x, simcc.y) if simcc else (),
     )
     timings = {"load_s": time.perf_counter() - t0}
+    converted = opset is not None and opset != opset_of(model)
+    if converted:
+        say(f"converting {source.name} from opset {opset_of(model)} to {opset}")
+        model = convert_opset(model, opset, str(source))
     if simplify:
         say(f"simplifying {source.name} with onnxsim")
         t = time.perf_counter()
@@ -343,14 +406,13 @@ def stamp_onnx(
     if verify_model:
         say("verifying the stamped copy against the original with ONNX Runtime")
         t = time.perf_counter()
-        report = verify_copy(ref, _session(stamped), meta, batch, data=data, data_samples=data_samples, rtol=rtol)
+        copy = _session(stamped, f"the stamped copy of {source}")
+        report = verify_copy(ref, copy, meta, batch, data=data, data_samples=data_samples, rtol=rtol)
         timings["verify_s"] = time.perf_counter() - t
         if not report.passed:
-            worst = max(report.cases, key=lambda c: c.rel_diff)
-            raise VerificationError(
-                f"the stamped copy differs from {source} beyond tolerance (max abs diff {worst.max_abs_diff:.3g}, "
-                f"relative {worst.rel_diff:.3g} > {rtol:g} on {worst.name}); nothing was written. Retry with "
-                "--no-simplify")
+            hint = "retry with --no-simplify" if simplify else "leave --opset out" if converted else "report it"
+            raise VerificationError(f"the stamped copy differs from {source} ({report.failure()}); nothing was "
+                                    f"written: {hint}")
     with atomic_path(output) as tmp:
         tmp.write_bytes(stamped)
     timings["total_s"] = time.perf_counter() - t0

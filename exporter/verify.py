@@ -48,6 +48,19 @@ class VerifyReport:
     def passed(self) -> bool:
         return all(c.rel_diff <= self.rtol and c.argmax_mismatches == 0 for c in self.cases)
 
+    def failure(self) -> str:
+        """Why the check failed, on the first case that failed ("" when it passed): NaN/inf, the relative
+        difference over the tolerance, or argmax mismatches (whose difference may be inside it)."""
+        for c in self.cases:
+            if not np.isfinite(c.rel_diff):
+                return f"NaN or inf in the output on {c.name}"
+            if c.rel_diff > self.rtol:
+                return f"max abs diff {c.max_abs_diff:.3g}, relative {c.rel_diff:.3g} > {self.rtol:g} on {c.name}"
+            if c.argmax_mismatches:
+                return (f"{c.argmax_mismatches} joint(s) peak elsewhere on {c.name}, with a relative difference of "
+                        f"{c.rel_diff:.3g} (within {self.rtol:g})")
+        return ""
+
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,

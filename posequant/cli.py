@@ -5,29 +5,79 @@ User mistakes (:class:`PosequantError`) are caught here, once, and printed as on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
+from posequant.core.args import ALIASES, BACKENDS, DEVICES, ONNX_BACKENDS, Whole, Wholes, canonical
 from posequant.core.cpu import KINDS as CPU_KINDS
 from posequant.core.errors import PosequantError
-from posequant.core.fileio import STDOUT, arch_file, check_outputs, write_text_atomic
+from posequant.core.fileio import (
+    STDOUT,
+    StdoutError,
+    Terminated,
+    arch_file,
+    check_outputs,
+    terminate_cleanly,
+    write_text_atomic,
+)
 from posequant.core.metadata import parse_size
 from posequant.core.numbers import OptionError, check_number, normalisation
 from posequant.core.quiet import set_verbose, show_warnings
 from posequant.core.version import __version__
 
 
+def _from_echo(e: BaseException) -> bool:
+    """Whether ``e`` was raised writing a line out (click.echo): standard output or error could not take it."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "echo" and "click" in tb.tb_frame.f_code.co_filename
+
+
+def _stdout_failed(e: OSError | StdoutError) -> None:
+    """One line for a standard output that cannot be written (a full device, a closed pipe); what is still
+    buffered then goes nowhere, quietly, when the process exits."""
+    with contextlib.suppress(OSError):
+        click.echo(f"error: {e if isinstance(e, StdoutError) else StdoutError.of(e)}", err=True)
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class PosequantGroup(click.Group):
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as e:  # ours are PosequantErrors by now; click's own lines (--help) end here
+            if not _from_echo(e):
+                raise
+            _stdout_failed(e)
+            sys.exit(2)
+
     def invoke(self, ctx):
         try:
-            with show_warnings(lambda line: click.echo(line, err=True)):
+            # SIGTERM (CI runners, `timeout`) unwinds like Ctrl-C: every temporary file of the command is removed
+            with terminate_cleanly(), show_warnings(lambda line: click.echo(line, err=True)):
                 return super().invoke(ctx)
+        except StdoutError as e:
+            _stdout_failed(e)
+            ctx.exit(e.exit_code)
+        except OSError as e:
+            if not _from_echo(e):
+                raise
+            _stdout_failed(e)
+            ctx.exit(2)
         except PosequantError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except Terminated:
+            click.echo("terminated", err=True)
+            ctx.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -77,6 +127,24 @@ class Number(click.ParamType):
 FRACTION = Number(above=True, maximum=1.0)  # detector thresholds: in (0, 1]
 # posequant.benchmarks.detect's DEFAULT_IOU, PREDICT_SCORE and EVAL_SCORE (tests/test_detect.py checks they agree)
 DET_IOU, DET_SCORE_PREDICT, DET_SCORE_EVAL = 0.65, 0.3, 0.01
+
+
+class Count(click.ParamType):
+    """A whole-number option, checked by posequant.core.args as the library checks the same argument."""
+
+    name = "integer"
+
+    def __init__(self, minimum: int = 1):
+        self.check = Whole(minimum)
+
+    def convert(self, value, param, ctx):
+        option = max(param.opts, key=len) if param else "value"
+        try:
+            return self.check(option, value)
+        except OptionError as e:
+            self.fail(str(e).removeprefix(f"{option} "), param, ctx)
+
+
 DROP = Number(minimum=None)  # drop budgets: finite (negative: INT8 must beat float, a gate that only fails more)
 SPEEDUP = Number()  # finite, >= 0
 
@@ -94,14 +162,9 @@ def _batch(ctx, param, value):
 
 
 def _check(outputs: dict, inputs: dict) -> None:
-    """Every output checked against every input before any work; ``--json -`` is standard output."""
-    from posequant.core.enginefile import is_engine, sidecar_path
-    from posequant.core.irfile import bin_path, is_ir
-
-    # an IR's weights and an engine's metadata are inputs too
-    extra = {f"{name} ({'.bin' if is_ir(p) else '.json'})": bin_path(p) if is_ir(p) else sidecar_path(p)
-             for name, p in inputs.items() if is_ir(p) or is_engine(p)}
-    check_outputs(outputs, {**inputs, **extra}, stdout_ok={"--json"})
+    """Every output checked against every input (a model with all of its files) before any work; ``--json -``
+    is standard output."""
+    check_outputs(outputs, inputs, stdout_ok={"--json"})
 
 
 def _echo(text: str, json_out: str | None) -> None:
@@ -120,17 +183,8 @@ def _progress(msg: str) -> None:
     click.echo(f"  {msg}", err=True)
 
 
-# One definition of the runtime names every command takes (eval, bench, gate, quantize, pipeline), with
-# the other spellings people use; checked against posequant.benchmarks.runners and calibration.quantize.
-DEVICES = ("cpu", "cuda")
-ONNX_BACKENDS = ("ort", "openvino", "tensorrt")  # what an .onnx model runs on; quantize's --target
-BACKENDS = ("torch", *ONNX_BACKENDS)
-ALIASES = {"onnxruntime": "ort", "ov": "openvino", "trt": "tensorrt", "pytorch": "torch", "gpu": "cuda"}
-
-
-def canonical(name: str) -> str:
-    name = str(name).strip().lower()
-    return ALIASES.get(name, name)
+# The runtime names every command takes (eval, bench, gate, quantize, pipeline) live in posequant.core.args,
+# shared with the library; checked against posequant.benchmarks.runners and calibration.quantize.
 
 
 class Names(click.Choice):
@@ -221,14 +275,15 @@ def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
               help="Channel order the model was trained on [default: the family's].")
 @click.option("--mean", callback=_triple, metavar="R,G,B", help="Per-channel mean, 0-1 (or 0-255) units.")
 @click.option("--std", callback=_triple, metavar="R,G,B", help="Per-channel std, 0-1 (or 0-255) units.")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--opset", type=int, help="ONNX opset, 17 or newer [default: 17; an ONNX MODEL keeps its own, and "
+                                        "is converted when --opset is given].")
 @click.option("--batch", callback=_batch, default="dynamic", show_default=True, metavar="dynamic|N",
               help="Batch dimension: dynamic, or fixed to N.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim simplification.")
 @trust_option
 @click.option("--data", type=click.Path(path_type=Path), metavar="ROOT",
               help="Also verify on real person crops from this dataset (MPII, COCO or an image folder).")
-@click.option("--data-samples", type=click.IntRange(1), default=8, show_default=True, help="Crops to verify on.")
+@click.option("--data-samples", type=Count(1), default=8, show_default=True, help="Crops to verify on.")
 @click.option("--rtol", type=Number(above=True), default=1e-4, show_default=True,
               help="Tolerance: max abs diff relative to the output's max.")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch (the original, for an ONNX input).")
@@ -267,8 +322,8 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
 @backend_option(BACKENDS, default=None, help="Runtime the model is evaluated on (torch needs a checkpoint MODEL) "
                                             "[default: ort; openvino for an .xml IR, tensorrt for an .engine].")
 @device_option
-@click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="People per inference call.")
-@click.option("--limit", type=click.IntRange(1), help="Only the first N people.")
+@click.option("--batch", type=Count(1), default=8, show_default=True, help="People per inference call.")
+@click.option("--limit", type=Count(1), help="Only the first N people.")
 @click.option("--skip-missing", is_flag=True,
               help="Go on when annotated images are missing, truncated or undecodable (a warning names them).")
 @detector_options(DET_SCORE_EVAL, "COCO AP on these person boxes (COCO detection results: image_id, bbox, score, "
@@ -330,12 +385,9 @@ def eval_preds_cmd(preds, gt, zero_based, json_out):
 
 def _int_list(ctx, param, value):
     try:
-        items = [int(v) for v in str(value).replace(" ", "").split(",") if v]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not comma-separated numbers, e.g. 1,8") from None
-    if not items or min(items) < 1:
-        raise click.BadParameter(f"{value!r}: give positive numbers, e.g. 1,8")
-    return tuple(items)
+        return Wholes(1)(param.opts[0], value)
+    except OptionError as e:
+        raise click.BadParameter(f"{e}, e.g. 1,8".removeprefix(f"{param.opts[0]} ")) from None
 
 
 def _backend_list(ctx, param, value):
@@ -361,9 +413,9 @@ backend_list_option = click.option(
 @backend_list_option
 @click.option("--batch", "batches", callback=_int_list, default="1,8", show_default=True, metavar="N[,N]",
               help="Batch sizes.")
-@click.option("--threads", type=click.IntRange(1), help="Threads per backend [default: the backend's own].")
-@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed runs per configuration.")
-@click.option("--runs", type=click.IntRange(1), default=50, show_default=True,
+@click.option("--threads", type=Count(1), help="Threads per backend [default: the backend's own].")
+@click.option("--warmup", type=Count(0), default=5, show_default=True, help="Untimed runs per configuration.")
+@click.option("--runs", type=Count(1), default=50, show_default=True,
               help="Timed rounds; each round runs every configuration once.")
 @arch_option
 @click.option("--input-size", callback=_size, metavar="HxW", help="For a checkpoint MODEL (see export-pose).")
@@ -399,11 +451,11 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
                                    "[default: ort; openvino for .xml IRs, tensorrt for .engine files].")
 @click.option("--split", help="Split to evaluate [default: MPII valid, COCO val].")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test (official).")
-@click.option("--limit", type=click.IntRange(1), help="Only the first N people (a quick look, not a release gate).")
+@click.option("--limit", type=Count(1), help="Only the first N people (a quick look, not a release gate).")
 @detector_options(DET_SCORE_EVAL, "Also check AP on these person boxes (COCO detection results), end to end: both "
                                   "models on the same boxes, within --max-drop.")
-@click.option("--threads", type=click.IntRange(1), help="Threads per backend [default: the backend's own].")
-@click.option("--runs", type=click.IntRange(1), default=30, show_default=True, help="Timed rounds.")
+@click.option("--threads", type=Count(1), help="Threads per backend [default: the backend's own].")
+@click.option("--runs", type=Count(1), default=30, show_default=True, help="Timed rounds.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Write report.md, report.json and disagreements.png here.")
 @click.option("--allow-different-source", is_flag=True,
@@ -456,12 +508,12 @@ def _next_commands(result) -> str:
               help="Calibration data: MPII, COCO (person crops as evaluation makes them) or a folder of images.")
 @click.option("--format", "fmt", type=click.Choice(["mpii", "coco", "folder"]), help="Layout of --calib [default: detected].")
 @click.option("--split", help="Calibration split [default: MPII train, COCO train, else the one there is].")
-@click.option("--num-samples", type=click.IntRange(1), default=300, show_default=True,
+@click.option("--num-samples", type=Count(1), default=300, show_default=True,
               help="People drawn (with --seed) for calibration; all of them when there are fewer.")
 @click.option("--method", type=click.Choice(["auto", "minmax", "entropy", "percentile"]), default="auto",
               show_default=True, help="Activation range estimation (entropy needs --engine ort).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed for drawing the calibration people.")
+@click.option("--seed", type=Count(0), default=0, show_default=True, help="Seed for drawing the calibration people.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="INT8 ONNX file to write [default: MODEL.int8.onnx].")
 @backend_option(name="--target", help="Runtime the QDQ graph is shaped for.")
@@ -539,7 +591,7 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
 @click.option("--keypoints", type=click.Choice(["mpii", "coco"], case_sensitive=False), help="See export-pose.")
 @click.option("--color", type=click.Choice(["rgb", "bgr"], case_sensitive=False), help="See export-pose.")
 @trust_option
-@click.option("--num-samples", type=click.IntRange(1), default=300, show_default=True, help="Calibration people.")
+@click.option("--num-samples", type=Count(1), default=300, show_default=True, help="Calibration people.")
 # no tensorrt: the pipeline's gate runs on the CPU (TensorRT needs --device cuda, which gate and eval take)
 @backend_option(("ort", "openvino"), name="--target",
                 help="Runtime the INT8 graph is shaped for, and the backend the gate evaluates and times on.")
@@ -547,7 +599,7 @@ def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, see
 @click.option("--max-joint-drop", type=DROP, default=2.0, show_default=True, help="See gate.")
 @click.option("--min-speedup", type=SPEEDUP, default=1.5, show_default=True, help="See gate.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip test in the gate's evaluation.")
-@click.option("--runs", type=click.IntRange(1), default=30, show_default=True, help="Timed rounds in the gate.")
+@click.option("--runs", type=Count(1), default=30, show_default=True, help="Timed rounds in the gate.")
 def pipeline_cmd(checkpoint, calib, val, out_dir, arch, input_size, keypoints, color, trust_pickle, num_samples,
                  target, max_drop, max_joint_drop, min_speedup, flip, runs):
     """Export, quantize and gate a checkpoint in one go; exit 1 when the INT8 model fails the gate."""

@@ -32,6 +32,7 @@ from posequant.benchmarks.gate_report import format_gate
 from posequant.calibration import open_dataset
 from posequant.calibration.qreport import quantize_report_markdown
 from posequant.calibration.quantize import QuantizeResult, quantize
+from posequant.core.args import Runtime, Size, Whole, checked
 from posequant.core.errors import CheckpointError, DataError
 from posequant.core.fileio import arch_file, check_outputs, output_dir, write_text_atomic
 from posequant.core.numbers import check_number
@@ -99,6 +100,7 @@ def _clear_previous_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+@checked(input_size=Size(), num_samples=Whole(1), runs=Whole(1), threads=Whole(1, optional=True), target=Runtime())
 def run_pipeline(
     checkpoint: str | Path,
     calib: str | Path,
@@ -177,7 +179,7 @@ def _run(checkpoint: Path, calib: Path, val: Path, out: Path, *, arch, input_siz
 def format_pipeline(result: PipelineResult) -> str:
     """The gate's checks, then one row per stage: what it made and how long it took."""
     e, q, g = result.export, result.quantize, result.gate
-    verify = "verified vs PyTorch" if e.verification else "not verified"
+    verify = f"verified vs {e.verification.reference}" if e.verification else "not verified"  # a stamp: its original
     main = g.scores[g.main_metric]
     speed = f"{g.speedup:.2f}x on {g.backend}" if g.speedup is not None else "speedup not measured"
     rows = [

@@ -24,8 +24,10 @@ from test_bench_gate import quantize as ort_quantize
 from test_calibration_datasets import mpii_record, write_image, write_json
 from test_eval_bad_input import write_gt
 
+import posequant
 from posequant.benchmarks.evaluate import evaluate
 from posequant.benchmarks.gate import FLOAT_FLOOR, UnscorableError, _drop_check, different_source, gate
+from posequant.benchmarks.latency import bench
 from posequant.benchmarks.metrics import coco_keypoint_ap
 from posequant.benchmarks.synthetic import make_coco_set
 from posequant.calibration.datasets import open_dataset
@@ -33,13 +35,14 @@ from posequant.calibration.images import image_size
 from posequant.calibration.quantize import eval_split_overlap, quantize
 from posequant.calibration.reader import calibration_set
 from posequant.cli import main
+from posequant.core.args import ArgumentError
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.metadata import read_meta
 from posequant.core.numbers import OptionError, check_number, normalisation
 from posequant.demo import randomise
 from posequant.exporter import export_pose
 from posequant.exporter.zoo import pose_resnet
-from posequant.pipeline import GateBudget
+from posequant.pipeline import GateBudget, run_pipeline
 
 NON_FINITE = ["nan", "inf", "-inf", "NaN"]
 
@@ -217,6 +220,58 @@ def test_library_checks_numbers_like_the_cli(tmp_path, models):
         quantize(models.coco, tmp_path, seed=-1)
     assert not (tmp_path / "x.onnx").exists()
     assert check_number("x", "0.25") == 0.25 and check_number("x", 0) == 0.0
+
+
+# ---- the library checks its arguments as the CLI does (issue 22) --------------------------------------------
+
+API_CASES = [  # (what is called, the one line it must give)
+    (lambda m, t: evaluate(m.coco, m.set, limit=-1), "limit -1 must be at least 1"),
+    (lambda m, t: evaluate(m.coco, m.set, limit=0), "limit 0 must be at least 1"),  # was: every person
+    (lambda m, t: evaluate(m.coco, m.set, batch=0), "batch 0 must be at least 1"),  # was: a bare AssertionError
+    (lambda m, t: evaluate(m.coco, m.set, limit="two"), "limit 'two' is not a whole number"),
+    (lambda m, t: evaluate(m.coco, m.set, limit=2.5), "limit 2.5 is not a whole number"),
+    (lambda m, t: evaluate(m.coco, m.set, limit=True), "limit True is not a whole number"),
+    (lambda m, t: evaluate(m.coco, m.set, threads=0), "threads 0 must be at least 1"),
+    (lambda m, t: gate(m.coco, m.coco_int8, m.set, limit=-1), "limit -1 must be at least 1"),  # was: a verdict
+    (lambda m, t: gate(m.coco, m.coco_int8, m.set, runs=0), "runs 0 must be at least 1"),
+    (lambda m, t: gate(m.coco, m.coco_int8, m.set, worst=-1), "worst -1 must be at least 0"),
+    (lambda m, t: bench([m.coco], threads=-2), "threads -2 must be at least 1"),  # was: it ran
+    (lambda m, t: bench([m.coco], batches=[1, 0]), "batches 0 must be at least 1"),
+    (lambda m, t: bench([m.coco], warmup=-1), "warmup -1 must be at least 0"),
+    (lambda m, t: bench([]), "models is empty"),
+    (lambda m, t: bench([m.coco, 3]), "models: 3 is not a model"),
+    (lambda m, t: export_pose(m.ckpt, t / "x.onnx", input_size=(256,)), "input_size (256,) is not a size"),
+    (lambda m, t: export_pose(m.ckpt, t / "x.onnx", input_size=(0, 48)), "input_size: size 0x48 must be positive"),
+    (lambda m, t: export_pose(m.ckpt, t / "x.onnx", batch=0), "batch 0 must be at least 1"),
+    (lambda m, t: export_pose(m.ckpt, t / "x.onnx", data_samples=0), "data_samples 0 must be at least 1"),
+    (lambda m, t: quantize(m.coco, m.set, output=t / "x.onnx", num_samples=0), "num_samples 0 must be at least 1"),
+    (lambda m, t: quantize(m.coco, m.set, output=t / "x.onnx", seed=True), "seed True is not a whole number"),
+    (lambda m, t: run_pipeline(m.ckpt, m.set, m.set, t / "run", runs=0), "runs 0 must be at least 1"),
+    (lambda m, t: posequant.predict(m.coco, 3, t / "p"), "inputs 3 is not a list of inputs"),
+    (lambda m, t: posequant.predict(m.coco, [], t / "p"), "inputs is empty"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(API_CASES)), ids=[c[1] for c in API_CASES])
+def test_the_library_refuses_what_the_cli_refuses(models, coco, tmp_path, case):
+    call, message = API_CASES[case]
+    m = SimpleNamespace(**vars(models), set=coco)
+    with pytest.raises(ArgumentError) as err:
+        call(m, tmp_path)
+    assert str(err.value) == message or str(err.value).startswith(message), str(err.value)
+    assert not list(tmp_path.iterdir())  # before any work
+
+
+def test_the_library_takes_what_the_cli_takes(models, coco, tmp_path):
+    """A single path where a list goes is one item (was: its characters, "model . not found"), a number may come
+    as its string, a size as 'HxW', backend names in any case or alias."""
+    timed = bench(str(models.coco), backends="ORT", batches=1, warmup="0", runs=1)
+    assert {(Path(r.model).name, r.backend, r.batch) for r in timed.rows} == {("coco.onnx", "ort", 1)}
+    assert evaluate(models.coco, coco, limit="2", flip=False, backend="onnxruntime").people == 2
+    hw = f"{SIZE[0]}x{SIZE[1]}"
+    assert export_pose(models.ckpt, tmp_path / "x.onnx", input_size=hw, verify_model=False).meta.input_size == SIZE
+    image = next((coco / "val2017").iterdir())
+    assert len(posequant.predict(models.coco, image, tmp_path / "p", flip=False).to_dict()) > 0
 
 
 def test_a_nan_drop_never_passes_a_check():

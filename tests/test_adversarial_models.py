@@ -12,7 +12,10 @@ test is about the file or the graph, not the network.
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,7 @@ from posequant.exporter.common import simplify_onnx
 from posequant.exporter.export import fit_input_size
 from posequant.exporter.model import LastHeatmaps
 
-from conftest import small_model
+from conftest import TRAINED_ONNX, needs_shared, small_model
 
 COCO17 = keypoint_set_for(17, "coco")
 META = ModelMeta(family="custom", keypoints=COCO17.name, joint_names=COCO17.joint_names,
@@ -379,7 +382,8 @@ def test_quantize_without_metadata_checks_the_input_too(d, coco, tmp_path):
 DAMAGED = [
     ("input_size", "banana"), ("input_size", "0x48"), ("heatmap_size", "16"), ("joint_names", "not json"),
     ("joint_names", "[]"), ("joint_names", "[1, 2]"), ("num_joints", "15"), ("num_joints", "many"),
-    ("flip_pairs", "[[1, 99]]"), ("flip_pairs", "[[1]]"), ("skeleton", '[["a", "b"]]'), ("mean", "[0.5, 0.5]"),
+    ("flip_pairs", "[[1, 99]]"), ("flip_pairs", "[[1]]"), ("flip_pairs", "[[1, 2], [2, 3]]"),
+    ("flip_pairs", "[[4, 4]]"), ("skeleton", '[["a", "b"]]'), ("mean", "[0.5, 0.5]"),
     ("mean", "[NaN, 0.5, 0.5]"), ("std", "[0.2, 0, 0.2]"), ("std", '"wide"'), ("color", "gray"),
     ("keypoints", ""), ("family", " "), ("arch_config", "[1, 2]"), ("color", None), ("mean", None),
 ]
@@ -461,7 +465,7 @@ def test_absurd_input_sizes_refused_before_any_work(small_checkpoints, coco, tmp
 
 
 def test_absurd_input_size_through_the_library(small_checkpoints, tmp_path):
-    with pytest.raises(PosequantError, match="--input-size: size 100000x100000 is too large"):
+    with pytest.raises(PosequantError, match="input_size: size 100000x100000 is too large"):
         export_pose(small_checkpoints["pose_resnet"], tmp_path / "m.onnx", input_size=(100000, 100000))
 
 
@@ -493,3 +497,320 @@ def test_graph_onnx_runtime_cannot_load_is_one_line(d, coco):
     model.graph.node[0].op_type = "NoSuchOp"
     path = save(model, d / "unknown_op.onnx")
     one_line(invoke("eval", path, "--data", coco, "--no-flip"), str(path), "ONNX Runtime cannot load this graph")
+
+
+# ---- a model is all of its files (issue 22): external data, an IR's .bin, an engine's .json --------------
+
+
+@pytest.fixture(scope="module")
+def external(d) -> Path:
+    """The tiny model keeping its weights in w.bin beside it, as ``save_as_external_data`` (and every model over
+    2 GiB) does."""
+    folder = d / "external"
+    folder.mkdir()
+    onnx.save(tiny_graph(), str(folder / "w.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=0)
+    return folder / "w.onnx"
+
+
+def digest(path: Path) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+# every output option that can land on the weights file, with the command's other arguments
+ONTO_WEIGHTS = {
+    "convert (default -o)": ["convert", "{m}", "--to", "openvino"],
+    "convert fp16": ["convert", "{m}", "--to", "openvino", "--compress-weights", "fp16"],
+    "convert -o": ["convert", "{m}", "--to", "openvino", "-o", "{w:.xml}"],
+    "export-pose -o": ["export-pose", "{m}", "-o", "{w}"],
+    "export-pose --json": ["export-pose", "{m}", "-o", "{t}/s.onnx", "--json", "{w}"],
+    "quantize -o": ["quantize", "{m}", "--calib", "{coco}", "-o", "{w}"],
+    "quantize --json": ["quantize", "{m}", "--calib", "{coco}", "-o", "{t}/q.onnx", "--json", "{w}"],
+    "quantize --report": ["quantize", "{m}", "--calib", "{coco}", "-o", "{t}/q.onnx", "--report", "{w}"],
+    "eval --json": ["eval", "{m}", "--data", "{coco}", "--json", "{w}"],
+    "bench --json": ["bench", "{m}", "--json", "{w}"],
+    "gate --json": ["gate", "--float", "{m}", "--int8", "{m}", "--data", "{coco}", "--json", "{w}"],
+}
+
+
+@pytest.mark.parametrize("case", list(ONTO_WEIGHTS))
+def test_outputs_onto_a_models_external_weights_are_refused(external, coco, tmp_path, case):
+    weights, before = external.with_name("w.bin"), digest(external.with_name("w.bin"))
+    args = [a.format(m=external, w=weights, t=tmp_path, coco=coco) if a != "{w:.xml}" else weights.with_suffix(".xml")
+            for a in ONTO_WEIGHTS[case]]
+    one_line(invoke(*args), "w.bin", "is the input", "(external data)", "destroy the input")
+    assert digest(weights) == before and sorted(p.name for p in external.parent.iterdir()) == ["w.bin", "w.onnx"]
+
+
+def test_a_model_is_all_of_its_files_for_the_library_too(external, coco, tmp_path):
+    from posequant.calibration.quantize import quantize
+    from posequant.core.fileio import check_outputs
+
+    weights, before = external.with_name("w.bin"), digest(external.with_name("w.bin"))
+    for call in (lambda: quantize(external, coco, output=weights), lambda: export_pose(external, weights)):
+        with pytest.raises(PosequantError, match="external data"):
+            call()
+    assert digest(weights) == before
+    # the siblings: an IR's weights, an engine's metadata
+    for model, side in (("m.xml", "m.bin"), ("m.engine", "m.engine.json")):
+        for name in (model, side):
+            (tmp_path / name).write_bytes(b"x")
+        with pytest.raises(PosequantError, match=rf"is the input MODEL \(\.(bin|json)\)"):
+            check_outputs({"--json": tmp_path / side}, {"MODEL": tmp_path / model})
+
+
+def test_external_weights_are_found_from_any_folder_and_stamps_hold_them(external, coco, tmp_path, monkeypatch):
+    """Paths resolve against the model's folder, not the current one; a stamp is one self-contained file."""
+    from posequant.core.modelfiles import external_files
+
+    monkeypatch.chdir(tmp_path)
+    ref = onnx.load(str(external))  # the weights read in by onnx itself
+    for extra in ([], ["--no-simplify"]):
+        out = tmp_path / f"stamped{len(extra)}.onnx"
+        res = invoke("export-pose", external, "--keypoints", "coco", "--color", "rgb", "-o", out, *extra)
+        assert res.exit_code == 0, res.output
+        stamped = onnx.load(str(out), load_external_data=False)
+        assert external_files(out) == []
+        assert all(t.data_location == TensorProto.DEFAULT for t in stamped.graph.initializer)
+        x = np.random.default_rng(0).standard_normal((1, 3, 64, 48)).astype(np.float32)
+        import onnxruntime as ort
+
+        a, b = (ort.InferenceSession(m.SerializeToString()).run(None, {"input": x})[0] for m in (ref, stamped))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for args in (["eval", external, "--data", coco, "--no-flip"], ["convert", external, "--to", "openvino", "-o",
+                                                                    tmp_path / "ir"]):
+        assert invoke(*args).exit_code == 0
+
+
+def test_missing_external_weights_are_one_line(external, coco, tmp_path):
+    alone = tmp_path / "w.onnx"
+    alone.write_bytes(external.read_bytes())  # the weights stayed behind
+    for args in (["eval", alone, "--data", coco], ["bench", alone], ["quantize", alone, "--calib", coco],
+                 ["convert", alone, "--to", "openvino"],
+                 ["export-pose", alone, "--keypoints", "coco", "--color", "rgb"]):
+        one_line(invoke(*args), str(alone), "w.bin (external data), which is not there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.onnx"]
+
+
+def test_the_source_hash_covers_external_weights(d, tmp_path):
+    """Two models with the same graph file and other weights are other sources (the gate pairs models by it)."""
+    hashes = set()
+    for seed in (0, 1):
+        model = tiny_graph(meta=None)
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+            np.random.default_rng(seed).standard_normal((17, 3, 4, 4)).astype(np.float32), "w"))
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        onnx.save(model, str(folder / "m.onnx"), save_as_external_data=True, location="m.bin", size_threshold=0)
+        hashes.add(export_pose(folder / "m.onnx", tmp_path / f"s{seed}.onnx", keypoints="coco", color="rgb",
+                               verify_model=False).meta.source_sha256)
+    assert len(hashes) == 2
+
+
+# ---- old opsets (issue 22) ----------------------------------------------------------------------------------
+
+
+def at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The same graph declared at another opset (one Conv: valid from opset 1 to the newest)."""
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", opset))
+    return model
+
+
+@pytest.mark.parametrize("engine", ["nncf", "ort"])
+def test_quantize_converts_an_old_opset_and_says_so(d, coco, tmp_path, engine):
+    """Per-channel DequantizeLinear (``axis``) is opset 13's: an opset-11 graph is converted first, never written
+    as an INT8 file that opset 11 does not allow."""
+    from posequant.core.onnxfile import opset_of
+
+    src = save(at_opset(tiny_graph(), 11), d / f"op11_{engine}.onnx")
+    out = tmp_path / "q.onnx"
+    res = invoke("quantize", src, "--calib", coco, "-o", out, "--engine", engine, "--cpu", "vnni",
+                 "--num-samples", 3, "--json", tmp_path / "q.json")
+    assert res.exit_code == 0, res.output
+    assert "is opset 11; INT8 (QDQ) needs opset 13" in res.output and "heatmaps identical" in res.output
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q, full_check=True)
+    assert opset_of(q) == 13 and opset_of(onnx.load(str(src))) == 11
+    import json
+
+    assert json.loads((tmp_path / "q.json").read_text())["settings"]["opset"] == {"input": 11, "quantized": 13}
+    assert invoke("eval", out, "--data", coco, "--no-flip").exit_code == 0
+
+
+def test_stamp_opset_converts_or_is_refused_never_ignored(d, tmp_path):
+    from posequant.core.onnxfile import opset_of
+
+    old = save(at_opset(tiny_graph(meta=None), 11), d / "third_party_op11.onnx")
+    stamp = ["export-pose", old, "--keypoints", "coco", "--color", "rgb"]
+    assert invoke(*stamp, "-o", tmp_path / "kept.onnx").exit_code == 0  # no --opset: the file's own
+    assert opset_of(onnx.load(str(tmp_path / "kept.onnx"))) == 11
+    res = invoke(*stamp, "-o", tmp_path / "17.onnx", "--opset", 17)
+    assert res.exit_code == 0 and "from opset 11 to 17" in res.output and "PASS" in res.output, res.output
+    assert opset_of(onnx.load(str(tmp_path / "17.onnx"))) == 17
+    new = save(at_opset(tiny_graph(meta=None), 18), d / "third_party_op18.onnx")
+    one_line(invoke("export-pose", new, "--keypoints", "coco", "--color", "rgb", "--opset", 17, "-o",
+                    tmp_path / "down.onnx"), "--opset 17", "is opset 18 already", "not converted down")
+    one_line(invoke(*stamp, "--opset", 12, "-o", tmp_path / "12.onnx"), "--opset 12 is too old")
+    one_line(invoke(*stamp, "--opset", 999, "-o", tmp_path / "999.onnx"), "--opset 999 is newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["17.onnx", "kept.onnx"]
+
+
+# ---- stamps get the stride check checkpoints get (issue 22) ------------------------------------------------
+
+
+def rounding_graph(dims=("N", 3, "H", "W")) -> onnx.ModelProto:
+    """A stride-8 convolution then a 2x deconvolution: stride 4 where 8 divides the input, other sizes round up
+    (68x48 gives 18x12 heatmaps), as backbones with stride 32 do."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 17, 4, 4)).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["f"], strides=[8, 8], pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["f", "w2"], ["heatmaps"], strides=[2, 2], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "rounding", [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("heatmaps", TensorProto.FLOAT, ["N", 17, "h", "w"])],
+                              [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_stamp_at_a_size_the_stride_does_not_divide_is_refused(d, tmp_path):
+    src = save(rounding_graph(), d / "rounding.onnx")
+    stamp = ["export-pose", src, "--keypoints", "coco", "--color", "rgb", "-o", tmp_path / "s.onnx"]
+    line = one_line(invoke(*stamp, "--input-size", "68x48"), "--input-size 68x48 does not fit", "come out 18x12")
+    assert line.endswith("stride 4 and takes multiples of 8: use 64x48 or 72x48"), line
+    assert not (tmp_path / "s.onnx").exists()
+    for size in ("64x48", "72x48"):  # what it suggests does fit
+        assert invoke(*stamp, "--input-size", size).exit_code == 0
+    fixed = save(rounding_graph((1, 3, 68, 48)), d / "rounding_fixed.onnx")
+    one_line(invoke("export-pose", fixed, "--keypoints", "coco", "--color", "rgb", "-o", tmp_path / "f.onnx"),
+             "takes 68x48 inputs (fixed in the graph) but its heatmaps come out 18x12")
+
+
+@needs_shared(TRAINED_ONNX)
+def test_the_trained_model_with_dynamic_sizes_refuses_264x200(tmp_path):
+    """The issue's case: stamped at 264x200 it gave 72x56 heatmaps and AP 0.029 instead of 0.519."""
+    model = onnx.load(str(TRAINED_ONNX))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        for i in (0, 2, 3):  # N x C x H x W: all but the channels dynamic
+            value.type.tensor_type.shape.dim[i].dim_param = "NCHW"[i]
+    src = save(model, tmp_path / "dynamic.onnx")
+    line = one_line(invoke("export-pose", src, "--keypoints", "coco", "--color", "rgb", "--input-size", "264x200",
+                           "-o", tmp_path / "s.onnx"), "come out 72x56")
+    assert line.endswith("stride 4 and takes multiples of 32: use 256x192 or 288x224"), line
+
+
+# ---- messages (issue 22): each says what is wrong, once, and what to do -------------------------------------
+
+
+def test_overlapping_flip_pairs_are_refused_where_metadata_is_written():
+    """Read back they are refused (DAMAGED above); a stage never writes them either (was: AP 0.281 -> 0.173)."""
+    for pairs, why in ((((1, 2), (2, 3)), "joint 2 is in two pairs"), (((4, 4),), "joint 4 is paired with itself")):
+        model = tiny_graph(meta=None)
+        with pytest.raises(MetadataError, match=rf"key 'flip_pairs' is damaged .*{why}.*check the export's options"):
+            write_meta(model, META.with_(flip_pairs=pairs))
+        assert not model.metadata_props
+
+
+def test_a_zero_std_in_an_mmpose_data_preprocessor_is_refused_at_export(tmp_path):
+    """Was: exported, then called "damaged metadata - re-export" by every stage (and re-exporting repeats it)."""
+    from test_mmpose import SMALL_RES, small
+
+    sd = dict(small(SMALL_RES).state_dict())
+    sd["data_preprocessor.mean"] = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    sd["data_preprocessor.std"] = torch.tensor([58.395, 0.0, 57.375]).view(3, 1, 1)
+    ckpt = tmp_path / "td-hm_res18.pth"
+    torch.save({"state_dict": sd}, ckpt)
+    one_line(invoke("export-pose", ckpt, "-o", tmp_path / "m.onnx", "--input-size", "64x64"),
+             "data_preprocessor.std holds [58.395, 0, 57.375], a std that is not positive", "--mean/--std")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_failed_verification_names_what_failed():
+    """Was: the case with the largest relative difference, even when that was inside the tolerance and another
+    case failed on its argmax."""
+    from posequant.exporter.verify import CaseResult, VerifyReport
+
+    close = CaseResult("random inputs (seed 0)", 2, 1e-6, 1.0, (1.0,), 0)
+    peaks = CaseResult("coco val crops", 8, 5e-5, 1.0, (0.9,), 1)
+    far = CaseResult("coco val crops", 8, 0.5, 1.0, (1.0,), 0)
+    assert VerifyReport([close, peaks], 1e-4).failure() == ("1 joint(s) peak elsewhere on coco val crops, with a "
+                                                            "relative difference of 5e-05 (within 0.0001)")
+    assert VerifyReport([far, close], 1e-4).failure().endswith("relative 0.5 > 0.0001 on coco val crops")
+    nan = CaseResult("random inputs (seed 0)", 2, float("nan"), 1.0, (1.0,), 0)
+    assert VerifyReport([nan], 1e-4).failure() == "NaN or inf in the output on random inputs (seed 0)"
+    assert VerifyReport([close], 1e-4).failure() == ""
+
+
+def nan_graph() -> onnx.ModelProto:
+    """Finite weights, NaN heatmaps: 0 / 0 after the convolution."""
+    model = tiny_graph(meta=None)
+    model.graph.node[0].output[0] = "maps"
+    model.graph.node.extend([helper.make_node("Sub", ["maps", "maps"], ["zero"]),
+                             helper.make_node("Div", ["zero", "zero"], ["heatmaps"])])
+    return model
+
+
+@pytest.mark.parametrize("how", ["nan weights", "nan output"])
+def test_a_broken_model_is_refused_once_without_retry_advice(d, tmp_path, how):
+    """Was: "retry with --no-simplify", and with --no-simplify the same advice again."""
+    if how == "nan weights":
+        model = tiny_graph(meta=None)
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((17, 3, 4, 4), np.nan, np.float32), "w"))
+        expect = "tensor 'w' holds 816 NaN or inf value(s) of 816"
+    else:
+        model, expect = nan_graph(), "returns NaN or inf heatmaps for an input of zeros"
+    src = save(model, d / f"{how.replace(' ', '_')}.onnx")
+    for extra in ([], ["--no-simplify"]):
+        line = one_line(invoke("export-pose", src, "--keypoints", "coco", "--color", "rgb", "-o", tmp_path / "s.onnx",
+                               *extra), expect)
+        assert "--no-simplify" not in line
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_keypoints_advice_does_not_contradict_itself(d, tmp_path):
+    """A stamp needs --keypoints or --joints: a 14-channel model is told the sets there are, not to leave
+    --keypoints out (which the stamp then asks for)."""
+    src = save(tiny_graph(out_channels=14, meta=None), d / "fourteen.onnx")
+    line = one_line(invoke("export-pose", src, "--keypoints", "coco", "--color", "rgb", "-o", tmp_path / "s.onnx"),
+                    "--keypoints coco has 17 joints but the model outputs 14 heatmaps", "not supported yet")
+    assert "leave --keypoints out" not in line
+
+
+def run_cli(*args, stdout=None, preexec=None) -> subprocess.CompletedProcess:
+    code = "import sys; from posequant.cli import main; main(sys.argv[1:], prog_name='posequant')"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, preexec_fn=preexec, timeout=300)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["inspect", "{ckpt}"], ["inspect", "{ckpt}", "--json", "-"], ["--help"]],
+                         ids=["summary", "json", "help"])
+def test_standard_output_on_a_full_device_is_one_line(small_checkpoints, args):
+    with open("/dev/full", "w") as full:
+        res = run_cli(*[a.format(ckpt=small_checkpoints["hourglass"]) for a in args], stdout=full)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1] == ("error: cannot write to standard output: No space left on device; "
+                                           "redirect it elsewhere"), res.stderr
+
+
+def test_convert_on_a_full_disk_names_the_reason(good, tmp_path):
+    """OpenVINO's writer says "basic_ios::clear: iostream error"; the OS's reason is what the user needs. A file
+    size limit (RLIMIT_FSIZE) makes its real writes fail, as a full disk does, without mocking anything."""
+    import resource
+    import signal
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_cli("convert", good, "--to", "openvino", "-o", out / "m.xml", preexec=small_files)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip() == (f"error: cannot write -o {out / 'm.xml'}: {os.strerror(errno.EFBIG)}; nothing was "
+                                  "written there (free space or choose another -o)"), res.stderr
+    assert list(out.iterdir()) == []

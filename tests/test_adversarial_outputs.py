@@ -13,7 +13,10 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -441,6 +444,28 @@ def test_write_error_is_one_line_naming_the_option(w, tmp_path, monkeypatch, cmd
     assert list(folder.iterdir()) == []  # no temp file, no half output
 
 
+def test_gate_report_on_a_full_disk_is_all_or_nothing(w, tmp_path, monkeypatch):
+    """Was: an empty report folder (a new one), or the picture without its report (one that existed)."""
+    new = tmp_path / "new" / "report"
+    _failing(monkeypatch, new, "replace", errno.ENOSPC)
+    line = refused(invoke([*COMMANDS["gate"](w), "--report", new]))
+    assert "cannot write --report" in line and os.strerror(errno.ENOSPC) in line, line
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    real = os.replace
+
+    def full_at_the_json(src, dst, *a, **kw):  # the picture and report.md fit, report.json does not
+        if Path(dst).name == "report.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", full_at_the_json)
+    refused(invoke([*COMMANDS["gate"](w), "--report", mine]))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 # ---- 4. a pipeline folder never mixes runs -------------------------------------------------------
 
 
@@ -540,3 +565,82 @@ def test_check_outputs_names_the_option_and_the_input(tmp_path):
         check_outputs({"--json": tmp_path / "d" / ".." / "m.onnx"}, {"--data": tmp_path})
     check_outputs({"--json": tmp_path / "new.json", "-o": None, "--report": "-"}, {"MODEL": src, "--val": None},
                   stdout_ok={"--report"})  # new files, even inside an input folder, are fine
+
+
+# ---- 8. SIGTERM (CI runners, `timeout`) leaves nothing behind, as Ctrl-C does (issue 22) -------------------
+
+# The CLI in a child process whose disk is slow: ``SLOW`` (os.replace or onnx.save) says so on stderr, then
+# blocks, so the parent can send SIGTERM while the command's temporary files exist.
+SLOW_DISK = """
+import os, sys, time
+import onnx
+module, name = sys.argv[1].rsplit(".", 1)
+owner = {"os": os, "onnx": onnx}[module]
+real = getattr(owner, name)
+def slow(*args, **kwargs):
+    print("SLOW", args[1] if len(args) > 1 else args, file=sys.__stderr__, flush=True)
+    time.sleep(120)
+    return real(*args, **kwargs)
+setattr(owner, name, slow)
+from posequant.cli import main
+main(sys.argv[2:], prog_name="posequant")
+"""
+
+
+def terminate_when_slow(slow: str, args: list, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``posequant ARGS`` until it blocks in ``slow``, send SIGTERM, and return how it ended."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_DISK, slow, *map(str, args)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("SLOW"):
+                break
+        assert seen and seen[-1].startswith("SLOW"), "".join(seen)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(args, proc.returncode, "", "".join(seen) + rest)
+
+
+SIGTERM_CASES = {  # command -> (what is slow, its arguments with {out} and {w.*})
+    "export-pose": ("os.replace", ["export-pose", "{ckpt}", "--input-size", SIZE, "--no-verify", "-o", "{out}/m.onnx"]),
+    "convert": ("os.replace", ["convert", "{onnx}", "--to", "openvino", "-o", "{out}/m.xml"]),
+    "quantize": ("onnx.save", ["quantize", "{onnx}", "--calib", "{images}", "--engine", "ort", "--num-samples", "2",
+                               "--no-equalize", "--cpu", "portable", "-o", "{out}/q.onnx"]),
+    "gate --report": ("os.replace", ["gate", "--float", "{onnx}", "--int8", "{int8}", "--data", "{mpii}", *FAST_GATE,
+                                     "--report", "{out}/report"]),
+}
+
+
+@pytest.mark.parametrize("cmd", list(SIGTERM_CASES))
+def test_sigterm_leaves_no_temporary_file(w, tmp_path, cmd):
+    slow, args = SIGTERM_CASES[cmd]
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    scratch.mkdir()
+    args = [a.format(out=out, **vars(w)) if isinstance(a, str) else a for a in args]
+    res = terminate_when_slow(slow, args, env={"TMPDIR": str(scratch)})
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr
+    assert res.stderr.rstrip().endswith("terminated") and "Traceback" not in res.stderr, res.stderr
+    # no .tmp, no .m.XXXX/, no temp folder (ONNX Runtime keeps a session id in $TMPDIR/.ses on every run)
+    assert list(out.iterdir()) == [] and [p.name for p in scratch.iterdir()] in ([], [".ses"])
+
+
+def test_sigterm_in_the_library_removes_the_temporary_file_and_respects_a_handler(tmp_path):
+    code = ("import sys, time\nfrom posequant.core.fileio import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_bytes(b'x' * 100000)\n    print('SLOW', flush=True)\n    time.sleep(120)\n")
+    for handler in ("", "import signal; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"):
+        proc = subprocess.Popen([sys.executable, "-c", "import sys\n" + handler + code, tmp_path / "o.bin"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().startswith("SLOW")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        # ours: Terminated (a KeyboardInterrupt) unwinds; the program's own handler is the one that runs
+        assert ("Terminated" in err and proc.returncode == 1) if not handler else proc.returncode == 7, err
+        assert list(tmp_path.iterdir()) == [], handler

@@ -174,3 +174,15 @@ def test_github_workflow_commands_gate_the_trained_model(tmp_path):
     quantize_md = (tmp_path / "gate-out/quantize.md").read_text()
     assert text.startswith(quantize_md) and text.count("# INT8 gate: PASS") == 1, text
     assert text.index("# INT8 gate: PASS") > len(quantize_md) - 1 and "## Checks" in text
+
+
+@pytest.mark.slow  # a whole pipeline run (~20 s here) for one phrase
+def test_pipeline_of_an_onnx_model_says_what_it_was_verified_against(inputs, tmp_path):
+    """An ONNX input is stamped and checked against the original ONNX file, not PyTorch (issue 22)."""
+    from posequant.pipeline import format_pipeline
+
+    ckpt, data = inputs
+    model = export_pose(ckpt, tmp_path / "m.onnx", input_size=SIZE, verify_model=False).output
+    res = run_pipeline(model, data, data, tmp_path / "out", budget=LOOSE, flip=False, runs=1, num_samples=4)
+    text = format_pipeline(res)
+    assert "verified vs the original ONNX" in text and "PyTorch" not in text

@@ -17,13 +17,14 @@ module tree (``layout`` in their configs), so every key loads unrenamed and stri
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
-from posequant.core.errors import ArchitectureError
+from posequant.core.errors import ArchitectureError, CheckpointError
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD
 
 from ._common import StateDict
@@ -80,6 +81,12 @@ def split_preprocessor(sd: StateDict, where: str) -> tuple[dict[str, torch.Tenso
             raise ArchitectureError(f"{where}: key {PREPROCESSOR}{name} has shape {tuple(t.shape)}, expected 3 "
                                     "values (one per colour channel)")
         values[name] = tuple(float(v) / 255 for v in t.flatten())
+        shown = ", ".join(f"{v:g}" for v in t.flatten().tolist())
+        if not all(math.isfinite(v) for v in values[name]) or (name == "std" and min(values[name]) <= 0):
+            raise CheckpointError(f"{where}: key {PREPROCESSOR}{name} holds [{shown}]"
+                                  f"{', a std that is not positive' if name == 'std' else ''}: the normalisation "
+                                  "is damaged (a bad conversion); fix or remove the data_preprocessor keys and give "
+                                  "--mean/--std")
     weights = {k: v for k, v in sd.items() if not k.startswith(PREPROCESSOR)}
     return weights, values.get("mean"), values.get("std")
 

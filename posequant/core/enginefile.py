@@ -11,18 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .modelfiles import ENGINE_SUFFIXES, is_engine, sidecar_path  # noqa: F401  (named here too: an engine's files)
 from .onnxfile import ModelFileError
-
-ENGINE_SUFFIXES = (".engine", ".plan")
-
-
-def is_engine(path: Any) -> bool:
-    return isinstance(path, (str, Path)) and Path(path).suffix.lower() in ENGINE_SUFFIXES
-
-
-def sidecar_path(engine: str | Path) -> Path:
-    engine = Path(engine)
-    return engine.with_name(engine.name + ".json")
 
 
 def engine_info(path: str | Path) -> dict[str, Any]:

@@ -8,15 +8,21 @@
   would give it (``0666 & ~umask``), or keeps the mode of the file it replaces; an ``OSError``
   (ENOSPC, EROFS, EACCES, ...) becomes one :class:`PosequantError` line and no temp file is left.
 * ``-`` means standard output where a command allows it (the ``--json`` options).
+* :func:`terminate_cleanly` makes SIGTERM (what CI runners and ``timeout`` send) unwind like Ctrl-C while a
+  temporary file or folder of ours exists (:func:`atomic_path`, :func:`temp_dir`, a command of the CLI),
+  so the blocks that made them remove them: no ``*.tmp`` file or temporary folder is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -160,9 +166,11 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
 
     ``outputs`` maps the option that names an output (``-o``, ``--json``, ...) to a file path;
     keys ending in ``/`` name output folders (``--report/``), mapped to the files the command will
-    write there. ``inputs`` maps what names an input (``MODEL``, ``--data``) to a file or a folder.
-    An output is refused when it resolves (realpath, or the same inode: a hard link) to an input
-    file, to an existing file inside an input folder, or to another output.
+    write there. ``inputs`` maps what names an input (``MODEL``, ``--data``) to a file or a folder;
+    a model input counts with all of its files (``posequant.core.modelfiles``: external data, an
+    IR's .bin, an engine's .json). An output is refused when it resolves (realpath, or the same
+    inode: a hard link) to an input file, to an existing file inside an input folder, or to
+    another output.
     """
     stdout_ok = set(stdout_ok)
     files: list[tuple[str, Path]] = []
@@ -180,6 +188,11 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
         files.append((option, Path(value)))
 
     ins = [(name, Path(p)) for name, p in inputs.items() if p is not None and Path(p).exists()]
+    # a model is all of its files: an ONNX model's external data, an IR's .bin, an engine's .json
+    from .modelfiles import companion_files
+
+    ins += [(f"{name} ({what})", p) for name, src in list(ins) if src.is_file()
+            for what, p in companion_files(src) if p.exists()]
     seen: dict[str, str] = {}
     for option, out in files:
         real = os.path.realpath(out)
@@ -200,13 +213,91 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
                                          f"{src}: choose another {option}")
             elif real == src_real or (ident is not None and ident == _identity(src)):
                 raise PosequantError(f"{option} {out} is the input {name} {src}: writing it would destroy the "
-                                     f"input; choose another {option}")
+                                     f"input; choose another {option.split(' (')[0]}")
 
 
-def _write_error(option: str | None, path: PathLike, e: OSError) -> PosequantError:
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM: raised where it was, so temporary files are removed as for Ctrl-C (a
+    KeyboardInterrupt, so that code which lets Ctrl-C through lets this through too)."""
+
+
+_term = {"depth": 0, "installed": False, "raised": False}
+_term_lock = threading.Lock()
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _term["raised"]:  # a second SIGTERM must not cut the clean-up of the first short
+        return
+    _term["raised"] = True
+    raise Terminated(f"terminated (signal {signum})")
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """Within this block (nested uses are one), SIGTERM raises :class:`Terminated` instead of ending the process
+    on the spot. Only when SIGTERM still has its default action and only in the main thread (where Python runs
+    signal handlers): a program's own SIGTERM handler is left alone."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread runs signal handlers
+        yield
+        return
+    with _term_lock:
+        outer = _term["depth"] == 0
+        _term["depth"] += 1
+        if outer and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            _term.update(installed=True, raised=False)
+    try:
+        yield
+    finally:
+        with _term_lock:
+            _term["depth"] -= 1
+            if _term["depth"] == 0 and _term["installed"]:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _term["installed"] = False
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str = "posequant.", dir: PathLike | None = None) -> Iterator[Path]:
+    """A temporary folder, removed with everything in it when the block ends: normally, on an error, on Ctrl-C
+    and on SIGTERM (:func:`terminate_cleanly`)."""
+    with terminate_cleanly():
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def write_error(option: str | None, path: PathLike, e: OSError) -> PosequantError:
+    """The one line for an output that could not be written: which, and the OS's reason."""
     reason = e.strerror or str(e)
     return PosequantError(f"cannot write {_named(option, path)}: {reason}; nothing was written there "
                           f"(free space or choose another {option or 'path'})")
+
+
+
+def write_problem(folder: PathLike, nbytes: int) -> OSError | None:
+    """Why ``nbytes`` cannot be written in ``folder`` (the ``OSError`` a write there gets: ENOSPC, EFBIG, EDQUOT,
+    EROFS, ...), or None when they can. For writers that hide the reason (OpenVINO's C++ streams say
+    "basic_ios::clear: iostream error"): the same write again, from Python, then removed."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".posequant-space.", dir=folder)
+    except OSError as e:
+        return e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            chunk, left = b"\0" * min(nbytes, 1 << 20), nbytes
+            while left > 0:
+                f.write(chunk[:left])
+                left -= len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return None
 
 
 @contextlib.contextmanager
@@ -222,30 +313,50 @@ def atomic_path(path: PathLike, option: str | None = "-o") -> Iterator[Path]:
         mode = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
         mode = new_file_mode()
+    with terminate_cleanly():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+        except OSError as e:
+            raise write_error(option, path, e) from None
+        tmp = Path(tmp)
+        try:
+            os.chmod(tmp, mode)
+            yield tmp
+            os.replace(tmp, target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise write_error(option, path, e) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+class StdoutError(PosequantError):
+    """Standard output cannot be written (a full device, a closed pipe)."""
+
+    @classmethod
+    def of(cls, e: OSError) -> "StdoutError":
+        return cls(f"cannot write to standard output: {e.strerror or e}; redirect it elsewhere")
+
+
+def write_stdout(data: bytes | str) -> None:
+    """``data`` on standard output, after what was printed before; :class:`StdoutError` when it cannot take it."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
+        sys.stdout.flush()
+        if isinstance(data, str):  # text as text: a notebook's stdout has no binary buffer
+            sys.stdout.write(data)
+        else:
+            sys.stdout.buffer.write(data)
+        sys.stdout.flush()
     except OSError as e:
-        raise _write_error(option, path, e) from None
-    tmp = Path(tmp)
-    try:
-        os.chmod(tmp, mode)
-        yield tmp
-        os.replace(tmp, target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(option, path, e) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        raise StdoutError.of(e) from None
 
 
 def write_bytes_atomic(path: PathLike, data: bytes, option: str | None = "-o") -> Path:
     """Write ``data`` to ``path`` atomically; ``-`` writes it to standard output."""
     if str(path) == STDOUT:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
+        write_stdout(data)
         return Path(STDOUT)
     with atomic_path(path, option) as tmp:
         tmp.write_bytes(data)
@@ -255,16 +366,15 @@ def write_bytes_atomic(path: PathLike, data: bytes, option: str | None = "-o") -
 def write_text_atomic(path: PathLike, text: str, option: str | None = "-o") -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; ``-`` writes it to standard output."""
     if str(path) == STDOUT:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        write_stdout(text)
         return Path(STDOUT)
     return write_bytes_atomic(path, text.encode("utf-8"), option)
 
 
 @contextlib.contextmanager
 def output_dir(path: PathLike, option: str | None = "-o") -> Iterator[Path]:
-    """Create the folder ``path`` (0777 & ~umask, parents too); if the block fails and the folders we
-    made are still empty, remove them again: a failed run leaves no empty output folder behind."""
+    """Create the folder ``path`` (0777 & ~umask, parents too); if the block fails (SIGTERM included) and the
+    folders we made are still empty, remove them again: a failed run leaves no empty output folder behind."""
     path = Path(path)
     check_output_dir(path, option)
     made = []
@@ -272,15 +382,16 @@ def output_dir(path: PathLike, option: str | None = "-o") -> Iterator[Path]:
     while not p.exists():
         made.append(p)
         p = p.parent
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PosequantError(f"cannot create {_named(option, path)} ({e.strerror}): choose another "
-                             f"{option or 'folder'}") from None
-    try:
-        yield path
-    except BaseException:
-        for d in made:  # innermost first
-            with contextlib.suppress(OSError):
-                d.rmdir()  # only when empty
-        raise
+    with terminate_cleanly():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PosequantError(f"cannot create {_named(option, path)} ({e.strerror}): choose another "
+                                 f"{option or 'folder'}") from None
+        try:
+            yield path
+        except BaseException:
+            for d in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only when empty
+            raise

@@ -12,21 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MetadataError
+from .modelfiles import IR_SUFFIX, bin_path, is_ir  # noqa: F401  (named here too: an IR's files)
 from .onnxfile import ModelFileError
 
-IR_SUFFIX = ".xml"
 RT_SECTION = "posequant"  # rt_info key holding the ONNX metadata_props, one entry per key
 # what OpenVINO makes of a QDQ graph: activations as FakeQuantize, weights as int8/uint8 constants
 QUANT_OPS = ("FakeQuantize",)
 INT8_TYPES = ("i8", "u8")
-
-
-def is_ir(path: Any) -> bool:
-    return isinstance(path, (str, Path)) and Path(path).suffix.lower() == IR_SUFFIX
-
-
-def bin_path(xml: str | Path) -> Path:
-    return Path(xml).with_suffix(".bin")
 
 
 def load_ir(path: str | Path, *, what: str = "model") -> Any:

@@ -78,8 +78,10 @@ def generic(num_joints: int) -> KeypointSet:
     )
 
 
-def keypoint_set_for(num_joints: int, name: str | None = None) -> KeypointSet:
-    """The set called ``name`` (checked against ``num_joints``), else the default for the count."""
+def keypoint_set_for(num_joints: int, name: str | None = None, *, custom: bool = True) -> KeypointSet:
+    """The set called ``name`` (checked against ``num_joints``), else the default for the count: MPII for 16, COCO
+    for 17, a nameless set otherwise (``custom``; where the input must name a set, e.g. a stamped ONNX model, a
+    count that is neither is refused)."""
     from .errors import PosequantError
 
     if name is None:
@@ -89,10 +91,13 @@ def keypoint_set_for(num_joints: int, name: str | None = None) -> KeypointSet:
         raise PosequantError(f"unknown keypoint set {name!r}: choose one of {', '.join(KEYPOINT_SETS)}")
     kps = KEYPOINT_SETS[key]
     if kps.num_joints != num_joints:
-        raise PosequantError(
-            f"--keypoints {key} has {kps.num_joints} joints but the model outputs {num_joints} heatmaps; "
-            f"use --keypoints {DEFAULT_FOR_JOINTS[num_joints].name}" if num_joints in DEFAULT_FOR_JOINTS
-            else f"--keypoints {key} has {kps.num_joints} joints but the model outputs {num_joints} heatmaps; "
-            "leave --keypoints out for a custom joint set"
-        )
+        mismatch = f"--keypoints {key} has {kps.num_joints} joints but the model outputs {num_joints} heatmaps"
+        if num_joints in DEFAULT_FOR_JOINTS:
+            raise PosequantError(f"{mismatch}; use --keypoints {DEFAULT_FOR_JOINTS[num_joints].name}")
+        sets = ", ".join(f"{s.name} ({s.num_joints})" for s in KEYPOINT_SETS.values())
+        if custom:
+            raise PosequantError(f"{mismatch}; without --keypoints it is exported with nameless joints (no flip "
+                                 f"test, and no dataset posequant scores: those are {sets})")
+        raise PosequantError(f"{mismatch}; posequant's keypoint sets are {sets}, and models of other joint "
+                             "sets are not supported yet")
     return kps

@@ -14,6 +14,8 @@ from typing import Any
 from .errors import MetadataError, PosequantError
 from .fileio import read_head
 
+PROTOBUF_LIMIT = 2**31 - 1  # the most one serialized protobuf (a self-contained .onnx file) can hold
+
 
 class ModelFileError(PosequantError):
     """The file given as an ONNX model is missing, empty, damaged or something else."""
@@ -29,7 +31,8 @@ def _kind_of(head: bytes) -> str | None:
 
 
 def load_onnx(path: str | Path, *, what: str = "model", load_external_data: bool = False) -> Any:
-    """``onnx.load`` with one-line errors: not found, a directory, empty, not ONNX, truncated."""
+    """``onnx.load`` with one-line errors: not found, a directory, empty, not ONNX, truncated, external data
+    missing. ``load_external_data``: read external weights into the proto (a self-contained model in memory)."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -39,16 +42,34 @@ def load_onnx(path: str | Path, *, what: str = "model", load_external_data: bool
     if kind:
         raise ModelFileError(f"{what} {path} is {kind}")
     try:
-        model = onnx.load(str(path), load_external_data=load_external_data)
+        model = onnx.load(str(path), load_external_data=False)
     except DecodeError:
         model = None
-    except Exception as e:  # external data missing, ...: onnx raises many types
-        raise ModelFileError(f"{what} {path} cannot be loaded as ONNX ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:120] if str(e) else ''}): check the file") from None
+    except Exception as e:  # onnx raises many types
+        raise _load_error(what, path, e) from None
     # random bytes can decode as a protobuf of unknown fields: a model has a graph with inputs and outputs
     if model is None or not model.graph.node or not model.graph.output or not _graph_inputs(model):
         raise ModelFileError(f"{what} {path} is truncated or not an ONNX protobuf: re-export or re-download it")
+    from .modelfiles import external_files
+
+    weights = external_files(path, model)
+    missing = [p for p in weights if not p.is_file()]
+    if missing:
+        raise ModelFileError(f"{what} {path} keeps its weights in {missing[0]} (external data), which is not there: "
+                             "copy it beside the model (its location is relative to the model's folder)")
+    if load_external_data and weights:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as e:  # a location outside the folder, a file too short, ...
+            raise _load_error(what, path, e) from None
     return model
+
+
+def _load_error(what: str, path: Path, e: Exception) -> ModelFileError:
+    return ModelFileError(f"{what} {path} cannot be loaded as ONNX ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else ''}): check the file")
 
 
 def _graph_inputs(model) -> list:
@@ -119,3 +140,27 @@ def expected_outputs(outputs: list, meta, where: str, hint: str) -> list[tuple[A
         raise MetadataError(f"{where} has {len(outputs)} outputs ({', '.join(names)}); a pose model returns one "
                             f"N x joints x h x w heatmap batch: {hint}")
     return [(outputs[0], ["N", meta.num_joints, *meta.heatmap_size], "heatmaps (num_joints x heatmap_size)")]
+
+
+def opset_of(model) -> int:
+    """The default (``ai.onnx``) domain's opset the graph is written in."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def convert_opset(model, target: int, where: str) -> Any:
+    """``model`` rewritten in opset ``target`` by ``onnx.version_converter`` (metadata kept), checked by
+    ``onnx.checker``; one line when the converter has no adapter for one of its ops. The caller checks
+    that the converted graph computes what the original did."""
+    import onnx
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, target)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001 - the converter raises RuntimeError with a C++ assertion
+        why = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+        raise PosequantError(f"{where} (opset {opset_of(model)}) cannot be converted to opset {target} ({why}): "
+                             f"re-export it at opset {target} or newer from its framework") from None
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(model.metadata_props)
+    return converted
