@@ -23,7 +23,7 @@ from posequant.core.decoding import head_of
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.fileio import temp_dir
 from posequant.core.metadata import ModelMeta
-from posequant.core.modelfile import ModelFile, model_format, open_model
+from posequant.core.opened import ModelFile, model_format, open_model
 from posequant.core.quiet import warn as posequant_warn
 
 from .detect import DEFAULT_IOU, EVAL_SCORE, PersonBoxes, coco_boxes, detect_images, open_detector

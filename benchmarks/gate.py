@@ -20,7 +20,7 @@ from posequant.core.args import Runtime, Whole, checked
 from posequant.core.cpu import cpu_kind, kind_source
 from posequant.core.errors import PosequantError
 from posequant.core.metadata import ModelMeta
-from posequant.core.modelfile import ModelFile, open_model
+from posequant.core.opened import ModelFile, open_model
 from posequant.core.numbers import check_number
 
 from .detect import DEFAULT_IOU, EVAL_SCORE

@@ -49,7 +49,7 @@ from posequant.core.decoding import head_of
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.fileio import atomic_path, check_outputs, output_dir, write_bytes_atomic, write_text_atomic
 from posequant.core.metadata import ModelMeta
-from posequant.core.modelfile import ModelFile, open_model
+from posequant.core.opened import ModelFile, open_model
 from posequant.core.quiet import warn as posequant_warn
 
 from .detect import DEFAULT_IOU, PREDICT_SCORE, Box, Detector, open_detector, read_detections

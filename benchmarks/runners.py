@@ -15,7 +15,7 @@ import numpy as np
 
 from posequant.core.enginefile import is_engine, tensorrt_problem
 from posequant.core.errors import PosequantError
-from posequant.core.modelfile import model_format
+from posequant.core.opened import model_format
 from posequant.core.onnxfile import ModelFileError
 from posequant.core.quiet import ort_session, quiet
 

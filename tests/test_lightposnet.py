@@ -21,7 +21,7 @@ from posequant.calibration import iter_batches, open_dataset
 from posequant.calibration import saturation as S
 from posequant.calibration.quantize import quantize
 from posequant.core.keypoints import COCO
-from posequant.core.modelfile import open_model
+from posequant.core.opened import open_model
 from posequant.exporter import export_pose
 from posequant.exporter.convert import convert
 

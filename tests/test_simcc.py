@@ -22,7 +22,7 @@ from posequant.cli import main
 from posequant.core.errors import MetadataError, PosequantError
 from posequant.core.keypoints import COCO
 from posequant.core.metadata import read_meta
-from posequant.core.modelfile import open_model
+from posequant.core.opened import open_model
 from posequant.exporter import export_pose
 from posequant.exporter.onnx_in import UnsupportedModelError
 

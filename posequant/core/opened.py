@@ -3,7 +3,8 @@
 The formats are told apart by the file name (``.xml``: an OpenVINO IR, ``.engine``/``.plan``: a TensorRT
 engine, else ONNX); :func:`open_model` reads the file once (through :mod:`.onnxfile`, :mod:`.irfile` or
 :mod:`.enginefile`, so a bad file is one line), checks its graph against its metadata, and returns a
-:class:`ModelFile` that eval, gate, predict and bench pass on instead of the path.
+:class:`ModelFile` that eval, gate and predict pass on instead of the path (which files make up a model is
+:mod:`.modelfiles`'s).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .enginefile import engine_info, is_engine
+from .enginefile import engine_info
 from .irfile import input_batch as ir_input_batch
-from .irfile import is_ir, load_ir
+from .irfile import load_ir
 from .metadata import ModelMeta, input_batch, ir_meta, read_meta
+from .modelfiles import is_engine, is_ir
 from .onnxfile import load_onnx
 
 FORMATS = ("onnx", "ir", "engine")
