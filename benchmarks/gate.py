@@ -27,7 +27,7 @@ from .detect import DEFAULT_IOU, EVAL_SCORE
 from .evaluate import EvalResult, ModelOutputError, evaluate, person_boxes
 from .gate_report import prepare_report_dir, write_report
 from .latency import BenchResult, bench, check_backend, onnx_precision
-from .metrics import FLOAT_FLOOR, box_size, main_metric, pck
+from .metrics import FLOAT_FLOOR, agreement_of, box_size, main_metric, pck
 from .runners import model_format, resolve_backend
 
 # COCO joints pooled into the groups MPII's PCKh table reports, so both read alike.
@@ -68,7 +68,7 @@ class Check:
     value: float | None  # drop in points (float - INT8), or the speedup
     limit: float
     passed: bool
-    kind: str  # "drop" (value <= limit) or "speedup" (value >= limit)
+    kind: str  # "drop" (value <= limit); "speedup" or "agreement" (value >= limit)
     float_value: float | None = None  # the metric in points, or the median latency in ms
     int8_value: float | None = None
 
@@ -77,6 +77,8 @@ class Check:
             return f"{self.name}: not measured"
         if self.kind == "speedup":
             return f"{self.name} {self.value:.2f}x (needs >= {self.limit:g}x)"
+        if self.kind == "agreement":
+            return f"{self.name} {self.value:.3f} (needs >= {self.limit:g})"
         return f"{self.name} dropped {self.value:.2f} points (budget {self.limit:g})"
 
 
@@ -105,6 +107,7 @@ class GateResult:
     report_files: list[str] = field(default_factory=list)
     cpu: dict[str, Any] = field(default_factory=dict)  # this CPU's kind, what the INT8 graph was made for, notes
     boxes: dict[str, Any] | None = None  # with --boxes/--detector: the detection boxes both were scored on too
+    agreement: dict[str, float] | None = None  # INT8 keypoints against float's, on the same people
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,7 +121,7 @@ class GateResult:
             "float_metrics": self.float_eval.metrics, "int8_metrics": self.int8_eval.metrics,
             "latency": self.latency.to_dict() if self.latency else None,
             "disagreements": self.disagreements, "report_files": self.report_files, "cpu": self.cpu,
-            "boxes": self.boxes,
+            "boxes": self.boxes, "agreement": self.agreement,
         }
 
 
@@ -316,6 +319,7 @@ def gate(
     max_drop: float = 0.5,
     max_joint_drop: float = 2.0,
     min_speedup: float = 1.5,
+    min_agreement: float | None = None,
     device: str = "cpu",
     backend: str | None = None,
     flip: bool = True,
@@ -337,7 +341,9 @@ def gate(
     """Evaluate and time ``int8_model`` against ``float_model`` on ``data`` (MPII or COCO).
 
     Drops are in points: COCO AP x 100, MPII PCKh@0.5, and per joint group PCK@0.2 (COCO) or
-    PCKh@0.5 (MPII). The speedup is the float model's median batch-1 latency (a fixed-batch model's: at
+    PCKh@0.5 (MPII). The agreement of the INT8 keypoints with the float ones on the same people (OKS with
+    the float model as ground truth, ``metrics.keypoint_agreement``) is always measured; with
+    ``min_agreement`` it is a check too: on a few dozen people it is far steadier than AP. The speedup is the float model's median batch-1 latency (a fixed-batch model's: at
     its own batch) over the INT8 model's, both on ``backend`` (float at fp32; fp16 on TensorRT). Bad
     input raises :class:`PosequantError`.
     The two models must come from the same source checkpoint and share their preprocessing
@@ -353,6 +359,8 @@ def gate(
     max_drop = check_number("max_drop", max_drop, minimum=None)
     max_joint_drop = check_number("max_joint_drop", max_joint_drop, minimum=None)
     min_speedup = check_number("min_speedup", min_speedup)
+    if min_agreement is not None:
+        min_agreement = check_number("min_agreement", min_agreement, maximum=1.0)
     float_model, int8_model, data = Path(float_model), Path(int8_model), Path(data)
     fopened, qopened = _check_models(float_model, int8_model, allow_different_source)  # each file opened once
     fmeta = fopened.meta
@@ -412,6 +420,10 @@ def gate(
     if DETECTOR_AP in scores:
         checks.append(_drop_check(f"{DETECTOR_AP} (x100)", scores[DETECTOR_AP], max_drop))
     checks += [_drop_check(f"joint group {g}", d, max_joint_drop) for g, d in groups.items() if np.isfinite(d["delta"])]
+    agreement = agreement_of(fe, qe, fmeta.keypoints)
+    if min_agreement is not None:
+        checks.append(Check("agreement with float keypoints (OKS)", agreement["OKS"], min_agreement,
+                            agreement["OKS"] >= min_agreement, "agreement", 1.0, agreement["OKS"]))
     checks.append(Check(f"speedup on {backend} ({device}, batch {timed})", speedup, min_speedup,
                         speedup is not None and speedup >= min_speedup, "speedup",
                         frow.p50_ms if frow else None, qrow.p50_ms if qrow else None))
@@ -424,7 +436,7 @@ def gate(
     result = GateResult(
         not reasons, reasons, checks, str(float_model), str(int8_model), str(data), f"{fe.format.upper()} {fe.split}",
         fe.people, backend, device, flip, main, scores, groups, joints, speedup, latency, fe, qe, worst_people,
-        cpu=cpu, boxes=box_info)
+        cpu=cpu, boxes=box_info, agreement=agreement)
     if report_dir is not None:
         say(f"writing the report to {report_dir}")
         result.report_files = write_report(result, report_dir, fmeta, [people[i] for i in order])

@@ -50,6 +50,8 @@ def _check_rows(result) -> list[list[str]]:
             vals = [f"{v:.2f} ms" if v is not None else "-" for v in (c.float_value, c.int8_value)]
             change = f"{c.value:.2f}x" if c.value is not None else "-"
             budget = f">= {c.limit:g}x"
+        elif c.kind == "agreement":
+            vals, change, budget = ["1", f"{c.int8_value:.3f}"], f"{c.value - 1:+.3f}", f">= {c.limit:g}"
         else:
             vals = [f"{c.float_value:.2f}", f"{c.int8_value:.2f}"]
             change, budget = f"{-c.value:+.2f}", f"drop <= {c.limit:g}"
@@ -84,6 +86,15 @@ def boxes_lines(result) -> list[str]:
             f"{b['kept_after_oks_nms']} kept by OKS-NMS ({b['oks_thre']:g}) for the float model"]
 
 
+def agreement_lines(result) -> list[str]:
+    """The INT8 keypoints against the float ones on the same people, whether or not it is a check."""
+    a = getattr(result, "agreement", None)
+    if not a:
+        return []
+    return [f"agreement with float keypoints: OKS {a['OKS']:.3f} (worst person {a['OKS_min']:.3f}); "
+            f"{a['within_2%']:.1f}% of joints within 2% of the person size, {a['within_5%']:.1f}% within 5%"]
+
+
 def _other_warnings(result) -> list[str]:
     note = (result.cpu or {}).get("note") or ""
     return [w for w in result.latency.warnings if not (note and note.startswith(w))]  # bench's copy of the note
@@ -94,7 +105,7 @@ def format_gate(result) -> str:
             f"{'on' if result.flip else 'off'}; {result.backend} on {result.device})")
     lines = [head, format_table(CHECK_HEADERS, _check_rows(result))]
     lines += [f"  failed: {r}" for r in result.reasons]
-    lines += [f"  {line}" for line in boxes_lines(result) + cpu_lines(result)]
+    lines += [f"  {line}" for line in agreement_lines(result) + boxes_lines(result) + cpu_lines(result)]
     if result.latency:
         lines += [f"  warning: {w}" for w in _other_warnings(result)]
     if result.report_files:
@@ -124,7 +135,7 @@ def format_markdown(result, png: str | None) -> str:
           f"{'on' if result.flip else 'off'}); evaluated and timed on {result.backend} ({result.device})", ""]
     if result.reasons:
         md += ["Failed:", ""] + [f"- {r}" for r in result.reasons] + [""]
-    notes = boxes_lines(result) + cpu_lines(result)
+    notes = agreement_lines(result) + boxes_lines(result) + cpu_lines(result)
     md += [f"- {line}" for line in notes] + ([""] if notes else [])
     md += ["## Checks", "", _md_table(CHECK_HEADERS, _check_rows(result)), "",
            "Changes are INT8 minus float, in points (COCO AP x 100, PCK/PCKh in percent).", "",

@@ -18,6 +18,11 @@ OKS-NMS-ed as ``eval --detector``), which eval's COCO scorer reads back.
 Photos are drawn and reported as a viewer shows them (turned by their EXIF orientation), except with
 ``--boxes``: box files are made on the stored pixels (as COCO's annotations are), so then images are
 read as stored, as ``eval`` reads them.
+
+Names and ids (docs/predict.md): each file is predicted once however often it is given (:func:`gather_inputs`);
+its image_id is the number in its name, or -1, -2, ... when it has none of its own (:func:`image_ids`); its
+picture's name is unique in OUT/ (:func:`output_names`). A run first removes an earlier run's files under its
+own names and writes the results last, so OUT/ never holds results beside another run's pictures.
 """
 
 from __future__ import annotations
@@ -44,12 +49,14 @@ from posequant.calibration import (
     whole_image_center_scale,
 )
 from posequant.calibration.images import IMAGE_SUFFIXES
+from posequant.core.args import Paths, checked
 from posequant.core.batching import infer_at_batch
 from posequant.core.decoding import head_of
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.fileio import atomic_path, check_outputs, output_dir, write_bytes_atomic, write_text_atomic
 from posequant.core.metadata import ModelMeta
 from posequant.core.opened import ModelFile, open_model
+from posequant.core.quiet import quiet
 from posequant.core.quiet import warn as posequant_warn
 
 from .detect import DEFAULT_IOU, PREDICT_SCORE, Box, Detector, open_detector, read_detections
@@ -61,6 +68,7 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 RESULTS_FILE = "keypoints.json"  # COCO keypoint results of MODEL
 COMPARE_RESULTS_FILE = "keypoints.compare.json"  # ... of --compare's model
 SUMMARY_FILE = "predict.json"
+RUN_FILES = [SUMMARY_FILE, RESULTS_FILE, COMPARE_RESULTS_FILE]  # removed first and written last by every run
 PROGRESS_MIN_UNITS = 10  # images or frames: below that a bar is noise
 MODEL_SUFFIXES = (".onnx", ".xml", ".engine")  # an OpenVINO IR, a TensorRT engine: open_model and the runners open them
 
@@ -81,6 +89,8 @@ class PredictResult:
     pose_seconds: float = 0.0  # of which the pose model's (crops, inference, flip test, decoding), every model
     skipped: list[str] = field(default_factory=list)  # "path: why"
     image_ids: dict[str, Any] = field(default_factory=dict)  # input file -> the image_id in the results
+    ids_not_in_names: list[str] = field(default_factory=list)  # images whose image_id is not the number in the name
+    skipped_boxes: list[str] = field(default_factory=list)  # "path: bbox [...] on WxH: why" (--boxes)
     files: list[str] = field(default_factory=list)
     detector: dict[str, Any] | None = None  # the detector's file, layout, precision and thresholds
     boxes: int = 0  # person boxes found by the detector or read from --boxes (before OKS-NMS)
@@ -100,37 +110,97 @@ class PredictResult:
                 "ms_per_image_or_frame": self.ms_per_unit,
                 "detector_ms_per_image_or_frame": self.ms_per(self.detect_seconds),
                 "pose_ms_per_image_or_frame": self.ms_per(self.pose_seconds),
-                "skipped": self.skipped, "image_ids": self.image_ids, "files": self.files}
+                "skipped": self.skipped, "skipped_boxes": self.skipped_boxes, "image_ids": self.image_ids,
+                "ids_not_in_names": self.ids_not_in_names, "files": self.files}
 
 
 # ---- inputs ------------------------------------------------------------------------------------
 
+PICTURE, VIDEO_OUT, FRAMES = ".pose.jpg", ".pose.mp4", ".frames.jsonl"  # what OUT/ gets per image, per video
 
-def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image and video files, in the order given; a folder gives its images and videos (top level, sorted)."""
+
+@dataclass
+class Inputs:
+    """What a run predicts: each file once, in the order given, and its picture's (or video's) name in OUT/."""
+
+    files: list[Path]
+    repeats: list[tuple[Path, Path]]  # (an input given again, the file it repeats): predicted once
+    names: dict[Path, str]
+
+
+def gather_inputs(paths: Sequence[str | os.PathLike]) -> Inputs:
+    """The image and video files to predict, in the order given (a folder gives its images and videos, top level,
+    sorted); a file given again (the same path, a symlink or hard link to it, or a folder and a file inside it)
+    once, the first time; each with its output name (:func:`output_names`)."""
     if not paths:
         raise PosequantError("predict needs at least one IMAGE, FOLDER or VIDEO")
-    out: list[Path] = []
+    found: list[Path] = []
     known = IMAGE_SUFFIXES + VIDEO_SUFFIXES
     for given in map(Path, paths):
         if given.is_dir():
-            found = sorted(p for p in given.iterdir() if p.is_file() and p.suffix.lower() in known
-                           and not p.name.startswith("."))
-            if not found:
+            listed = sorted(p for p in given.iterdir() if p.is_file() and p.suffix.lower() in known
+                            and not p.name.startswith("."))
+            if not listed:
                 raise DataError(f"{given} has no images or videos ({', '.join(known)}): point to another folder")
-            out += found
+            found += listed
         elif given.is_file():
             if given.suffix.lower() not in known:
                 raise DataError(f"{given} is neither an image ({', '.join(IMAGE_SUFFIXES)}) nor a video "
                                 f"({', '.join(VIDEO_SUFFIXES)}): rename or leave it out")
-            out.append(given)
+            found.append(given)
         else:
             raise DataError(f"input {given} does not exist: check the path")
-    return out
+    first: dict[tuple[int, int], Path] = {}
+    files, repeats = [], []
+    for p in found:
+        st = p.stat()  # follows symlinks: a link and its target are one file
+        seen = first.setdefault((st.st_dev, st.st_ino), p)
+        if seen is p:
+            files.append(p)
+        else:
+            repeats.append((p, seen))
+    return Inputs(files, repeats, output_names(files))
+
+
+def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files :func:`gather_inputs` predicts: each once, in the order given."""
+    return gather_inputs(paths).files
 
 
 def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def output_names(files: Sequence[Path]) -> dict[Path, str]:
+    """Each input's picture (or video) in OUT/: ``NAME.pose.jpg`` / ``NAME.pose.mp4``, NAME the file's stem.
+
+    Inputs that would get one name (``cam1/frame.jpg`` and ``cam2/frame.jpg``; ``a.jpg`` and ``a.png``) are
+    each named after their path from the deepest folder they share, ``/`` written ``_``, without the file type
+    unless the file type is what tells them apart: ``cam1_frame.pose.jpg``, ``a.jpg.pose.jpg``. A name that
+    still meets another input's is refused, naming both inputs (rename one)."""
+    groups: dict[str, list[Path]] = {}
+    for p in files:
+        groups.setdefault(p.stem + (VIDEO_OUT if is_video(p) else PICTURE), []).append(p)
+    names: dict[Path, str] = {}
+    for name, group in groups.items():
+        if len(group) == 1:
+            names[group[0]] = name
+            continue
+        full = [os.path.abspath(p) for p in group]
+        common = os.path.commonpath([os.path.dirname(f) for f in full])
+        relative = [Path(os.path.relpath(f, common)) for f in full]
+        labels = [str(r.with_suffix("")) for r in relative]
+        if len(set(labels)) < len(labels):  # only the file type differs
+            labels = [str(r) for r in relative]
+        for p, label in zip(group, labels):
+            names[p] = label.replace(os.sep, "_") + (VIDEO_OUT if is_video(p) else PICTURE)
+    owner: dict[str, Path] = {}
+    for p in files:
+        other = owner.setdefault(names[p], p)
+        if other is not p:
+            raise DataError(f"inputs {other} and {p} would both be drawn to {names[p]} in the output folder: "
+                            f"rename one of them, or predict them in separate runs")
+    return {p: names[p] for p in files}  # in input order
 
 
 def number_in_name(path: Path) -> int | None:
@@ -139,49 +209,107 @@ def number_in_name(path: Path) -> int | None:
     return int(runs[-1]) if runs else None
 
 
-def image_ids(images: Sequence[Path]) -> dict[Path, Any]:
-    """The results' image_id of each image: the number in its name, else its position (1-based) in the inputs."""
-    numbers = [number_in_name(p) for p in images]
-    if None in numbers or len(set(numbers)) < len(numbers):  # ids must tell images apart
-        return {p: i + 1 for i, p in enumerate(images)}
-    return dict(zip(images, numbers))
+def numbered(images: Sequence[Path]) -> dict[int, list[Path]]:
+    """The images whose names carry each number (:func:`number_in_name`); more than one: the number is shared."""
+    out: dict[int, list[Path]] = {}
+    for p in images:
+        n = number_in_name(p)
+        if n is not None:
+            out.setdefault(n, []).append(p)
+    return out
+
+
+def image_ids(images: Sequence[Path]) -> dict[Path, int]:
+    """The results' image_id of each image: the number in its name when no other input's name carries it; the
+    others (no number, or one another input shares) get -1, -2, ... in input order. An image's id never depends
+    on the numbered images beside it, and a negative id can meet no number in a name nor a dataset's image id
+    (COCO's scorer refuses it rather than score it against another image)."""
+    own = {ps[0]: n for n, ps in numbered(images).items() if len(ps) == 1}
+    ids, unnumbered = {}, 0
+    for p in images:
+        if p in own:
+            ids[p] = own[p]
+        else:
+            unnumbered -= 1
+            ids[p] = unnumbered
+    return ids
+
+
+def ids_note(images: Sequence[Path], ids: dict[Path, int]) -> str | None:
+    """The warning for a run whose images are numbered only in part (or share numbers), else None: which images
+    got negative ids, and why."""
+    others = [p for p in images if ids[p] < 0]
+    shared = {p: n for n, ps in numbered(images).items() if len(ps) > 1 for p in ps}
+    if not others or (len(others) == len(images) and not shared):  # all numbered, or none: nothing to explain
+        return None
+    why = [f"{p} ({f'shares {shared[p]}' if p in shared else 'no number'}: {ids[p]})" for p in others]
+    return (f"{len(others)} of {len(images)} images have no number of their own in their names and get negative "
+            f"image_ids: {_listed(why, ', ')}; the others keep the number in their names ({SUMMARY_FILE} maps "
+            "each file to its id)")
 
 
 def load_boxes(path: str | os.PathLike, images: Sequence[Path], *, min_score: float = 0.0) -> dict[Path, list[Box]]:
     """The boxes of each image from a COCO detection-results JSON; those scoring below ``min_score`` are dropped.
 
     ``file_name`` matches an image's file name; ``image_id`` the number in it (:func:`number_in_name`).
-    A box naming no given image, or a file that is not such a list, is refused in one line.
+    A box naming no given image, or more than one, or a file that is not such a list, is refused in one line.
     """
     path = Path(path)
-    by_name = {p.name: p for p in images}
-    by_number: dict[int, Path] = {}
+    by_name: dict[str, list[Path]] = {}
     for p in images:
-        n = number_in_name(p)
-        if n is not None:
-            by_number.setdefault(n, p)
+        by_name.setdefault(p.name, []).append(p)
+    by_number = numbered(images)
     boxes: dict[Path, list[Box]] = {p: [] for p in images}
     unknown: list[str] = []
     for d in read_detections(path, "--boxes"):
         if d.file_name is not None:
-            image, key = by_name.get(d.file_name), f"file_name {d.file_name!r}"
+            matches, key = by_name.get(d.file_name, []), f"file_name {d.file_name!r}"
+            hint = "rename one of them, or predict them in separate runs"
         else:
             try:
-                image = by_number.get(int(d.image_id))
+                matches = by_number.get(int(d.image_id), [])
             except (TypeError, ValueError):
-                image = None
+                matches = []
             key = f"image_id {d.image_id!r}"
-        if image is None:
+            hint = "name the image by file_name instead, or predict them in separate runs"
+        if not matches:
             unknown.append(key)
             continue
+        if len(matches) > 1:
+            raise DataError(f"--boxes {path}: {key} matches {len(matches)} inputs ({', '.join(map(str, matches))}) "
+                            f"and a box is on one image: {hint}")
         if d.box.score >= min_score:
-            boxes[image].append(d.box)
+            boxes[matches[0]].append(d.box)
     if unknown:
-        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-        raise DataError(f"--boxes {path} names {len(unknown)} images not among the inputs ({shown}): file_name "
-                        "matches an image's file name, image_id the number in it; give those images, or "
-                        "drop their boxes")
+        raise DataError(f"--boxes {path} names {len(unknown)} images not among the inputs ({_listed(unknown, ', ')}"
+                        "): file_name matches an image's file name, image_id the number in it; give those images, "
+                        "or drop their boxes")
     return boxes
+
+
+def box_problem(bbox: Sequence[float], width: int, height: int) -> str | None:
+    """Why a ``--boxes`` box is no person on a ``width`` x ``height`` image: ``"empty"`` (w or h not above 0, or
+    less than a pixel both ways once clipped as eval clips: nothing to crop), ``"outside"`` (no part of it on the
+    image); None when it is one."""
+    x, y, w, h = (float(v) for v in bbox)
+    if not (w > 0 and h > 0):
+        return "empty"
+    if x + w <= 0 or y + h <= 0 or x >= width or y >= height:
+        return "outside"
+    clipped = clip_box(bbox, width, height)
+    if clipped is None:  # on the image by less than a pixel
+        return "outside"
+    return "empty" if clipped[2] <= 0 and clipped[3] <= 0 else None
+
+
+BOX_PROBLEMS = {
+    "empty": "of zero or negative size, or under a pixel",
+    "outside": "wholly outside their images",
+}
+BOX_HINTS = {
+    "empty": "a box is [x, y, w, h] with w and h above 0, in the image's pixels",
+    "outside": "boxes are in the stored image's pixels, x right and y down from its top-left corner",
+}
 
 
 # ---- one model on one picture -------------------------------------------------------------------
@@ -296,31 +424,18 @@ def side_by_side(image: np.ndarray, meta: ModelMeta, first: People, second: Peop
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def output_names(inputs: Sequence[Path]) -> dict[Path, str]:
-    """Each input's picture (or video) in OUT/: NAME.pose.jpg / NAME.pose.mp4, numbered when names repeat."""
-    names: dict[Path, str] = {}
-    used: set[str] = set()
-    for i, p in enumerate(inputs):
-        suffix = ".pose.mp4" if is_video(p) else ".pose.jpg"
-        name = p.stem + suffix
-        if name in used:
-            name = f"{p.stem}.{i}{suffix}"
-        used.add(name)
-        names[p] = name
-    return names
-
-
 def planned_files(inputs: Sequence[str | os.PathLike], compare=None) -> list[str]:
-    """The names ``predict`` writes in OUT/ for these inputs (for checking every output before the run)."""
-    names = output_names(expand_inputs(inputs))
-    planned = [RESULTS_FILE, SUMMARY_FILE] + ([COMPARE_RESULTS_FILE] if compare else [])
-    return planned + [n for p, name in names.items() for n in ((name, frames_name(name)) if is_video(p) else (name,))]
+    """The names ``predict`` writes in OUT/ for these inputs (for checking every output before the run), the
+    results first. ``keypoints.compare.json`` is among them with or without ``compare``: a run removes an earlier
+    run's results under all of these names first (one without --compare must not leave an older comparison)."""
+    return _planned(gather_inputs(inputs))
 
 
 def frames_name(video_out: str) -> str:
-    return video_out.replace(".pose.mp4", ".frames.jsonl")
+    return video_out.removesuffix(VIDEO_OUT) + FRAMES
 
 
+@checked(inputs=Paths("input"))
 def predict(
     model: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -347,25 +462,29 @@ def predict(
     ``compare``), ``NAME.pose.jpg`` per image (boxes and skeletons; both models side by side with
     ``compare``), ``NAME.pose.mp4`` (same frame rate) and ``NAME.frames.jsonl`` (one line per frame) per
     video, and ``predict.json``. Unreadable images and videos are skipped, counted and named in one ``warn``
-    line; when none is readable, :class:`DataError`. ``progress_bar``: None shows one on a terminal for 10+
-    images/frames.
+    line; when none is readable, :class:`DataError`; so are ``boxes`` that are no person on their image (one
+    line per kind), inputs given twice and images without a number of their own among numbered ones.
+    ``progress_bar``: None shows one on a terminal for 10+ images/frames.
     """
     say = warn or posequant_warn
     model, out = Path(model), Path(out_dir)
-    files = expand_inputs(inputs)
-    names = output_names(files)
-    planned = planned_files(inputs, compare)
+    given = gather_inputs(inputs)
+    files, names = given.files, given.names
+    planned = _planned(given)
     ins = {"MODEL": model, "--boxes": boxes, "--compare": compare, "--detector": detector}
     ins |= {f"input {p}": p for p in files}
-    ins |= {f"INPUT {p}": p for p in map(Path, inputs) if Path(p).is_dir()}  # nothing written into an input folder
+    ins |= {f"INPUT {p}": p for p in inputs if p.is_dir()}  # nothing written into an input folder
     check_outputs({"-o/": (out, planned)}, ins)  # before any work
-    for p in map(Path, inputs):  # OUT/ inside an input folder: the next run would read its pictures back
+    for p in inputs:  # OUT/ inside an input folder: the next run would read its pictures back
         if p.is_dir() and os.path.commonpath([os.path.realpath(out), os.path.realpath(p)]) == os.path.realpath(p):
             raise PosequantError(f"-o {out} is inside the input folder {p}: choose an output folder outside it")
     if not 0.0 <= min_score or not np.isfinite(min_score):
         raise PosequantError(f"--min-score {min_score} must be a finite number >= 0")
     if boxes is not None and detector is not None:
         raise PosequantError("give --boxes (person boxes from a file) or --detector (a detector to run), not both")
+    images = [p for p in files if not is_video(p)]
+    ids = image_ids(images)
+    box_map = load_boxes(boxes, images, min_score=min_score) if boxes is not None else None
     first = Model.open(model, backend, device)
     second = Model.open(Path(compare), backend, device, "--compare") if compare else None
     if second and second.meta.num_joints != first.meta.num_joints:
@@ -374,37 +493,81 @@ def predict(
     for m in (first, second):
         if m and flip and not m.meta.flip_pairs:
             raise PosequantError(f"{m.path} has no flip pairs ({m.meta.keypoints} keypoints): use --no-flip")
-    images = [p for p in files if not is_video(p)]
-    ids = image_ids(images)
-    box_map = load_boxes(boxes, images, min_score=min_score) if boxes is not None else None
     backend = resolve_backend(model, backend)  # None: ort, or the one backend an IR / engine runs on
     found = open_detector(detector, backend=backend, device=device, score=det_score, iou=det_iou) if detector else None
     result = PredictResult(str(model), str(compare) if compare else None, str(out), backend, device, flip,
                            detector=found.settings() if found else None)
+    result.ids_not_in_names = [str(p) for p in images if ids[p] < 0]
+    if given.repeats:
+        again = [f"{p} ({'again' if str(p) == str(kept) else f'the same file as {kept}'})" for p, kept in given.repeats]
+        say(f"{_count(len(again), 'input')} given more than once {'is' if len(again) == 1 else 'are'} predicted "
+            f"once: {_listed(again, ', ')}")
+    note = ids_note(images, ids)
+    if note:
+        say(note)
     if box_map is not None:  # box files are made on the stored pixels: say which photos a viewer shows turned
-        turned = [p.name for p in images if exif_orientation(p) != 1]
+        turned = [str(p) for p in images if exif_orientation(p) != 1]
         if turned:
             say(f"{len(turned)} images carry an EXIF orientation ({', '.join(turned[:3])}"
                 f"{' and more' if len(turned) > 3 else ''}): --boxes are taken on the stored pixels, as COCO's "
                 "annotations are, so they are drawn as stored, not turned as a viewer shows them")
     run = _Run(first, second, flip, result, out, found, min_score)
     with output_dir(out, "-o"):
-        bar = _bar(files, progress_bar)
-        for path in files:
-            if is_video(path):
-                run.video(path, names[path], bar)
-            else:
-                run.image(path, ids[path], box_map[path] if box_map is not None else None, names[path])
-                bar.update(1)
-        bar.close()
-        if not result.images and not result.frames:
-            raise DataError(f"none of the {len(files)} inputs could be read ({'; '.join(result.skipped[:3])}): "
-                            "check the files")
-        run.finish()
+        _remove(out, planned)  # an earlier run's files under this run's names: never mistaken for this run's
+        bar = None
+        try:
+            bar = _bar(files, progress_bar)
+            for path in files:
+                if is_video(path):
+                    run.video(path, names[path], bar)
+                else:
+                    run.image(path, ids[path], box_map[path] if box_map is not None else None, names[path])
+                    bar.update(1)
+            bar.close()
+            if not result.images and not result.frames:
+                raise DataError(f"none of the {len(files)} inputs could be read ({'; '.join(result.skipped[:3])}): "
+                                "check the files")
+            run.finish()  # the results and the summary last: with them, every picture is this run's
+        except BaseException:  # an error, Ctrl-C, SIGTERM: none of this run's files stays, no results either
+            if bar is not None:
+                bar.close()
+            _remove(out, [Path(f).name for f in result.files], strict=False)
+            raise
     if result.skipped:
-        shown = "; ".join(result.skipped[:3]) + (f" and {len(result.skipped) - 3} more" if len(result.skipped) > 3 else "")
-        say(f"skipped {len(result.skipped)} of {len(files)} inputs that cannot be read: {shown}")
+        say(f"skipped {len(result.skipped)} of {len(files)} inputs that cannot be read: {_listed(result.skipped)}")
+    for why, items in run.bad_boxes.items():
+        say(f"--boxes {boxes}: skipped {_count(len(items), 'box', 'boxes')} {BOX_PROBLEMS[why]} ({_listed(items)}): "
+            f"{BOX_HINTS[why]}")
     return result
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _listed(items: Sequence[str], sep: str = "; ", shown: int = 3) -> str:
+    """The first few items, then how many more: one line however many there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
+
+
+def _planned(given: Inputs) -> list[str]:
+    return RUN_FILES + [n for p, name in given.names.items()
+                        for n in ((name, frames_name(name)) if is_video(p) else (name,))]
+
+
+def _remove(out: Path, names: Sequence[str], *, strict: bool = True) -> None:
+    """Remove these files of OUT/ (in this order; a symlink itself, not what it points to). ``strict``: one that
+    cannot be removed (a folder of that name) is one line; otherwise it is left."""
+    for name in names:
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if strict:
+                raise PosequantError(f"-o {out}: cannot remove {name}, an earlier run's output under this run's "
+                                     f"names ({e.strerror}): remove it, or choose another -o") from None
 
 
 def _bar(files: Sequence[Path], shown: bool | None):
@@ -417,11 +580,28 @@ def _bar(files: Sequence[Path], shown: bool | None):
 
 
 def _frame_count(path: Path) -> int:
-    cap = cv2.VideoCapture(str(path))
+    cap = _open_video(path)
     try:
         return max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))) if cap.isOpened() else 0
     finally:
-        cap.release()
+        with quiet():
+            cap.release()
+
+
+# OpenCV's FFmpeg backend writes its complaints about a damaged file ("moov atom not found") to the process's
+# stderr: kept there only with --verbose; the video is then one skipped input in our words.
+UNREADABLE_VIDEO = ("not a readable video (OpenCV decodes no frame: damaged, truncated or an unsupported codec; "
+                    "posequant --verbose shows FFmpeg's reason)")
+
+
+def _open_video(path: Path):
+    with quiet():
+        return cv2.VideoCapture(str(path))
+
+
+def _read_frame(cap) -> tuple[bool, np.ndarray | None]:
+    with quiet():
+        return cap.read()
 
 
 class _Run:
@@ -433,6 +613,7 @@ class _Run:
         self.detector, self.min_score = detector, min_score
         self.results: list[dict] = []
         self.compare_results: list[dict] = []
+        self.bad_boxes: dict[str, list[str]] = {}  # box_problem's reason -> "path [x, y, w, h] on WxH"
 
     def _people(self, image: np.ndarray, image_id: Any, boxes: list[Box] | None) -> list[People]:
         """Each model's persons on one picture, every model cropping at its own input size. With a detector,
@@ -486,6 +667,8 @@ class _Run:
         except DataError as e:
             self.result.skipped.append(f"{path}: {_why(e)}")
             return
+        if boxes is not None:
+            boxes = self._usable(path, image.shape, boxes)
         people = self._people(image, image_id, boxes)
         self.result.seconds += time.perf_counter() - t0
         first, second = self._keep(people)
@@ -499,12 +682,26 @@ class _Run:
             raise PosequantError(f"cannot encode the picture of {path}: OpenCV's JPEG encoder failed")
         self.result.files.append(str(write_bytes_atomic(self.out / name, buf.tobytes(), "-o")))
 
+    def _usable(self, path: Path, shape: tuple[int, ...], boxes: list[Box]) -> list[Box]:
+        """The ``--boxes`` of one image that are persons on it; the others are counted by reason (one warning each)."""
+        height, width = shape[:2]
+        kept = []
+        for b in boxes:
+            why = box_problem(b.bbox, width, height)
+            if why is None:
+                kept.append(b)
+                continue
+            shown = f"{path} [{', '.join(f'{v:g}' for v in b.bbox)}] on {width}x{height}"
+            self.bad_boxes.setdefault(why, []).append(shown)
+            self.result.skipped_boxes.append(f"{shown}: {BOX_PROBLEMS[why]}")
+        return kept
+
     def video(self, path: Path, name: str, bar) -> None:
-        cap = cv2.VideoCapture(str(path))
+        cap = _open_video(path)
         try:
-            ok, frame = cap.read() if cap.isOpened() else (False, None)
+            ok, frame = _read_frame(cap) if cap.isOpened() else (False, None)
             if not ok:
-                self.result.skipped.append(f"{path}: not a readable video (OpenCV decodes no frame)")
+                self.result.skipped.append(f"{path}: {UNREADABLE_VIDEO}")
                 return
             fps = cap.get(cv2.CAP_PROP_FPS)
             fps = fps if np.isfinite(fps) and fps > 0 else 25.0  # a stream without a rate: the usual one
@@ -519,7 +716,8 @@ class _Run:
                     video_tmp.unlink(missing_ok=True)
             self.result.files += [str(target), str(self.out / frames_name(name))]
         finally:
-            cap.release()
+            with quiet():
+                cap.release()
 
     def _frames(self, cap, frame: np.ndarray, fps: float, video_path: Path, lines_path: Path, bar) -> None:
         writer = None
@@ -533,10 +731,11 @@ class _Run:
                     picture = self._picture(frame, people, self.detector is not None)
                     if writer is None:
                         h, w = picture.shape[:2]
-                        writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                        with quiet():  # FFmpeg's own lines (container tags) only with --verbose
+                            writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
                         if not writer.isOpened():
-                            raise PosequantError(f"cannot write {video_path.name}: OpenCV has no mp4v video "
-                                                 "encoder here; install opencv-python (not -headless builds without it)")
+                            raise PosequantError(f"cannot write {video_path.name}: OpenCV has no mp4v video encoder "
+                                                 "here; install opencv-python (not -headless builds without it)")
                     writer.write(picture)
                     first, second = self._keep(people)
                     line = {"frame": index, "time_s": index / fps, "people": first}
@@ -547,20 +746,22 @@ class _Run:
                     bar.update(1)
                     index += 1
                     t0 = time.perf_counter()  # decoding a frame counts, as reading an image does
-                    ok, frame = cap.read()
+                    ok, frame = _read_frame(cap)
                     self.result.seconds += time.perf_counter() - t0
                     frame = frame if ok else None
         finally:
             if writer is not None:
-                writer.release()
+                with quiet():
+                    writer.release()
 
     def finish(self) -> None:
+        """The results, after every picture: the comparison's, MODEL's, then the summary (each atomically)."""
         out, r = self.out, self.result
-        write_text_atomic(out / RESULTS_FILE, json.dumps(self.results) + "\n", "-o")
-        r.files.insert(0, str(out / RESULTS_FILE))
         if self.second is not None:
             write_text_atomic(out / COMPARE_RESULTS_FILE, json.dumps(self.compare_results) + "\n", "-o")
-            r.files.insert(1, str(out / COMPARE_RESULTS_FILE))
+            r.files.insert(0, str(out / COMPARE_RESULTS_FILE))
+        write_text_atomic(out / RESULTS_FILE, json.dumps(self.results) + "\n", "-o")
+        r.files.insert(0, str(out / RESULTS_FILE))
         r.files.append(str(out / SUMMARY_FILE))
         write_text_atomic(out / SUMMARY_FILE, json.dumps(r.to_dict(), indent=2) + "\n", "-o")
 

@@ -11,13 +11,26 @@ from typing import Any
 from posequant.core.metadata import format_size
 from posequant.core.table import format_table
 
+AGREEMENT = "agreement"  # quantize.AGREEMENT: an evaluation of the agreement alone
+
+
+def _budget(result):
+    from .quantize import Budget
+
+    s = result.settings
+    return Budget(s.get("max_drop"), s.get("min_agreement"))
+
 
 def budget_met(result) -> bool | None:
-    """True/False when an accuracy budget was checked (``--val``), None otherwise."""
-    e, max_drop = result.evaluation, result.settings.get("max_drop")
-    if e is None or max_drop is None:
+    """True/False when an accuracy budget was checked (``--val``, ``--min-agreement``), None otherwise."""
+    if result.evaluation is None:
         return None
-    return e.drop <= max_drop
+    return _budget(result).met(result.evaluation)
+
+
+def _where(result) -> str:
+    s = result.settings
+    return s.get("val") or s.get("agreement_on") or "?"
 
 
 def summary_rows(evaluation) -> list[tuple[str, float, float]]:
@@ -43,6 +56,10 @@ def agreement_line(agreement: dict[str, float]) -> str:
     a = agreement
     return (f"agreement with float keypoints: OKS {a['OKS']:.3f} (worst person {a['OKS_min']:.3f}), "
             f"{a['within_2%']:.1f}% of joints within 2% of the person size, {a['within_5%']:.1f}% within 5%")
+
+
+def _oks(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _num(value: float) -> str:
@@ -109,8 +126,8 @@ def _outcome(result) -> str:
     met = budget_met(result)
     if met is False:
         e = result.evaluation
-        return (f"FAIL: {e.metric} drop {e.drop:.2f} exceeds the budget {result.settings['max_drop']} with "
-                f"{len(result.kept_float)} node(s) in float; nothing written")
+        return (f"FAIL: INT8 {_budget(result).miss(e)} with {len(result.kept_float)} node(s) in float; "
+                "nothing written")
     return f"wrote {result.output}"
 
 
@@ -133,15 +150,18 @@ def format_quantize(result) -> str:
         lines.append("accuracy not measured (give --val ROOT to measure it and enforce --max-drop)")
     else:
         flip = "on" if result.settings.get("val_flip") else "off"
-        lines.append(f"accuracy on {e.people} people of {result.settings['val']} (flip {flip}), "
-                     f"budget {result.settings['max_drop']} points of {e.metric}:")
-        lines.append(format_table(["metric", "float", "INT8", "drop"],
-                                  [[k, _num(a), _num(b), _drop(a, b)] for k, a, b in summary_rows(e)]))
+        what = "agreement" if e.metric == AGREEMENT else f"accuracy ({e.metric})"
+        lines.append(f"{what} on {e.people} people of {_where(result)} (flip {flip}), "
+                     f"budget {_budget(result).describe()}:")
+        if e.metric != AGREEMENT:
+            lines.append(format_table(["metric", "float", "INT8", "drop"],
+                                      [[k, _num(a), _num(b), _drop(a, b)] for k, a, b in summary_rows(e)]))
         if e.agreement:
             lines.append(agreement_line(e.agreement))
         if len(result.budget_steps) > 1:
             lines.append("budget steps")
-            lines.append(format_table(["step", "nodes in float", "INT8", "drop"], _step_rows(result.budget_steps)))
+            lines.append(format_table(["step", "nodes in float", "INT8", "drop", "agreement"],
+                                      _step_rows(result.budget_steps)))
     lines.append(_outcome(result))
     return "\n".join(lines)
 
@@ -154,7 +174,8 @@ def _short_list(names: list[str], shown: int = 4) -> str:
 
 
 def _step_rows(steps: list[dict[str, Any]]) -> list[list[str]]:
-    return [[str(i), str(len(s["kept_float"])), _num(s["int8"]), f"{s['drop']:.2f}"] for i, s in enumerate(steps)]
+    return [[str(i), str(len(s["kept_float"])), _num(s["int8"]), f"{s['drop']:.2f}", _oks(s.get("agreement"))]
+            for i, s in enumerate(steps)]
 
 
 # ---- Markdown ----------------------------------------------------------------------------------
@@ -194,6 +215,8 @@ def quantize_report_markdown(result) -> str:
         ["calibration samples asked", s["num_samples"]], ["seed", s["seed"]],
         ["validation", f"`{s['val']}`, flip {'on' if s['val_flip'] else 'off'}" if s["val"] else "none"],
         ["max drop", f"{s['max_drop']} points" if s["max_drop"] is not None else "-"],
+        ["min agreement", f"OKS {s['min_agreement']:g}" + (f" on `{s['agreement_on']}`" if s.get("agreement_on")
+                                                              else "") if s.get("min_agreement") is not None else "-"],
     ]), ""]
 
     out += ["## Model", "", _md_table(["", "float", "INT8"], [
@@ -217,8 +240,10 @@ def quantize_report_markdown(result) -> str:
     out.append("")
 
     if result.budget_steps:
-        out += ["## Budget steps", "", _md_table(["step", "nodes in float", "INT8", "drop", "added to float"], [
-            [i, len(step["kept_float"]), _num(step["int8"]), f"{step['drop']:.2f}", _code_list(sorted(
+        out += ["## Budget steps", "", _md_table(["step", "nodes in float", "INT8", "drop", "agreement",
+                                                  "added to float"], [
+            [i, len(step["kept_float"]), _num(step["int8"]), f"{step['drop']:.2f}", _oks(step.get("agreement")),
+             _code_list(sorted(
                 set(step["kept_float"]) - set(result.budget_steps[i - 1]["kept_float"] if i else ())))]
             for i, step in enumerate(result.budget_steps)]), ""]
     return "\n".join(out)
@@ -229,10 +254,15 @@ def _accuracy_md(result) -> list[str]:
     if e is None:
         return ["## Accuracy", "", "Not measured: give `--val ROOT` to measure it and enforce `--max-drop`.", ""]
     s = result.settings
+    met = "met" if budget_met(result) else "not met"
+    if e.metric == AGREEMENT:
+        return ["## Accuracy", "", f"{e.people} people of `{_where(result)}` (labels unused), flip "
+                f"{'on' if s['val_flip'] else 'off'}; budget {_budget(result).describe()} ({met}).", "",
+                agreement_line(e.agreement), ""]
     out = ["## Accuracy", "",
-           f"{e.people} people of `{s['val']}`, flip {'on' if s['val_flip'] else 'off'}; budget {s['max_drop']} "
-           f"points of {e.metric}: float {e.float_value:.2f}, INT8 {e.int8_value:.2f}, drop {e.drop:.2f} "
-           f"({'met' if budget_met(result) else 'not met'}).", "",
+           f"{e.people} people of `{s['val']}`, flip {'on' if s['val_flip'] else 'off'}; budget "
+           f"{_budget(result).describe()} of {e.metric}: float {e.float_value:.2f}, INT8 {e.int8_value:.2f}, "
+           f"drop {e.drop:.2f} ({met}).", "",
            _md_table(["metric", "float", "INT8", "drop"],
                      [[k, _num(a), _num(b), _drop(a, b)] for k, a, b in summary_rows(e)]), ""]
     if e.agreement:

@@ -49,6 +49,7 @@ from .qdq import (
     make_tensorrt_friendly,
     sink_depth_to_space,
 )
+from .ranges import refine_ranges
 from .reader import CalibrationSet, OrtCalibrationReader, calibration_set
 from .saturation import fit_pair_scales, input_means
 
@@ -73,6 +74,8 @@ EQUALIZE_CROPS = 64  # calibration crops for the channel ranges of the equalizat
 QUANTIZABLE = ("Conv", "ConvTranspose", "Add", "MatMul", "Gemm")
 # --cpu: a kind from posequant.core.cpu, this machine's ("auto") or "portable" (exact on every kind)
 CPUS = ("auto", "portable", *KINDS)
+RANGE_CROPS = 64  # calibration crops for the activation ranges that ranges.refine_ranges sets
+CHECK_CROPS = 16  # and for judging whether each of its changes helps
 PAIR_FIT_CROPS = 32  # calibration crops for the mean inputs that the pair fit's bias change uses
 
 
@@ -259,13 +262,25 @@ def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str
         make_openvino_friendly(q)
     elif target == "tensorrt":
         make_tensorrt_friendly(q)
+    q, ranges = _refine_ranges(q, model, calib, depthwise=target == "ort")
     fit = _fit_pairs(q, model, calib) if pair_fit else None
     if target == "ort":  # after the pair fit: the sunk heatmap layer keeps its weight codes at one scale
         sink_depth_to_space(q)
-    for key, value in (("_bias_correction", bias_correction), ("_pair_fit", json.dumps(fit))):
+    for key, value in (("_bias_correction", bias_correction), ("_pair_fit", json.dumps(fit)),
+                       ("_ranges", json.dumps(ranges))):
         entry = q.metadata_props.add()  # read back (and removed) by quantize()
         entry.key, entry.value = key, value
     return q
+
+
+def _refine_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, calib: CalibrationSet, *, depthwise: bool
+                   ) -> tuple[onnx.ModelProto, dict]:
+    """Borrowed activation ranges and depthwise inputs (``ranges.refine_ranges``), each kept where it cuts the
+    output error on calibration crops: crops past the first :data:`RANGE_CROPS` judge when there are enough."""
+    feeds = list(itertools.islice(calib.crops.feeds(), RANGE_CROPS + CHECK_CROPS))
+    ranges, check = feeds[:RANGE_CROPS], feeds[RANGE_CROPS:] or feeds[:CHECK_CROPS]
+    q, report = refine_ranges(q, prepared, ranges, check=check, depthwise=depthwise)
+    return q, report
 
 
 def _fit_pairs(q: onnx.ModelProto, prepared: onnx.ModelProto, calib: CalibrationSet) -> dict:
@@ -376,6 +391,8 @@ def quantize(
     val_split: str | None = None,
     max_drop: float = 0.5,
     val_flip: bool = False,
+    min_agreement: float | None = None,
+    agreement_on: str | Path | None = None,
     keep_float: Iterable[str] = (),
     cpu: str = "auto",
     input_size: tuple[int, int] | None = None,
@@ -390,7 +407,10 @@ def quantize(
     int32 biases, fused by ORT CPU, also runs on OpenVINO; "openvino": NNCF's CPU placement with
     per-channel activations for depthwise convolutions; "tensorrt": per-tensor symmetric int8
     activations with zero point 0, the form TensorRT's explicit quantization takes). With ``val``,
-    nodes are kept in float until the main metric drops by at most ``max_drop`` points.
+    nodes are kept in float until the main metric drops by at most ``max_drop`` points; with ``min_agreement``
+    also (or, with ``agreement_on`` and no ``val``, only) until the INT8 keypoints agree with the float ones
+    at least that well (OKS with the float model as ground truth) on ``val``'s people or on ``agreement_on``'s
+    (any people: MPII, COCO or a plain image folder; labels unused).
     ``cpu`` is the CPU kind the model will run on (``posequant.core.cpu``: "auto" is this machine's,
     "portable" any): for kinds whose u8s8 kernels add products in saturating int16 pairs (AVX2, AVX-512
     without VNNI) the weight scales are fitted so that no pair can saturate, which makes the graph exact
@@ -410,6 +430,13 @@ def quantize(
     meta = model_meta(float_model, str(model_path), input_size=input_size, keypoints=keypoints, color=color)
     keep_float = check_node_names(keep_float, float_model, str(model_path))
     val_ds = _open_val(val, meta, val_split, warn) if val else None
+    if min_agreement is not None:
+        min_agreement = check_number("min_agreement", min_agreement, maximum=1.0)
+    if agreement_on is not None and min_agreement is None:
+        raise QuantizeError("--agreement-on gives the people for --min-agreement: add --min-agreement OKS")
+    if min_agreement is not None and val is None and agreement_on is None:
+        raise QuantizeError("--min-agreement needs people to compare on: --val ROOT or --agreement-on FOLDER")
+    agree_ds = _open_agreement(agreement_on, meta) if agreement_on is not None and val is None else None
     opset = opset_of(float_model)
     float_model = upgrade_opset(float_model, meta, str(model_path), say)
     rewrite = REWRITE_BY_TARGET[target] if rewrite_deconv is None else rewrite_deconv
@@ -441,6 +468,7 @@ def quantize(
                 "cpu": made_for.name if made_for else "portable", "cpu_title": made_for.describe() if made_for else
                 "any CPU (pair sums kept within int16: exact on every kind)", "quantized_on": cpu_kind().name,
                 "seed": seed, "num_samples": num_samples, "max_drop": max_drop if val else None,
+                "min_agreement": min_agreement, "agreement_on": str(agreement_on) if agreement_on else None,
                 "val": str(val) if val else None, "val_flip": val_flip,
                 "opset": {"input": opset, "quantized": opset_of(float_model)}}
     ignored = set(keep_float)
@@ -450,10 +478,11 @@ def quantize(
                    tmp=tmp, pair_fit=made_for is None or bool(made_for.saturates))
         q = _quantize_once(prepared, calib_set, ignored=ignored, **run)
         evaluation, steps = None, []
-        if val_ds is not None:
+        budget = Budget(max_drop if val_ds is not None else None, min_agreement)
+        if val_ds is not None or agree_ds is not None:
             q, ignored, evaluation, steps = _meet_budget(
-                prepared, q, calib_set, val_ds, meta, tmp, max_drop=max_drop, flip=val_flip, ignored=ignored,
-                requant=lambda names: _quantize_once(prepared, calib_set, ignored=names, **run),
+                prepared, q, calib_set, val_ds or agree_ds, meta, tmp, budget=budget, flip=val_flip,
+                ignored=ignored, requant=lambda names: _quantize_once(prepared, calib_set, ignored=names, **run),
                 say=say, warn=warn)
     calibration = {**calib_set.to_dict(), "eval_split_overlap": overlap}
     if calib_set.skipped_images and warn:
@@ -461,6 +490,7 @@ def quantize(
             warn(line)
     settings["bias_correction"] = _pop_prop(q, "_bias_correction")
     settings["pair_fit"] = json.loads(_pop_prop(q, "_pair_fit") or "null")
+    settings["ranges"] = json.loads(_pop_prop(q, "_ranges") or "null")
     settings["exact_on"] = "every CPU kind" if settings["pair_fit"] is not None else \
         ", ".join(k for k, kind in KINDS.items() if kind.saturates is False)
     _stamp(q, meta, settings, sorted(ignored))
@@ -471,10 +501,9 @@ def quantize(
         rewrite_max_rel_diff=prep.max_rel_diff, kept_float=sorted(ignored),
         deconvs=int8_deconvolutions(q), float_bytes=model_bytes(model_path), int8_bytes=len(data),
         evaluation=evaluation, budget_steps=steps, seconds=time.perf_counter() - started, model=q)
-    if evaluation is not None and not evaluation.drop <= max_drop:  # a NaN drop fails too
-        raise BudgetError(f"INT8 drops {evaluation.metric} by {evaluation.drop:.2f} points even with "
-                          f"{len(ignored)} nodes in float (budget {max_drop}): nothing written; try "
-                          "--method percentile, more calibration data, or a larger --max-drop", result)
+    if evaluation is not None and not budget.met(evaluation):  # a NaN drop fails too
+        raise BudgetError(f"INT8 {budget.miss(evaluation)} even with {len(ignored)} nodes in float: nothing "
+                          "written; try more calibration data, or a looser budget", result)
     write_bytes_atomic(output, data)
     return result
 
@@ -573,6 +602,44 @@ def _open_val(val, meta: ModelMeta, split, warn=None):
 
 # ---- accuracy budget ---------------------------------------------------------------------------
 
+AGREEMENT = "agreement"  # Evaluation.metric when only the agreement is measured (--agreement-on, no --val)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the INT8 model must hold: the main metric's drop in points, and/or the agreement (OKS)."""
+
+    max_drop: float | None
+    min_agreement: float | None
+
+    def met(self, e: "Evaluation") -> bool:
+        drop_ok = self.max_drop is None or e.metric == AGREEMENT or e.drop <= self.max_drop
+        agree_ok = self.min_agreement is None or (e.agreement is not None and e.agreement["OKS"] >= self.min_agreement)
+        return bool(drop_ok and agree_ok)
+
+    def miss(self, e: "Evaluation") -> str:
+        parts = []
+        if self.max_drop is not None and e.metric != AGREEMENT and not e.drop <= self.max_drop:
+            parts.append(f"drops {e.metric} by {e.drop:.2f} points (budget {self.max_drop})")
+        if self.min_agreement is not None and not (e.agreement and e.agreement["OKS"] >= self.min_agreement):
+            oks = e.agreement["OKS"] if e.agreement else float("nan")
+            parts.append(f"agrees with the float keypoints at OKS {oks:.3f} (needs {self.min_agreement:g})")
+        return " and ".join(parts) or "meets the budget"
+
+    def describe(self) -> str:
+        parts = [f"{self.max_drop} points" if self.max_drop is not None else None,
+                 f"agreement >= {self.min_agreement:g}" if self.min_agreement is not None else None]
+        return ", ".join(p for p in parts if p)
+
+
+def _open_agreement(root, meta: ModelMeta):
+    from posequant.calibration.datasets import open_dataset
+
+    ds = open_dataset(root, input_size=meta.input_size)
+    if not ds.people:
+        raise DataError(f"--agreement-on {root} has no people or images to compare on")
+    return ds
+
 
 def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool):
     from posequant.benchmarks.evaluate import evaluate
@@ -582,43 +649,88 @@ def _evaluate(model: onnx.ModelProto, path: Path, val_ds, flip: bool):
     return evaluate(path, val_ds.root, split=val_ds.split, format=val_ds.format, flip=flip, warn=lambda m: None)
 
 
-def _meet_budget(prepared, q, calib_set, val_ds, meta, tmp: Path, *, max_drop, flip, ignored, requant, say,
+def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget, flip, ignored, requant, say,
                  warn=None):
-    from posequant.benchmarks.metrics import FLOAT_FLOOR, agreement_of, main_metric
+    """Keep the most harmful nodes in float until ``budget`` holds on ``ds`` (labelled: the main metric and
+    the agreement; a plain set: the agreement alone)."""
+    from posequant.benchmarks.metrics import FLOAT_FLOOR, agreement_of, keypoint_agreement, main_metric, person_size
 
-    say(f"evaluating float and INT8 on {len(val_ds.people)} people")
-    float_result = _evaluate(prepared, tmp / "float.onnx", val_ds, flip)
-    float_metrics = float_result.metrics
-    name, float_value = main_metric(float_metrics)
-    if float_value < FLOAT_FLOOR and warn:
-        warn(f"the float model scores {name} {float_value:.2f} on --val {val_ds.root} (below {FLOAT_FLOOR:g}): it is "
-             "not being scored, so the budget measures nothing; check its preprocessing and joint order")
+    say(f"evaluating float and INT8 on {len(ds.people)} people")
+    labelled = budget.max_drop is not None
+    if labelled:
+        float_result = _evaluate(prepared, tmp / "float.onnx", ds, flip)
+        float_metrics = float_result.metrics
+        name, float_value = main_metric(float_metrics)
+        if float_value < FLOAT_FLOOR and warn:
+            warn(f"the float model scores {name} {float_value:.2f} on --val {ds.root} (below {FLOAT_FLOOR:g}): it "
+                 "is not being scored, so the budget measures nothing; check its preprocessing and joint order")
+    else:
+        from posequant.benchmarks.agreement import keypoints_on
+        from posequant.core.keypoints import COCO_SIGMAS
+
+        onnx.save(prepared, str(tmp / "float.onnx"))
+        reference = keypoints_on(tmp / "float.onnx", ds.people, backend="ort", flip=flip)
+        sizes = person_size(np.array([p.scale for p in ds.people]))
+        sigmas = COCO_SIGMAS if meta.keypoints == "coco" and meta.num_joints == len(COCO_SIGMAS) else None
 
     def measure(model):
-        result = _evaluate(model, tmp / "int8.onnx", val_ds, flip)
-        return Evaluation(name, float_value, main_metric(result.metrics)[1], float_metrics, result.metrics,
-                          len(val_ds.people), agreement_of(float_result, result, meta.keypoints))
+        if labelled:
+            result = _evaluate(model, tmp / "int8.onnx", ds, flip)
+            return Evaluation(name, float_value, main_metric(result.metrics)[1], float_metrics, result.metrics,
+                              len(ds.people), agreement_of(float_result, result, meta.keypoints))
+        onnx.save(model, str(tmp / "int8.onnx"))
+        got = keypoints_on(tmp / "int8.onnx", ds.people, backend="ort", flip=flip)
+        a = keypoint_agreement(reference, got, sizes, sigmas=sigmas)
+        return Evaluation(AGREEMENT, 100.0, 100 * a["OKS"], {}, {}, len(ds.people), a)
+
+    def line(e: Evaluation) -> str:
+        oks = f"agreement OKS {e.agreement['OKS']:.3f}" if e.agreement else ""
+        if e.metric == AGREEMENT:
+            return oks
+        return f"{e.metric}: float {e.float_value:.2f}, INT8 {e.int8_value:.2f} (drop {e.drop:.2f}); {oks}"
 
     evaluation = measure(q)
-    steps = [{"kept_float": sorted(ignored), "int8": evaluation.int8_value, "drop": evaluation.drop}]
-    say(f"{name}: float {float_value:.2f}, INT8 {evaluation.int8_value:.2f} (drop {evaluation.drop:.2f}, budget {max_drop})")
-    if evaluation.drop <= max_drop:
+    steps = [_step(ignored, evaluation)]
+    say(f"{line(evaluation)}; budget {budget.describe()}")
+    if budget.met(evaluation):
         return q, ignored, evaluation, steps
     say("ranking the quantized nodes by harm (each one alone back in float, on 16 calibration crops)")
     ranking = [n for n in rank_harm(prepared, q, calib_set, limit=16) if n not in ignored]
     chunk = 1
     # keeping most of the model in float is not an INT8 model any more: give up past a quarter
     cap = max(1, len(ranking) // 4)
-    while not evaluation.drop <= max_drop and ranking and len(ignored) < cap:
+    best = (q, ignored, evaluation)
+    while not budget.met(evaluation) and ranking and len(ignored) < cap:
         take = min(chunk, cap - len(ignored))
         ignored = ignored | set(ranking[:take])
         ranking = ranking[take:]
         q = requant(ignored)
         evaluation = measure(q)
-        steps.append({"kept_float": sorted(ignored), "int8": evaluation.int8_value, "drop": evaluation.drop})
-        say(f"{len(ignored)} nodes in float: INT8 {evaluation.int8_value:.2f} (drop {evaluation.drop:.2f})")
+        steps.append(_step(ignored, evaluation))
+        say(f"{len(ignored)} nodes in float: {line(evaluation)}")
+        if _closer(evaluation, best[2], budget):
+            best = (q, ignored, evaluation)
         chunk *= 2  # 1, 2, 4, ... nodes more per step: few re-quantizations even for deep models
+    if not budget.met(evaluation):  # never end on a worse step than one with fewer nodes in float
+        q, ignored, evaluation = best
     return q, ignored, evaluation, steps
+
+
+def _step(ignored, e: "Evaluation") -> dict:
+    return {"kept_float": sorted(ignored), "int8": e.int8_value, "drop": e.drop,
+            "agreement": e.agreement["OKS"] if e.agreement else None}
+
+
+def _closer(e: "Evaluation", than: "Evaluation", budget: Budget) -> bool:
+    """``e`` misses ``budget`` by less than ``than`` does (the sum of its shortfalls)."""
+    def shortfall(x):
+        miss = 0.0
+        if budget.max_drop is not None and x.metric != AGREEMENT:
+            miss += max(0.0, x.drop - budget.max_drop) if np.isfinite(x.drop) else np.inf
+        if budget.min_agreement is not None:
+            miss += 100 * max(0.0, budget.min_agreement - (x.agreement["OKS"] if x.agreement else 0.0))
+        return miss
+    return shortfall(e) < shortfall(than)
 
 
 def rank_harm(prepared: onnx.ModelProto, q: onnx.ModelProto, calib_set: CalibrationSet, *, limit: int = 16) -> list[str]:

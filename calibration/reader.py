@@ -101,9 +101,10 @@ def calibration_set(root: str | os.PathLike, meta: ModelMeta, *, num_samples: in
     if not ds.people:
         raise DataError(f"{root} has no people or images to calibrate on")
     if ds.keypoints is not None and ds.keypoints.num_joints != meta.num_joints:
-        # the crops would still be people, but a mismatch is almost always the wrong folder
-        raise DataError(f"the model predicts {meta.num_joints} joints but {root} is {ds.format.upper()} with "
-                        f"{ds.keypoints.num_joints}: calibrate on matching data (or a plain image folder)")
+        # calibration uses the crops, not the labels: another dataset's people calibrate as well (an MPII
+        # model on COCO people), but a mismatch is often the wrong folder, so it is said
+        (warn or posequant_warn)(f"the model predicts {meta.num_joints} joints but {root} is {ds.format.upper()} "
+                                 f"with {ds.keypoints.num_joints}: calibrating on its people's crops (labels unused)")
     if ds.invalid_warning():  # degenerate ground truth: left out of calibration as of evaluation
         (warn or posequant_warn)(ds.invalid_warning())
     available = len(ds.people)

@@ -58,10 +58,6 @@ _API = {
 
 __all__ = ["__version__", *_API]
 
-# Arguments every job checks (posequant.core.args) where its module does not declare them itself yet: predict's
-# module is being rewritten elsewhere, so its inputs pass the same layer here (a single path is one input).
-_FRONT_CHECKS = {"predict": lambda args: {"inputs": args.Paths("input")}}
-
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from .benchmarks.evaluate import EvalResult, evaluate
     from .benchmarks.gate import GateResult, gate
@@ -81,10 +77,6 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'posequant' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
-    if name in _FRONT_CHECKS and not hasattr(value, "posequant_checks"):
-        from .core import args
-
-        value = args.checked(**_FRONT_CHECKS[name](args))(value)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

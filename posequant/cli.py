@@ -125,6 +125,7 @@ class Number(click.ParamType):
 
 
 FRACTION = Number(above=True, maximum=1.0)  # detector thresholds: in (0, 1]
+AGREEMENT = Number(maximum=1.0)  # an OKS: in [0, 1]
 # posequant.benchmarks.detect's DEFAULT_IOU, PREDICT_SCORE and EVAL_SCORE (tests/test_detect.py checks they agree)
 DET_IOU, DET_SCORE_PREDICT, DET_SCORE_EVAL = 0.65, 0.3, 0.01
 
@@ -446,6 +447,9 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
               help="Largest allowed drop per joint group (head, shoulder, ... ankle), in points of PCK/PCKh.")
 @click.option("--min-speedup", type=SPEEDUP, default=1.5, show_default=True,
               help="INT8 must be at least this many times faster than float (median, batch 1).")
+@click.option("--min-agreement", type=AGREEMENT, metavar="OKS",
+              help="Also require the INT8 keypoints to agree with the float ones this well (OKS with the float "
+                   "model as ground truth, 0-1; always reported). Steadier than AP on a few dozen people.")
 @device_option
 @backend_option(default=None, help="Backend both models are evaluated and timed on "
                                    "[default: ort; openvino for .xml IRs, tensorrt for .engine files].")
@@ -462,8 +466,8 @@ def bench_cmd(models, device, backends, batches, threads, warmup, runs, arch, in
               help="Gate models whose metadata differ in source checkpoint (source_sha256) or preprocessing "
                    "(colour, mean/std, flip pairs, heatmap size): refused otherwise.")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
-def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedup, device, backend, split, flip,
-             limit, boxes, detector, det_score, det_iou, threads, runs, report_dir, allow_different_source, json_out):
+def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedup, min_agreement, device, backend,
+             split, flip, limit, boxes, detector, det_score, det_iou, threads, runs, report_dir, allow_different_source, json_out):
     """Pass (exit 0) or fail (exit 1) an INT8 model against its float original: accuracy and speed."""
     from posequant.benchmarks.gate import gate
     from posequant.benchmarks.gate_report import REPORT_FILES, append_step_summary, check_step_summary, format_gate
@@ -472,8 +476,8 @@ def gate_cmd(float_model, int8_model, data, max_drop, max_joint_drop, min_speedu
            {"--float": float_model, "--int8": int8_model, "--data": data, "--boxes": boxes, "--detector": detector})
     check_step_summary()  # before the run
     result = gate(float_model, int8_model, data, max_drop=max_drop, max_joint_drop=max_joint_drop,
-                  min_speedup=min_speedup, device=device, backend=backend, split=split, flip=flip, limit=limit,
-                  boxes=boxes, detector=detector, det_score=det_score, det_iou=det_iou,
+                  min_speedup=min_speedup, min_agreement=min_agreement, device=device, backend=backend, split=split,
+                  flip=flip, limit=limit, boxes=boxes, detector=detector, det_score=det_score, det_iou=det_iou,
                   threads=threads, runs=runs, report_dir=report_dir, allow_different_source=allow_different_source,
                   progress=_progress)
     _echo(format_gate(result), json_out)
@@ -533,6 +537,12 @@ def _next_commands(result) -> str:
 @click.option("--max-drop", type=DROP, default=0.5, show_default=True,
               help="Largest allowed drop with --val, in points of the main metric (COCO AP x 100, MPII PCKh@0.5 Mean).")
 @click.option("--flip/--no-flip", default=False, show_default=True, help="Flip test in the --val evaluation.")
+@click.option("--min-agreement", type=AGREEMENT, metavar="OKS",
+              help="Also keep nodes in float until the INT8 keypoints agree with the float ones this well (OKS with "
+                   "the float model as ground truth, 0-1), on --val's people or on --agreement-on's.")
+@click.option("--agreement-on", type=click.Path(path_type=Path), metavar="FOLDER",
+              help="People for --min-agreement without --val: MPII, COCO or a plain folder of images (whole images; "
+                   "labels unused).")
 @click.option("--keep-float", multiple=True, metavar="NODE", help="Leave this node in float (repeatable).")
 @click.option("--cpu", type=click.Choice(["auto", "portable", *CPU_KINDS]),
               default="auto", show_default=True,
@@ -547,21 +557,21 @@ def _next_commands(result) -> str:
 @click.option("--report", metavar="OUT.md", help="Also write a Markdown report.")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
 def quantize_cmd(model, calib, fmt, split, num_samples, method, per_channel, seed, output, target, rewrite_deconv,
-                 equalize, activations, engine, val, val_split, max_drop, flip, keep_float, cpu, input_size, keypoints,
-                 color, report, json_out):
+                 equalize, activations, engine, val, val_split, max_drop, flip, min_agreement, agreement_on, keep_float,
+                 cpu, input_size, keypoints, color, report, json_out):
     """Static INT8 (QDQ) quantization calibrated on real person crops, with an optional accuracy budget."""
     from posequant.calibration.qreport import format_quantize, quantize_report_markdown
     from posequant.calibration.quantize import BudgetError, default_output, quantize
 
     _check({"-o": output or default_output(model), "--report": report, "--json": json_out},  # before the run
-           {"MODEL": model, "--calib": calib, "--val": val})
+           {"MODEL": model, "--calib": calib, "--val": val, "--agreement-on": agreement_on})
     failure = None
     try:
         result = quantize(
             model, calib, output=output, format=fmt, split=split, num_samples=num_samples, method=method,
             per_channel=per_channel, seed=seed, target=target, rewrite_deconv=rewrite_deconv, equalize=equalize,
             activations=activations, engine=engine, val=val, val_split=val_split, max_drop=max_drop, val_flip=flip,
-            keep_float=keep_float, cpu=cpu,
+            min_agreement=min_agreement, agreement_on=agreement_on, keep_float=keep_float, cpu=cpu,
             input_size=input_size, keypoints=keypoints, color=color, progress=_progress, warn=_warn)
     except BudgetError as e:  # the summary and the report explain the failure; the model is not written
         result, failure = e.result, e

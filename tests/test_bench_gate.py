@@ -19,6 +19,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantiz
 
 from posequant.benchmarks.evaluate import evaluate
 from posequant.benchmarks.gate import gate
+from posequant.benchmarks.gate_report import format_gate
 from posequant.benchmarks.latency import bench, onnx_precision
 from posequant.benchmarks.machine import gpu_name
 from posequant.benchmarks.runners import make_runner
@@ -257,6 +258,28 @@ def test_gate_fails_a_broken_int8_model(models, coco):
     assert any(r.startswith("AP (x100) dropped") for r in res.reasons), res.reasons
     assert res.scores["AP"]["int8"] < 50
     assert res.disagreements[0]["disagreement"] > 0.1
+
+
+def test_gate_agreement_is_reported_and_can_be_a_check(models, coco):
+    """The agreement of INT8 with float keypoints is always measured; --min-agreement makes it a check that a
+    broken model fails while the AP budget alone (loosened here) lets it through."""
+    res = gate(models.float, models.int8, coco, min_speedup=0.0, min_agreement=0.5, **LOOSE, **FAST)
+    assert res.passed and 0.5 <= res.agreement["OKS"] <= 1.0
+    assert res.checks[-2].kind == "agreement" and res.checks[-2].passed
+    assert "agreement with float keypoints: OKS" in format_gate(res)
+    assert res.to_dict()["agreement"] == res.agreement
+    broken = gate(models.float, models.broken, coco, min_speedup=0.0, max_drop=100.0, max_joint_drop=100.0,
+                  min_agreement=0.9, **FAST)
+    assert not broken.passed and broken.reasons == [
+        f"agreement with float keypoints (OKS) {broken.agreement['OKS']:.3f} (needs >= 0.9)"]
+    plain = gate(models.float, models.int8, coco, min_speedup=0.0, **LOOSE, **FAST)
+    assert plain.agreement and all(c.kind != "agreement" for c in plain.checks)
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_gate_min_agreement_is_an_oks(models, coco, value):
+    res = invoke("gate", "--float", models.float, "--int8", models.int8, "--data", coco, "--min-agreement", value)
+    assert res.exit_code == 2 and "--min-agreement" in res.output and "Traceback" not in res.output
 
 
 def test_gate_int8_model_with_nan_output_fails(models, coco, tmp_path):

@@ -97,7 +97,7 @@ class Paths:
         items = _items(name, value, f"{self.what}s")
         bad = [v for v in items if not isinstance(v, (str, os.PathLike))]
         if bad:
-            raise ArgumentError(f"{name}: {_shown(bad[0])} is not a {self.what}: give a path or a list of paths")
+            raise ArgumentError(f"{name}: {_shown(bad[0])} is not {_a(self.what)}: give a path or a list of paths")
         if not items:
             raise ArgumentError(f"{name} is empty: give at least one {self.what}")
         return [Path(v) for v in items]
@@ -154,6 +154,10 @@ class Size:
         except MetadataError as e:
             raise ArgumentError(f"{name}: {e}") from None
         return hw
+
+
+def _a(what: str) -> str:
+    return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
 
 
 def _items(name: str, value: Any, what: str) -> list:
