@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from posequant.calibration import box_people, heatmaps_to_joints, iter_batches, open_dataset
+from posequant.calibration import box_people, iter_batches, open_dataset
 from posequant.core.batching import infer_at_batch
+from posequant.core.decoding import head_of
 from posequant.core.errors import DataError, PosequantError
-from posequant.core.metadata import ModelMeta, read_meta
+from posequant.core.metadata import ModelMeta
+from posequant.core.opened import ModelFile, open_model
 from posequant.core.numbers import check_number
 
 from .metrics import AGREEMENT_WITHIN, keypoint_agreement, person_size
@@ -44,19 +46,18 @@ class AgreementResult:
                 "flip": self.flip, "backend": self.backend, "agreement": self.agreement, "worst": self.worst}
 
 
-def keypoints_on(model: Path, meta: ModelMeta, people: list, *, backend: str, flip: bool, batch: int = 8
+def keypoints_on(model: str | Path | ModelFile, people: list, *, backend: str, flip: bool, batch: int = 8
                  ) -> np.ndarray:
-    """N x J x 2 image-pixel keypoints of ``model`` on ``people``, decoded as evaluation decodes them."""
-    from .evaluate import onnx_fixed_batch
-
-    runner = make_runner(backend, onnx_path=model, module=None, device="cpu", threads=None)
-    fixed = onnx_fixed_batch(model)
-    batch = fixed or batch
+    """N x J x 2 image-pixel keypoints of ``model`` (a path, or a model opened already) on ``people``, cropped and
+    decoded (its head's way) as evaluation does it."""
+    model = open_model(model)
+    runner = make_runner(backend, onnx_path=model.path, module=None, device="cpu", threads=None, outputs=model.outputs)
+    head = head_of(model.meta)
     coords = []
-    for b in iter_batches(people, meta, batch_size=batch, flip=flip):
-        heatmaps = infer_at_batch(runner.infer, b.inputs, fixed)
-        flipped = infer_at_batch(runner.infer, b.inputs_flipped, fixed) if flip else None
-        coords.append(heatmaps_to_joints(meta, heatmaps, b.centers, b.scales, flipped)[0])
+    for b in iter_batches(people, model.meta, batch_size=model.batch or batch, flip=flip):
+        outputs = infer_at_batch(runner.run, b.inputs, model.batch)
+        flipped = infer_at_batch(runner.run, b.inputs_flipped, model.batch) if flip else None
+        coords.append(head.decode(outputs, b.centers, b.scales, flipped)[0])
     return np.concatenate(coords)
 
 
@@ -79,7 +80,8 @@ def agreement(
     reference, model, data = Path(reference), Path(model), Path(data)
     if limit is not None:
         limit = int(check_number("limit", limit, minimum=1))
-    ref_meta, meta = read_meta(reference), read_meta(model)
+    ref_file, model_file = open_model(reference), open_model(model)  # each opened once
+    ref_meta, meta = ref_file.meta, model_file.meta
     if (ref_meta.keypoints, ref_meta.num_joints, ref_meta.input_size) != (meta.keypoints, meta.num_joints,
                                                                           meta.input_size):
         raise PosequantError(f"{model} ({meta.keypoints}, {meta.input_size[0]}x{meta.input_size[1]}) and {reference} "
@@ -94,8 +96,8 @@ def agreement(
         raise DataError(f"no people to compare on in {data}")
     backend = resolve_backend(model, backend)
     with tempfile.TemporaryDirectory():
-        ref = keypoints_on(reference, ref_meta, people, backend=resolve_backend(reference, backend), flip=flip)
-        got = keypoints_on(model, meta, people, backend=backend, flip=flip)
+        ref = keypoints_on(ref_file, people, backend=resolve_backend(reference, backend), flip=flip)
+        got = keypoints_on(model_file, people, backend=backend, flip=flip)
     from posequant.core.keypoints import COCO_SIGMAS
 
     sigmas = COCO_SIGMAS if meta.keypoints == "coco" and meta.num_joints == len(COCO_SIGMAS) else None

@@ -11,7 +11,6 @@ import numpy as np
 
 from posequant.calibration import (
     box_people,
-    heatmaps_to_joints,
     iter_batches,
     load_mpii_gt,
     open_dataset,
@@ -20,21 +19,22 @@ from posequant.calibration import (
 )
 from posequant.core.args import Runtime, Whole, checked
 from posequant.core.batching import infer_at_batch
+from posequant.core.decoding import head_of
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.fileio import temp_dir
-from posequant.core.metadata import ModelMeta, read_meta
-from posequant.core.onnxfile import check_heatmaps
+from posequant.core.metadata import ModelMeta
+from posequant.core.opened import ModelFile, model_format, open_model
 from posequant.core.quiet import warn as posequant_warn
 
 from .detect import DEFAULT_IOU, EVAL_SCORE, PersonBoxes, coco_boxes, detect_images, open_detector
 from .metrics import OKS_THRE, box_size, coco_keypoint_ap, coco_results, detection_results, mpii_pckh, pck
-from .runners import make_runner, model_format, resolve_backend
+from .runners import make_runner, resolve_backend
 
 MPII_PER_PERSON = ("jnt_missing", "pos_gt_src", "headboxes_src")  # last axis: one column per person
 
 
 class ModelOutputError(PosequantError):
-    """The model produced output that cannot be scored (NaN or inf heatmaps)."""
+    """The model produced output that cannot be scored (NaN or inf heatmaps or SimCC vectors)."""
 
 
 @dataclass
@@ -75,20 +75,21 @@ class EvalResult:
                 "boxes": self.boxes or {"source": "ground truth"}}
 
 
-def _load_model(model: Path, export_options: dict, tmp: Path, progress):
-    """(onnx path, meta, torch module or None): a checkpoint is exported (and verified) first."""
-    if model.suffix.lower() == ".onnx" or model_format(model) != "onnx":  # ONNX, OpenVINO IR, TensorRT engine
-        if not model.is_file():
-            raise PosequantError(f"model {model} not found: check the path")
+def _load_model(model: Path | ModelFile, export_options: dict, tmp: Path, progress) -> tuple[ModelFile, Any]:
+    """(the opened model, torch module or None): a checkpoint is exported (and verified) first."""
+    if isinstance(model, ModelFile) or model.suffix.lower() == ".onnx" or model_format(model) != "onnx":
+        path = model.path if isinstance(model, ModelFile) else model  # ONNX, OpenVINO IR, TensorRT engine
+        if not path.is_file():
+            raise PosequantError(f"model {path} not found: check the path")
         given = [f"--{k.replace('_', '-')}" for k, v in export_options.items() if v and k != "trust_pickle"]
         if given:  # an ONNX model's preprocessing is its metadata; options would be silently ignored
-            raise PosequantError(f"{', '.join(given)} apply to a checkpoint MODEL; {model} is ONNX and is evaluated "
+            raise PosequantError(f"{', '.join(given)} apply to a checkpoint MODEL; {path} is ONNX and is evaluated "
                                  "with its own metadata: to change it, stamp it again with `posequant export-pose`")
-        return model, read_meta(model), None
+        return open_model(model), None
     from posequant.exporter import export_pose
 
     res = export_pose(model, tmp / "model.onnx", progress=progress, **export_options)
-    return res.output, res.meta, res.model.module
+    return ModelFile(res.output, "onnx", res.meta, None), res.model.module
 
 
 def _check_match(meta: ModelMeta, ds) -> None:
@@ -192,7 +193,7 @@ def score(meta: ModelMeta, ds, people, preds: np.ndarray, maxvals: np.ndarray, *
 @checked(batch=Whole(1), limit=Whole(1, optional=True), threads=Whole(1, optional=True), backend=Runtime(),
          device=Runtime())
 def evaluate(
-    model: str | Path,
+    model: str | Path | ModelFile,
     data: str | Path,
     *,
     split: str | None = None,
@@ -213,9 +214,10 @@ def evaluate(
     progress_bar: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Evaluate an .onnx model (its metadata drives preprocessing), an OpenVINO IR (.xml, on openvino), a
-    TensorRT engine (on tensorrt, cuda) or a checkpoint on MPII or COCO. ``backend`` None: the model's own
-    (ort for ONNX and checkpoints).
+    """Evaluate an .onnx model (its metadata drives preprocessing and decoding), an OpenVINO IR (.xml, on
+    openvino), a TensorRT engine (on tensorrt, cuda), a model opened already (``ModelFile``) or a checkpoint on
+    MPII or COCO. ``backend`` None: the model's own (ort for ONNX and checkpoints). Heatmap and SimCC models
+    alike: the model's head decodes (``posequant.core.decoding``).
 
     People whose ground truth is degenerate (see ``open_dataset``) are left out of the run and of
     the scoring, named in one ``warn`` line (a ``PosequantWarning`` when ``warn`` is None) and in
@@ -228,10 +230,13 @@ def evaluate(
     needs each person's own ground truth). ``result.boxes`` says which boxes were used.
     """
     say_warning = warn or posequant_warn
-    model, data = Path(model), Path(data)
-    backend = resolve_backend(model, backend)  # None: ort, or the one backend an IR / engine runs on
+    model = model if isinstance(model, ModelFile) else Path(model)
+    data = Path(data)
+    path = model.path if isinstance(model, ModelFile) else model
+    backend = resolve_backend(path, backend)  # None: ort, or the one backend an IR / engine runs on
     with temp_dir() as tmp:
-        onnx_path, meta, module = _load_model(model, export_options or {}, Path(tmp), progress)
+        opened, module = _load_model(model, export_options or {}, Path(tmp), progress)
+        meta, head = opened.meta, head_of(opened.meta)
         ds = open_dataset(data, input_size=meta.input_size, format=format, split=split, skip_missing=skip_missing)
         _check_match(meta, ds)
         if flip and not meta.flip_pairs:
@@ -248,11 +253,12 @@ def evaluate(
             found = person_boxes(ds, boxes=boxes, detector=detector, det_score=det_score, det_iou=det_iou,
                                  backend="ort" if backend == "torch" else backend, device=device,
                                  skip_missing=skip_missing, progress_bar=progress_bar)
-        runner = make_runner(backend, onnx_path=onnx_path, module=module, device=device, threads=threads)
-        fixed = None if module is not None else onnx_fixed_batch(onnx_path)
+        runner = make_runner(backend, onnx_path=opened.path, module=module, device=device, threads=threads,
+                             outputs=opened.outputs)
+        fixed = None if module is not None else opened.batch
         if fixed and fixed != batch:  # the file's batch is the only one it runs at
             if progress:
-                progress(f"note: {model.name} has a fixed batch of {fixed}: evaluating "
+                progress(f"note: {path.name} has a fixed batch of {fixed}: evaluating "
                          + ("one crop at a time" if fixed == 1 else f"{fixed} crops at a time") + f", not --batch {batch}")
             batch = fixed
         people = ds.people[:limit] if limit else ds.people
@@ -270,13 +276,13 @@ def evaluate(
         done, coords, maxvals = [], [], []
         t0 = time.perf_counter()
         for b in shown:
-            heatmaps = infer_at_batch(runner.infer, b.inputs, fixed)
-            check_heatmaps(heatmaps, meta, str(model))  # the dims the graph left symbolic
-            flipped = infer_at_batch(runner.infer, b.inputs_flipped, fixed) if flip else None
-            for h in (heatmaps, flipped):
-                if h is not None:
-                    _check_finite(h, b.people, model)
-            c, m = heatmaps_to_joints(meta, heatmaps, b.centers, b.scales, flipped)
+            outputs = infer_at_batch(runner.run, b.inputs, fixed)
+            head.check(outputs, str(path))  # the dims the graph left symbolic
+            flipped = infer_at_batch(runner.run, b.inputs_flipped, fixed) if flip else None
+            for out in (outputs, flipped):
+                if out is not None:
+                    _check_finite(out, b.people, path)
+            c, m = head.decode(outputs, b.centers, b.scales, flipped)
             done.extend(b.people)
             coords.append(c)
             maxvals.append(m)
@@ -299,7 +305,7 @@ def evaluate(
         metrics, kept = score_detections(ds, done, preds, maxv, images)
         partial = len(images) < len(ds.image_files) or bool(ds.invalid)
         box_info = {**found.to_dict(), "people": len(done), "oks_thre": OKS_THRE, "kept_after_oks_nms": kept}
-    return EvalResult(str(model), str(data), ds.format, ds.split, len(preds), backend, device, flip, batch,
+    return EvalResult(str(path), str(data), ds.format, ds.split, len(preds), backend, device, flip, batch,
                       metrics, preds, maxv, seconds, skipped, list(ds.invalid), partial, box_info,
                       np.array([p.scale for p in done]).reshape(-1, 2))
 
@@ -317,27 +323,13 @@ def zero_head_boxes(ds, gt: dict[str, Any]) -> str | None:
             f"{shown}")
 
 
-def onnx_fixed_batch(path: Path) -> int | None:
-    """The batch an ONNX file, OpenVINO IR or TensorRT engine is fixed to (None: dynamic)."""
-    from posequant.core.metadata import input_batch
-    from posequant.core.onnxfile import load_onnx
-
-    fmt = model_format(path)
-    if fmt == "ir":
-        from posequant.core import irfile
-
-        return irfile.input_batch(irfile.load_ir(path))
-    if fmt == "engine":
-        from posequant.core.enginefile import engine_info
-
-        return engine_info(path).get("batch")
-    return input_batch(load_onnx(path))
-
-
-def _check_finite(heatmaps: np.ndarray, people, model: Path) -> None:
+def _check_finite(outputs: tuple[np.ndarray, ...], people, model: Path) -> None:
     # NaN heatmaps decode to finite joints at (0, 0) with NaN scores: garbage metrics, no error.
-    bad = ~np.isfinite(heatmaps).reshape(len(heatmaps), -1).all(axis=1)
+    bad = np.zeros(len(people), bool)
+    for out in outputs:
+        bad |= ~np.isfinite(out).reshape(len(out), -1).all(axis=1)
     if bad.any():
         first = people[int(np.argmax(bad))]
-        raise ModelOutputError(f"{model} output NaN or inf heatmaps for {int(bad.sum())} of {len(people)} people "
+        what = "heatmaps" if len(outputs) == 1 else "outputs"
+        raise ModelOutputError(f"{model} output NaN or inf {what} for {int(bad.sum())} of {len(people)} people "
                                f"in a batch (first: {first.image}): the model is broken (check its export or quantization)")

@@ -19,11 +19,12 @@ from posequant.calibration import open_dataset
 from posequant.core.args import Runtime, Whole, checked
 from posequant.core.cpu import cpu_kind, kind_source
 from posequant.core.errors import PosequantError
-from posequant.core.metadata import ModelMeta, read_meta
+from posequant.core.metadata import ModelMeta
+from posequant.core.opened import ModelFile, open_model
 from posequant.core.numbers import check_number
 
 from .detect import DEFAULT_IOU, EVAL_SCORE
-from .evaluate import EvalResult, ModelOutputError, evaluate, onnx_fixed_batch, person_boxes
+from .evaluate import EvalResult, ModelOutputError, evaluate, person_boxes
 from .gate_report import prepare_report_dir, write_report
 from .latency import BenchResult, bench, check_backend, onnx_precision
 from .metrics import FLOAT_FLOOR, agreement_of, box_size, main_metric, pck
@@ -42,7 +43,8 @@ COCO_GROUPS = {
 MPII_GROUPS = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle")
 # Metadata the two models must share (besides input size and keypoints, which are always required):
 # the float checkpoint they were made from, and how their inputs are prepared and outputs decoded.
-SAME_SOURCE_FIELDS = ("source_sha256", "color", "mean", "std", "flip_pairs", "heatmap_size")
+SAME_SOURCE_FIELDS = ("source_sha256", "color", "mean", "std", "flip_pairs", "head", "heatmap_size",
+                      "simcc_split_ratio")
 DETECTOR_AP = "AP on detector boxes"  # the extra check with --boxes / --detector
 
 
@@ -127,7 +129,7 @@ class GateResult:
 
 
 def _check_models(float_model: Path, int8_model: Path, allow_different_source: bool = False
-                  ) -> tuple[ModelMeta, ModelMeta]:
+                  ) -> tuple[ModelFile, ModelFile]:
     for opt, path in (("--float", float_model), ("--int8", int8_model)):
         if not path.exists():
             raise GateInputError(f"{opt} {path} not found: check the path")
@@ -135,7 +137,8 @@ def _check_models(float_model: Path, int8_model: Path, allow_different_source: b
             raise GateInputError(f"{opt} {path} is not an .onnx file (or an OpenVINO .xml / TensorRT .engine): "
                                  "export checkpoints with `posequant export-pose` first")
     # read (and checked against their graphs) first: a damaged file is named before anything else is said of it
-    fmeta, qmeta = read_meta(float_model), read_meta(int8_model)
+    fopened, qopened = open_model(float_model), open_model(int8_model)
+    fmeta, qmeta = fopened.meta, qopened.meta
     if onnx_precision(float_model) == "int8":
         raise GateInputError(f"--float {float_model} is an INT8 model (it has quantization nodes): give the "
                              "float export as --float and the quantized model as --int8")
@@ -155,7 +158,7 @@ def _check_models(float_model: Path, int8_model: Path, allow_different_source: b
                              f"{int8_model.name}): the INT8 model was not made from this float model, or is "
                              "prepared differently; quantize this float export, or pass --allow-different-source "
                              "if that is intended")
-    return fmeta, qmeta
+    return fopened, qopened
 
 
 def different_source(a: ModelMeta, b: ModelMeta) -> list[str]:
@@ -260,7 +263,8 @@ def disagreement(people, float_preds: np.ndarray, int8_preds: np.ndarray) -> np.
     return mean / np.maximum(size, 1e-6)
 
 
-def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, qe: EvalResult, say) -> dict[str, Any]:
+def _cpu_facts(int8_model: ModelFile, backend: str, device: str, common: dict, *, qe: EvalResult, say
+               ) -> dict[str, Any]:
     """This CPU's kind, the one the INT8 graph was made for, and a note when they differ in a way that
     matters; when this CPU may saturate a graph not made for it, what that costs, measured: the INT8 model
     evaluated again with its exact semantics (ONNX Runtime, optimizations off)."""
@@ -269,15 +273,15 @@ def _cpu_facts(int8_model: Path, backend: str, device: str, common: dict, *, qe:
     from posequant.calibration.saturation import cpu_mismatch, quantization_settings
 
     here = cpu_kind()
-    if model_format(int8_model) != "onnx":  # an IR / engine: the exact-semantics re-run needs the ONNX graph
-        return {"here": here.name, "source": kind_source(), "made_for": _quantization_of(int8_model).get("cpu"),
+    if int8_model.format != "onnx":  # an IR / engine: the exact-semantics re-run needs the ONNX graph
+        return {"here": here.name, "source": kind_source(), "made_for": _quantization_of(int8_model.path).get("cpu"),
                 "note": None}
-    proto = onnx.load(str(int8_model), load_external_data=False)
+    proto = onnx.load(str(int8_model.path), load_external_data=False)
     settings = quantization_settings(proto)
     facts: dict[str, Any] = {"here": here.name, "source": kind_source(), "made_for": settings.get("cpu"), "note": None}
     if device != "cpu" or backend not in ("ort", "openvino"):
         return facts
-    facts["note"] = cpu_mismatch(proto, int8_model.name, here, backend)
+    facts["note"] = cpu_mismatch(proto, int8_model.path.name, here, backend)
     if facts["note"] and here.saturates_on(backend):
         say("measuring what saturation costs here: the INT8 model again, with exact int8 semantics")
         exact = evaluate(int8_model, qe.dataset, **{**common, "backend": "ort-reference"}, warn=lambda m: None)
@@ -358,7 +362,8 @@ def gate(
     if min_agreement is not None:
         min_agreement = check_number("min_agreement", min_agreement, maximum=1.0)
     float_model, int8_model, data = Path(float_model), Path(int8_model), Path(data)
-    fmeta, _ = _check_models(float_model, int8_model, allow_different_source)
+    fopened, qopened = _check_models(float_model, int8_model, allow_different_source)  # each file opened once
+    fmeta = fopened.meta
     # None: ort, or the one backend both an IR (openvino) or engine (tensorrt) pair runs on
     for path in sorted((float_model, int8_model), key=lambda p: model_format(p) == "onnx"):  # an IR/engine first
         backend = resolve_backend(path, backend)
@@ -376,15 +381,15 @@ def gate(
         found = person_boxes(ds, boxes=boxes, detector=detector, det_score=det_score, det_iou=det_iou,
                              backend=backend, device=device)
     say(f"evaluating the float model {float_model.name}")
-    fe = evaluate(float_model, data, progress=say, **common, warn=lambda m: say(f"warning: {m}"))
+    fe = evaluate(fopened, data, progress=say, **common, warn=lambda m: say(f"warning: {m}"))
     name, value = main_metric(fe.metrics)  # a float model scoring ~0 fails here, before the INT8 run
     check_scorable(name, {name: _delta(value, value)}, fe.people, f"{fe.format.upper()} {fe.split}")
     say(f"evaluating the INT8 model {int8_model.name}")
     try:
-        qe = evaluate(int8_model, data, progress=say, **common, warn=lambda m: None)  # the same records: said once
+        qe = evaluate(qopened, data, progress=say, **common, warn=lambda m: None)  # the same records: said once
     except ModelOutputError as e:
         raise BrokenInt8Error(f"gate FAIL: {e}") from None
-    cpu = _cpu_facts(int8_model, backend, device, common, qe=qe, say=say)
+    cpu = _cpu_facts(qopened, backend, device, common, qe=qe, say=say)
     ds = open_dataset(data, input_size=fmeta.input_size, format=fe.format, split=fe.split)
     people = ds.people[:limit] if limit else ds.people
     assert len(people) == fe.people == qe.people, "both evaluations must cover the same people"
@@ -394,16 +399,16 @@ def gate(
     if found is not None:
         say(f"evaluating both models on the {found.count} person boxes")
         on_boxes = {**common, "limit": None, "boxes": found}
-        fd = evaluate(float_model, data, **on_boxes, warn=lambda m: None)
+        fd = evaluate(fopened, data, **on_boxes, warn=lambda m: None)
         try:
-            qd = evaluate(int8_model, data, **on_boxes, warn=lambda m: None)
+            qd = evaluate(qopened, data, **on_boxes, warn=lambda m: None)
         except ModelOutputError as e:
             raise BrokenInt8Error(f"gate FAIL: {e}") from None
         scores[DETECTOR_AP] = _delta(100 * fd.metrics["AP"], 100 * qd.metrics["AP"])
         box_info = fd.boxes
 
     say(f"timing both on {backend} ({device})")
-    timed = onnx_fixed_batch(float_model) or 1  # a fixed-batch model runs only at its own batch
+    timed = fopened.batch or 1  # a fixed-batch model runs only at its own batch
     latency = bench([float_model, int8_model], device=device, backends=[backend], batches=(timed,), threads=threads,
                     warmup=warmup, runs=runs)
     frow = latency.row(float_model, backend, "fp32", timed) or latency.row(float_model, backend, "fp16", timed)

@@ -10,7 +10,8 @@ video's frames are each one person unless a detector finds them.
 Preprocessing and decoding are evaluation's: ``--boxes`` are clipped as COCO's ground-truth boxes are
 (:func:`clip_box`), detector boxes are taken as they are (as HRNet takes detection boxes); both grow by
 the same padding (:func:`box_to_center_scale`), are cropped and normalised by :func:`crop_person` /
-:func:`normalize` and decoded by :func:`heatmaps_to_joints` (flip test included), on the same runners.
+:func:`normalize` and decoded by the model's head (``posequant.core.decoding``, flip test included), on the
+same runners.
 The results JSON is :func:`coco_results`' (detector boxes: :func:`detection_results`', rescored and
 OKS-NMS-ed as ``eval --detector``), which eval's COCO scorer reads back.
 
@@ -43,7 +44,6 @@ from posequant.calibration import (
     clip_box,
     crop_person,
     exif_orientation,
-    heatmaps_to_joints,
     normalize,
     read_image,
     whole_image_center_scale,
@@ -51,10 +51,11 @@ from posequant.calibration import (
 from posequant.calibration.images import IMAGE_SUFFIXES
 from posequant.core.args import Paths, checked
 from posequant.core.batching import infer_at_batch
+from posequant.core.decoding import head_of
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.fileio import atomic_path, check_outputs, output_dir, write_bytes_atomic, write_text_atomic
-from posequant.core.metadata import ModelMeta, read_meta
-from posequant.core.onnxfile import check_heatmaps
+from posequant.core.metadata import ModelMeta
+from posequant.core.opened import ModelFile, open_model
 from posequant.core.quiet import quiet
 from posequant.core.quiet import warn as posequant_warn
 
@@ -69,7 +70,7 @@ COMPARE_RESULTS_FILE = "keypoints.compare.json"  # ... of --compare's model
 SUMMARY_FILE = "predict.json"
 RUN_FILES = [SUMMARY_FILE, RESULTS_FILE, COMPARE_RESULTS_FILE]  # removed first and written last by every run
 PROGRESS_MIN_UNITS = 10  # images or frames: below that a bar is noise
-MODEL_SUFFIXES = (".onnx", ".xml", ".engine")  # an OpenVINO IR, a TensorRT engine: read_meta and the runners open them
+MODEL_SUFFIXES = (".onnx", ".xml", ".engine")  # an OpenVINO IR, a TensorRT engine: open_model and the runners open them
 
 
 @dataclass
@@ -316,12 +317,18 @@ BOX_HINTS = {
 
 @dataclass
 class Model:
-    """A model ready to run: its file, metadata, runner and fixed batch (None: dynamic)."""
+    """A model ready to run: the opened file (format, metadata, head, fixed batch) and its runner."""
 
-    path: Path
-    meta: ModelMeta
+    file: ModelFile
     runner: Any
-    fixed: int | None
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def meta(self) -> ModelMeta:
+        return self.file.meta
 
     @classmethod
     def open(cls, path: Path, backend: str | None, device: str, option: str = "MODEL") -> "Model":
@@ -330,27 +337,22 @@ class Model:
                                  "export a checkpoint first with `posequant export-pose`")
         if not path.is_file():
             raise PosequantError(f"{option} {path} not found: check the path")
-        meta = read_meta(path)
-        runner = make_runner(backend, onnx_path=path, device=device)
-        fixed = None
-        if path.suffix.lower() == ".onnx":
-            from .evaluate import onnx_fixed_batch
-
-            fixed = onnx_fixed_batch(path)
-        return cls(path, meta, runner, fixed)
+        opened = open_model(path)
+        return cls(opened, make_runner(backend, onnx_path=path, device=device, outputs=opened.outputs))
 
     def predict(self, image: np.ndarray, centers: np.ndarray, scales: np.ndarray, flip: bool
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Joints (K x J x 2, image pixels) and scores (K x J x 1) of the K persons of one BGR image."""
         crops = np.stack([crop_person(image, c, s, self.meta.input_size)[0] for c, s in zip(centers, scales)])
         x = normalize(crops, self.meta)
-        heatmaps = infer_at_batch(self.runner.infer, x, self.fixed)
-        check_heatmaps(heatmaps, self.meta, str(self.path))
-        flipped = infer_at_batch(self.runner.infer, np.ascontiguousarray(x[..., ::-1]), self.fixed) if flip else None
-        for h in (heatmaps, flipped):
-            if h is not None and not np.isfinite(h).all():
-                raise PosequantError(f"{self.path} output NaN or inf heatmaps: the model is broken; re-export it")
-        return heatmaps_to_joints(self.meta, heatmaps, centers, scales, flipped)
+        head = head_of(self.meta)
+        outputs = infer_at_batch(self.runner.run, x, self.file.batch)
+        head.check(outputs, str(self.path))
+        flipped = infer_at_batch(self.runner.run, np.ascontiguousarray(x[..., ::-1]), self.file.batch) if flip else None
+        for out in (outputs, flipped):
+            if out is not None and not all(np.isfinite(o).all() for o in out):
+                raise PosequantError(f"{self.path} output NaN or inf values: the model is broken; re-export it")
+        return head.decode(outputs, centers, scales, flipped)
 
 
 def persons(image_shape: tuple[int, ...], boxes: list[Box] | None, input_size: tuple[int, int], *, clip: bool = True

@@ -1,4 +1,5 @@
-"""Inference backends behind one small interface: ``runner.infer(inputs) -> heatmaps``.
+"""Inference backends behind one small interface: ``runner.run(inputs) -> outputs`` (every output, in the
+order of the names it was made with: a SimCC model's x then y), ``runner.infer(inputs)`` the first one.
 
 Backends are imported lazily (OpenVINO and CUDA builds are large and optional at run time);
 a backend that is not installed, or a device that is not there, is one clear error.
@@ -14,7 +15,7 @@ import numpy as np
 
 from posequant.core.enginefile import is_engine, tensorrt_problem
 from posequant.core.errors import PosequantError
-from posequant.core.irfile import is_ir
+from posequant.core.opened import model_format
 from posequant.core.onnxfile import ModelFileError
 from posequant.core.quiet import ort_session, quiet
 
@@ -33,16 +34,25 @@ class Runner(Protocol):
     device: str
     precision: str
 
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, ...]: ...
+
     def infer(self, inputs: np.ndarray) -> np.ndarray: ...
 
 
+class _FirstOutput:
+    def infer(self, inputs: np.ndarray) -> np.ndarray:
+        """The first output (a heatmap model's only one): what bench times and the detector reads."""
+        return self.run(inputs)[0]
+
+
 @dataclass
-class OrtRunner:
+class OrtRunner(_FirstOutput):
     path: Path
     device: str = "cpu"
     threads: int | None = None
     backend: str = "ort"
     precision: str = "fp32"
+    outputs: tuple[str, ...] | None = None  # output names to return, in this order (None: all, the graph's)
 
     def __post_init__(self):
         import onnxruntime as ort
@@ -75,8 +85,8 @@ class OrtRunner:
                                "pip install 'posequant[gpu]', or use --device cpu")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
-    def infer(self, inputs: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: inputs})[0]
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(list(self.outputs) if self.outputs else None, {self.input_name: inputs}))
 
 
 @dataclass
@@ -96,7 +106,7 @@ class TensorRTRunner(OrtRunner):
 
 
 @dataclass
-class OpenVINORunner:
+class OpenVINORunner(_FirstOutput):
     """OpenVINO CPU. With ``static_shapes`` the model is compiled once per input shape it is given,
     reshaped to that shape: OpenVINO's CPU plugin picks faster kernels and fuses more for static
     shapes (HRNet-W32 INT8 here: 14% faster at batch 1), which is how a deployment at a fixed batch
@@ -108,6 +118,7 @@ class OpenVINORunner:
     precision: str = "fp32"
     backend: str = "openvino"
     static_shapes: bool = False
+    outputs: tuple[str, ...] | None = None
 
     def __post_init__(self):
         try:
@@ -142,14 +153,15 @@ class OpenVINORunner:
             self.compiled_by_shape[shape] = self._compile(model)
         return self.compiled_by_shape[shape]
 
-    def infer(self, inputs: np.ndarray) -> np.ndarray:
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         compiled = self._compiled_for(inputs.shape) if self.static_shapes else self.compiled
-        return compiled(inputs)[0]
+        result = compiled(inputs)
+        return tuple(result[n] for n in self.outputs) if self.outputs else tuple(result.to_tuple())
 
 
 @dataclass
-class TorchRunner:
-    module: object  # torch.nn.Module returning heatmaps
+class TorchRunner(_FirstOutput):
+    module: object  # torch.nn.Module returning heatmaps, or a tuple of outputs in the head's order
     device: str = "cpu"
     threads: int | None = None
     precision: str = "fp32"
@@ -166,12 +178,13 @@ class TorchRunner:
         self.dtype = dtype
         self.module = self.module.to(self.device, dtype).eval()
 
-    def infer(self, inputs: np.ndarray) -> np.ndarray:
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         import torch
 
         with torch.inference_mode():
             x = torch.from_numpy(inputs).to(self.device, self.dtype)
-            return self.module(x).float().cpu().numpy()
+            out = self.module(x)
+            return tuple(o.float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,)))
 
 
 @dataclass
@@ -182,7 +195,7 @@ class OrtReferenceRunner(OrtRunner):
 
 
 @dataclass
-class TensorRTEngineRunner:
+class TensorRTEngineRunner(_FirstOutput):
     """A serialized TensorRT engine (``posequant convert --to tensorrt``), its buffers on the GPU through torch.
     Written against TensorRT 10's tensor API; not run where TensorRT is absent."""
 
@@ -191,6 +204,7 @@ class TensorRTEngineRunner:
     threads: int | None = None
     precision: str = "fp32"
     backend: str = "tensorrt"
+    outputs: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.device != "cuda":
@@ -208,30 +222,24 @@ class TensorRTEngineRunner:
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.input_name, self.output_name = inputs[0], next(n for n in names if n not in inputs)
+        self.input_name = inputs[0]
+        self.output_names = list(self.outputs) if self.outputs else [n for n in names if n not in inputs]
 
-    def infer(self, inputs: np.ndarray) -> np.ndarray:
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(inputs)).cuda()
         self.context.set_input_shape(self.input_name, tuple(x.shape))
-        y = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), device="cuda", dtype=torch.float32)
         self.context.set_tensor_address(self.input_name, x.data_ptr())
-        self.context.set_tensor_address(self.output_name, y.data_ptr())
+        ys = []
+        for name in self.output_names:
+            ys.append(torch.empty(tuple(self.context.get_tensor_shape(name)), device="cuda", dtype=torch.float32))
+            self.context.set_tensor_address(name, ys[-1].data_ptr())
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise BackendError(f"{self.path}: TensorRT failed to run a batch of {len(inputs)}")
         stream.synchronize()
-        return y.cpu().numpy()
-
-
-def model_format(path) -> str:
-    """``onnx``, ``ir`` (OpenVINO .xml) or ``engine`` (TensorRT), from the file name."""
-    if is_ir(path):
-        return "ir"
-    if is_engine(path):
-        return "engine"
-    return "onnx"
+        return tuple(y.cpu().numpy() for y in ys)
 
 
 # the only backend each non-ONNX format runs on
@@ -258,8 +266,10 @@ BACKENDS = ("torch", "ort", "openvino", "tensorrt")
 
 
 def make_runner(backend: str, *, onnx_path: Path | None = None, module=None, device: str = "cpu",
-                threads: int | None = None, precision: str = "fp32", static_shapes: bool = False) -> Runner:
-    """``static_shapes``: compile for each input shape seen (OpenVINO; ORT measured no difference)."""
+                threads: int | None = None, precision: str = "fp32", static_shapes: bool = False,
+                outputs: tuple[str, ...] | None = None) -> Runner:
+    """``static_shapes``: compile for each input shape seen (OpenVINO; ORT measured no difference).
+    ``outputs``: the output names ``run`` returns, in that order (a ``ModelFile``'s ``outputs``); None: all."""
     if backend == "torch":
         if module is None:
             raise BackendError("--backend torch needs a PyTorch checkpoint as MODEL, not an .onnx file")
@@ -267,8 +277,10 @@ def make_runner(backend: str, *, onnx_path: Path | None = None, module=None, dev
     if backend is not None and backend not in ONNX_RUNNERS:
         raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     backend = resolve_backend(onnx_path, backend)  # None: the model file's own (ort for ONNX)
+    outputs = tuple(outputs) if outputs else None
     if is_engine(onnx_path):
-        return TensorRTEngineRunner(Path(onnx_path), device, threads, precision=precision)
+        return TensorRTEngineRunner(Path(onnx_path), device, threads, precision=precision, outputs=outputs)
     if backend == "openvino":
-        return OpenVINORunner(Path(onnx_path), device, threads, precision=precision, static_shapes=static_shapes)
-    return ONNX_RUNNERS[backend](Path(onnx_path), device, threads, precision=precision)
+        return OpenVINORunner(Path(onnx_path), device, threads, precision=precision, static_shapes=static_shapes,
+                              outputs=outputs)
+    return ONNX_RUNNERS[backend](Path(onnx_path), device, threads, precision=precision, outputs=outputs)

@@ -1,14 +1,16 @@
 """The data stage and quantization.
 
 Datasets (MPII, COCO, plain folders) and the test-time preprocessing every stage shares are
-exported here; quantization is :func:`posequant.quantize` (``posequant.calibration.quantize``).
+exported here (decoding a model's output is ``posequant.core.decoding``); quantization is
+:func:`posequant.quantize` (``posequant.calibration.quantize``).
 Module order, lowest first: ``images`` -> ``datasets`` -> ``preprocess`` -> ``reader`` ->
 ``quantize`` (with the graph passes ``deconv``, ``equalize``, ``qdq`` beside it).
 """
 
+from posequant.core.transforms import PIXEL_STD, affine_transform, get_affine_transform, transform_preds
+
 from .datasets import (
     FORMATS,
-    PIXEL_STD,
     Person,
     PoseDataset,
     box_people,
@@ -26,25 +28,7 @@ from .images import (
     read_image,
     skipped_image_warnings,
 )
-from .preprocess import (
-    Batch,
-    BatchIterator,
-    affine_transform,
-    average_flip,
-    crop_person,
-    dataset_order,
-    decode_heatmaps,
-    flip_back,
-    flip_shift,
-    get_affine_transform,
-    get_max_preds,
-    heatmaps_to_joints,
-    iter_batches,
-    normalize,
-    refine_quarter_pixel,
-    shift_heatmaps,
-    transform_preds,
-)
+from .preprocess import Batch, BatchIterator, crop_person, iter_batches, normalize
 
 __all__ = [
     "FORMATS",
@@ -54,20 +38,13 @@ __all__ = [
     "Person",
     "PoseDataset",
     "affine_transform",
-    "average_flip",
     "box_people",
     "box_to_center_scale",
     "clip_box",
     "crop_person",
-    "dataset_order",
     "exif_orientation",
-    "decode_heatmaps",
     "default_workers",
-    "flip_back",
-    "flip_shift",
     "get_affine_transform",
-    "get_max_preds",
-    "heatmaps_to_joints",
     "iter_batches",
     "load_mpii_gt",
     "normalize",
@@ -76,8 +53,6 @@ __all__ = [
     "image_problem",
     "skipped_image_warnings",
     "TruncatedImageError",
-    "refine_quarter_pixel",
-    "shift_heatmaps",
     "transform_preds",
     "whole_image_center_scale",
 ]

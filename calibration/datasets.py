@@ -25,11 +25,11 @@ import numpy as np
 
 from posequant.core.errors import DataError
 from posequant.core.keypoints import COCO, MPII, KeypointSet
+from posequant.core.transforms import PIXEL_STD
 
 from .images import IMAGE_SUFFIXES, default_workers, image_size, read_image
 
 FORMATS = ("mpii", "coco", "folder")
-PIXEL_STD = 200.0  # the pose repos' box convention: scale = box size / 200 px
 COCO_PADDING = 1.25  # HRNet's _xywh2cs enlarges every box by a quarter
 # Default split per (format, purpose), first present wins.
 DEFAULT_SPLITS = {

@@ -223,8 +223,8 @@ def quantize_report_markdown(result) -> str:
         ["file", f"`{result.input}`", f"`{result.output}`" if budget_met(result) is not False else "not written"],
         ["size", _bytes(result.float_bytes), _bytes(result.int8_bytes)],
     ]), "",
-        f"{m.keypoints} {m.num_joints} joints, input {format_size(m.input_size)} {m.color.upper()}, heatmaps "
-        f"{format_size(m.heatmap_size)}.", "",
+        f"{m.keypoints} {m.num_joints} joints, input {format_size(m.input_size)} {m.color.upper()}, "
+        f"{m.output_text()}.", "",
         f"Float graph prepared before quantization: {_prepared_line(result)}.", "",
         f"- BatchNorm folded into: {_code_list(result.folded_batchnorms)}",
         f"- rewritten as convolutions + DepthToSpace: {_code_list(result.rewritten_deconvs)}",

@@ -188,6 +188,9 @@ def model_meta(model: onnx.ModelProto, where: str, *, input_size=None, keypoints
 def _meta_from_options(model: onnx.ModelProto, input_size, keypoints: str, color: str, where: str) -> ModelMeta:
     from posequant.core.keypoints import keypoint_set_for
 
+    if len(model.graph.output) == 2:  # which output is x and the split ratio are the stamp's to read
+        raise MetadataError(f"{where} has two outputs (a SimCC model?) and no posequant metadata; stamp it first: "
+                            f"{stamp_command(where, model)}")
     dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or not dims[1]:
         raise MetadataError(f"{where}: the model's output is not N x joints x H x W heatmaps: export it with "
@@ -282,12 +285,13 @@ def _refine_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, calib: Calibra
 
 def _fit_pairs(q: onnx.ModelProto, prepared: onnx.ModelProto, calib: CalibrationSet) -> dict:
     """Weight scales under which no int16 pair sum can saturate (``saturation.fit_pair_scales``), from the
-    float weights NNCF quantized, with the mean change moved into the biases."""
+    float weights NNCF quantized (convolutions', MatMuls' and Gemms'), with the mean change moved into the biases."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in prepared.graph.initializer}
     weights = {n.name or n.output[0]: numpy_helper.to_array(inits[n.input[1]]) for n in prepared.graph.node
-               if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 and n.input[1] in inits}
+               if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") and len(n.input) > 1
+               and n.input[1] in inits}
     means = input_means(q, itertools.islice(calib.crops.feeds(), PAIR_FIT_CROPS))
     return fit_pair_scales(q, weights, input_means=means).to_dict()
 
@@ -665,7 +669,7 @@ def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget,
         from posequant.core.keypoints import COCO_SIGMAS
 
         onnx.save(prepared, str(tmp / "float.onnx"))
-        reference = keypoints_on(tmp / "float.onnx", meta, ds.people, backend="ort", flip=flip)
+        reference = keypoints_on(tmp / "float.onnx", ds.people, backend="ort", flip=flip)
         sizes = person_size(np.array([p.scale for p in ds.people]))
         sigmas = COCO_SIGMAS if meta.keypoints == "coco" and meta.num_joints == len(COCO_SIGMAS) else None
 
@@ -675,7 +679,7 @@ def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget,
             return Evaluation(name, float_value, main_metric(result.metrics)[1], float_metrics, result.metrics,
                               len(ds.people), agreement_of(float_result, result, meta.keypoints))
         onnx.save(model, str(tmp / "int8.onnx"))
-        got = keypoints_on(tmp / "int8.onnx", meta, ds.people, backend="ort", flip=flip)
+        got = keypoints_on(tmp / "int8.onnx", ds.people, backend="ort", flip=flip)
         a = keypoint_agreement(reference, got, sizes, sigmas=sigmas)
         return Evaluation(AGREEMENT, 100.0, 100 * a["OKS"], {}, {}, len(ds.people), a)
 
@@ -787,11 +791,12 @@ def splice_float(prepared: onnx.ModelProto, q: onnx.ModelProto, names: Iterable[
 def rank_harm(prepared: onnx.ModelProto, q: onnx.ModelProto, calib_set: CalibrationSet, *, limit: int = 16) -> list[str]:
     """Quantized nodes of ``prepared``, most harmful first.
 
-    A node's harm is how much of the INT8 model's heatmap error goes away when that node alone runs
+    A node's harm is how much of the INT8 model's output error goes away when that node alone runs
     in float (its float inputs, weights and bias spliced into the INT8 graph, nothing re-calibrated):
-    the drop in relative squared error of the output heatmaps against float, on ``limit`` calibration
-    crops. Ranking on heatmaps rather than on the validation metric keeps it free of the metric's
-    noise (on 68 COCO people a single keypoint decides about one AP point).
+    the drop in relative squared error of every output (the heatmaps, or SimCC's x and y vectors, pooled)
+    against float, on ``limit`` calibration crops. Ranking on the outputs rather than on the validation
+    metric keeps it free of the metric's noise (on 68 COCO people a single keypoint decides about one AP
+    point).
     """
     import onnxruntime as ort
 
@@ -799,15 +804,17 @@ def rank_harm(prepared: onnx.ModelProto, q: onnx.ModelProto, calib_set: Calibrat
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
 
+    names = [o.name for o in prepared.graph.output]  # by name: every output, in one order for every graph
+
     def outputs(model: onnx.ModelProto) -> list[np.ndarray]:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return [sess.run(None, f)[0] for f in feeds]
+        return [o.astype(np.float64) for f in feeds for o in sess.run(names, f)]
 
     reference = outputs(prepared)
-    norm = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference) or 1.0
+    norm = sum(float(np.sum(r ** 2)) for r in reference) or 1.0
 
     def error(model: onnx.ModelProto) -> float:
-        return sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outputs(model), reference)) / norm
+        return sum(float(np.sum((o - r) ** 2)) for o, r in zip(outputs(model), reference)) / norm
 
     base = error(q)
     harm = {name: base - error(splice_float(prepared, q, [name])) for name in quantized_nodes(prepared, q)}

@@ -1,5 +1,5 @@
-"""INT8 convolutions on CPUs whose u8 x s8 kernels saturate: a model of that arithmetic, a count of what
-saturates on real data, and weights that cannot saturate, by construction.
+"""INT8 convolutions and matrix products on CPUs whose u8 x s8 kernels saturate: a model of that arithmetic,
+a count of what saturates on real data, and weights that cannot saturate, by construction.
 
 On x86 without VNNI (AVX2, AVX-512 without VNNI) ONNX Runtime's and oneDNN's int8 convolutions multiply
 raw uint8 activation codes by int8 weight codes with VPMADDUBSW, which adds each *pair* of neighbouring
@@ -11,15 +11,21 @@ products into int16 with saturation (``posequant.core.cpu``). Which two products
   with an even channel count these are channel pairs ``(c, c+1)`` within one kernel tap;
 - oneDNN (OpenVINO): channel pairs ``(c, c+1)``, c even, within each tap, channels padded per tap ("tap");
 - depthwise convolutions widen to int16 or int32 on both: exact; signed activations are shifted into
-  uint8 (zero point + 128) before they reach these kernels.
+  uint8 (zero point + 128) before they reach these kernels;
+- MatMul and Gemm with int8 constant weights (ORT fuses them into QLinearMatMul, MatMulIntegerToFloat or
+  QGemm; oneDNN into its int8 inner product) reduce over K, the weight's input dimension: both pair
+  ``(k, k+1)``, k even, zero-padded at the end, i.e. the flat order of a 1x1 convolution with K channels
+  (measured bit for bit, ``tests/test_saturation_kernels.py``). Products of two activations (attention) run
+  u8 x u8 on ORT, which widens first: exact, and left out.
 
 A pair saturates only if ``|a0*w0 + a1*w1| > 32767``; with ``a <= 255`` that needs two weights of the
 same sign with ``|w0| + |w1| > 128``. :func:`fit_pair_scales` gives each output channel that has such a
 pair (in either layout) the smallest weight scale under which none is left (at most one bit coarser),
-requantizes it from the float weights and moves the mean change into the bias: the graph is then exact
-on every CPU kind. :func:`saturation_counts` measures how many pair sums of a graph would saturate on
-real data; :func:`conv_output_codes` computes what a saturating (or exact) kernel outputs, to check
-the model against ONNX Runtime itself.
+requantizes it from the float weights and moves the mean change into the bias (a MatMul has none: its
+mean change stays, a fraction of one weight step): the graph is then exact on every CPU kind.
+:func:`saturation_counts` measures how many pair sums of a graph would saturate on real data;
+:func:`conv_output_codes` and :func:`matmul_output_codes` compute what a saturating (or exact) kernel
+outputs, to check the model against ONNX Runtime and OpenVINO themselves.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from posequant.core.cpu import INT16_MAX, PAIR_WEIGHT_LIMIT
 from .qdq import links
 
 LAYOUTS = ("flat", "tap")  # ONNX Runtime's pairing, oneDNN's pairing
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")  # ORT moves DequantizeLinear past these
 INT16_MIN = -INT16_MAX - 1
 
 
@@ -48,7 +55,9 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 @dataclass
 class QConv:
-    """One convolution of a QDQ graph that runs on int8 kernels: int8 weights, integer input codes."""
+    """One convolution (or MatMul / Gemm: ``kind``) of a QDQ graph that runs on int8 kernels: int8 weights,
+    integer input codes. A matrix product is described as the 1x1 convolution it reduces like: K input
+    channels (the weight's input dimension), N output channels, one tap."""
 
     node: onnx.NodeProto
     codes: str  # the tensor holding the input's integer codes (what the DequantizeLinear reads)
@@ -67,6 +76,10 @@ class QConv:
     dilations: tuple[int, int]
     in_channels: int = 0  # per group
     out_channels: int = 0  # in all
+    kind: str = "conv"  # "conv"; "matmul": weight K x N (MatMul, Gemm transB=0); "gemm": weight N x K (transB=1)
+    # ``codes`` holds the dequantized input past layout ops (DequantizeLinear -> Reshape -> MatMul, which ORT
+    # fuses by moving the DequantizeLinear down): read back into codes by :func:`input_codes`
+    codes_dequantized: bool = False
 
     @property
     def name(self) -> str:
@@ -81,9 +94,45 @@ class QConv:
         """Whether a saturating CPU runs it through VPMADDUBSW (depthwise kernels widen: exact)."""
         return not self.depthwise
 
+    @property
+    def channel_axis(self) -> int:
+        """The input's channel axis: 1 for a convolution's N x C x H x W, the last for a matrix product's ... x K."""
+        return 1 if self.kind == "conv" else -1
+
 
 def _const(inits: dict, name: str) -> np.ndarray | None:
     return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def _int8_weight(inits: dict, dw: onnx.NodeProto, ndim: int) -> np.ndarray | None:
+    """The int8 weight codes a DequantizeLinear reads, when they are constant, of rank ``ndim`` and symmetric
+    (zero point 0: what posequant writes; asymmetric weights are left alone); else None."""
+    w = _const(inits, dw.input[0])
+    if w is None or w.dtype != np.int8 or w.ndim != ndim:
+        return None
+    w_zero = _const(inits, dw.input[2]) if len(dw.input) > 2 else None
+    return None if w_zero is not None and w_zero.any() else w
+
+
+def _input_quantization(inits: dict, dx: onnx.NodeProto) -> tuple[float, int, bool] | None:
+    """(scale, zero point as the kernels see it: uint8, signed or not) of an input DequantizeLinear with one scale;
+    None for per-channel activations (OpenVINO's depthwise inputs: not on the u8s8 GEMM path)."""
+    sx, zx = _const(inits, dx.input[1]), _const(inits, dx.input[2]) if len(dx.input) > 2 else None
+    if sx is None or sx.size != 1:
+        return None
+    signed = zx is not None and zx.dtype == np.int8
+    zero = int(zx.reshape(-1)[0]) + (128 if signed else 0) if zx is not None else (128 if signed else 0)
+    return float(sx.reshape(-1)[0]), zero, signed
+
+
+def _bias(inits: dict, producers: dict, node: onnx.NodeProto) -> tuple[str | None, bool]:
+    """The initializer of a node's bias (its third input) and whether it is int32 codes behind a DequantizeLinear."""
+    if len(node.input) < 3 or not node.input[2]:
+        return None, False
+    db = producers.get(node.input[2])
+    if db is not None and db.op_type == "DequantizeLinear" and db.input[0] in inits:
+        return db.input[0], True
+    return (node.input[2], False) if node.input[2] in inits else (None, False)
 
 
 def quantized_convs(model: onnx.ModelProto) -> list[QConv]:
@@ -98,35 +147,70 @@ def quantized_convs(model: onnx.ModelProto) -> list[QConv]:
         dx, dw = producers.get(n.input[0]), producers.get(n.input[1])
         if not (dx is not None and dw is not None and dx.op_type == dw.op_type == "DequantizeLinear"):
             continue
-        w = _const(inits, dw.input[0])
-        if w is None or w.dtype != np.int8 or w.ndim != 4:
+        w, x = _int8_weight(inits, dw, 4), _input_quantization(inits, dx)
+        if w is None or x is None:
             continue
-        w_zero = _const(inits, dw.input[2]) if len(dw.input) > 2 else None
-        if w_zero is not None and w_zero.any():
-            continue  # asymmetric weights: not what posequant writes; left alone
-        sx, zx = _const(inits, dx.input[1]), _const(inits, dx.input[2]) if len(dx.input) > 2 else None
-        if sx is None or sx.size != 1:
-            continue  # per-channel activations (OpenVINO's depthwise inputs): not on the u8s8 GEMM path
-        signed = zx is not None and zx.dtype == np.int8
-        zero = int(zx.reshape(-1)[0]) + (128 if signed else 0) if zx is not None else (128 if signed else 0)
-        bias, bias_int = None, False
-        if len(n.input) > 2 and n.input[2]:
-            db = producers.get(n.input[2])
-            if db is not None and db.op_type == "DequantizeLinear" and db.input[0] in inits:
-                bias, bias_int = db.input[0], True
-            elif n.input[2] in inits:
-                bias = n.input[2]
+        bias, bias_int = _bias(inits, producers, n)
         group = int(_attr(n, "group", 1))
         transpose = n.op_type == "ConvTranspose"
         kernel = tuple(int(k) for k in w.shape[2:])
         pads = tuple(int(p) for p in _attr(n, "pads", [0, 0, 0, 0]))
         in_ch = w.shape[0] // group if transpose else w.shape[1]
         out_ch = w.shape[1] * group if transpose else w.shape[0]
-        out.append(QConv(n, dx.input[0], float(sx.reshape(-1)[0]), zero, signed, dw.input[0],
+        out.append(QConv(n, dx.input[0], *x, dw.input[0],
                          _const(inits, dw.input[1]).reshape(-1).astype(np.float32), bias, bias_int, group,
                          transpose, kernel, tuple(int(s) for s in _attr(n, "strides", [1, 1])), pads,
                          tuple(int(d) for d in _attr(n, "dilations", [1, 1])), in_ch, out_ch))
     return out
+
+
+def quantized_matmuls(model: onnx.ModelProto) -> list[QConv]:
+    """The MatMul/Gemm nodes whose input comes through DequantizeLinear from integer codes and whose second input
+    is a constant int8 weight (per tensor, or per output column), as the 1x1 convolutions they reduce like."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producers, _ = links(g)
+    out = []
+    for n in g.node:
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
+            continue
+        if n.op_type == "Gemm" and (_attr(n, "transA", 0) or _attr(n, "alpha", 1.0) != 1.0
+                                    or _attr(n, "beta", 1.0) != 1.0):
+            continue  # not what quantizers write; left alone
+        dx, dw = producers.get(n.input[0]), producers.get(n.input[1])
+        moved = False  # ORT moves a DequantizeLinear past layout ops onto the MatMul, then fuses it
+        while dx is not None and dx.op_type in LAYOUT_OPS:
+            dx, moved = producers.get(dx.input[0]), True
+        if not (dx is not None and dw is not None and dx.op_type == dw.op_type == "DequantizeLinear"):
+            continue
+        w, x = _int8_weight(inits, dw, 2), _input_quantization(inits, dx)
+        if w is None or x is None:
+            continue
+        kind = "gemm" if n.op_type == "Gemm" and _attr(n, "transB", 0) else "matmul"
+        k_dim, n_dim = (1, 0) if kind == "gemm" else (0, 1)
+        w_scale = _const(inits, dw.input[1]).reshape(-1).astype(np.float32)
+        if w_scale.size > 1 and (w_scale.size != w.shape[n_dim] or _attr(dw, "axis", 1) % 2 != n_dim):
+            continue  # scales along K: not one scale per output; left alone
+        bias, bias_int = _bias(inits, producers, n)  # a MatMul has two inputs: none
+        out.append(QConv(n, n.input[0] if moved else dx.input[0], *x, dw.input[0], w_scale, bias, bias_int, 1,
+                         False, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), int(w.shape[k_dim]), int(w.shape[n_dim]),
+                         kind, moved))
+    return out
+
+
+def input_codes(value: np.ndarray, op: QConv) -> np.ndarray:
+    """The integer codes of an op's input as captured (:func:`capture_codes`): as they are, or read back from the
+    dequantized values (exact: (code - zero) * scale in float32, divided by the scale, rounds to the code)."""
+    if not op.codes_dequantized:
+        return value
+    zero = op.x_zero - (128 if op.x_signed else 0)
+    codes = np.rint(np.asarray(value, np.float32) / np.float32(op.x_scale)) + zero
+    return codes.astype(np.int8 if op.x_signed else np.uint8)
+
+
+def quantized_ops(model: onnx.ModelProto) -> list[QConv]:
+    """Every operation of the graph that runs on int8 weight kernels: convolutions, then matrix products."""
+    return quantized_convs(model) + quantized_matmuls(model)
 
 
 # ---- pairs ------------------------------------------------------------------------------------------
@@ -134,7 +218,9 @@ def quantized_convs(model: onnx.ModelProto) -> list[QConv]:
 
 def reduction_weights(w: np.ndarray, conv: QConv) -> np.ndarray:
     """The weights as (output channel, K) with K = (kernel row, kernel column, input channel of its group),
-    channel fastest: the order the kernels reduce over."""
+    channel fastest: the order the kernels reduce over (a matrix product: (N, K))."""
+    if conv.kind != "conv":
+        return w.T if conv.kind == "matmul" else w
     kh, kw = conv.kernel
     if conv.transpose:  # (C_in, M/g, kh, kw): output channel m of group g reads input channels of group g
         cin_g, m_g = conv.in_channels, w.shape[1]
@@ -178,13 +264,14 @@ class PairFit:
     """What :func:`fit_pair_scales` changed."""
 
     convs: int = 0  # convolutions on the saturating kernels
+    matmuls: int = 0  # MatMul / Gemm with int8 weights, on the same kernels
     channels: int = 0  # output channels (weight scales) whose scale grew
     of_channels: int = 0  # output channels of those convolutions
     bits: dict[str, float] = field(default_factory=dict)  # conv -> effective bits of its coarsest channel
 
     def to_dict(self) -> dict:
-        return {"convs": self.convs, "channels_rescaled": self.channels, "channels": self.of_channels,
-                "coarsest_bits": min(self.bits.values(), default=8.0)}
+        return {"convs": self.convs, "matmuls": self.matmuls, "channels_rescaled": self.channels,
+                "channels": self.of_channels, "coarsest_bits": min(self.bits.values(), default=8.0)}
 
 
 def _pair_peak(w2: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -208,10 +295,13 @@ def fit_pair_scales(model: onnx.ModelProto, float_weights: dict[str, np.ndarray]
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producers, consumers = links(g)
-    for conv in quantized_convs(model):
+    for conv in quantized_ops(model):
         if not conv.saturates or conv.name not in float_weights:
             continue
-        report.convs += 1
+        if conv.kind == "conv":
+            report.convs += 1
+        else:
+            report.matmuls += 1
         w_old = numpy_helper.to_array(inits[conv.weight]).astype(np.float64)
         real = np.asarray(float_weights[conv.name], np.float64)
         old = _weight_scales(conv, w_old.shape).astype(np.float64)
@@ -320,9 +410,12 @@ def _like(scales: np.ndarray, old: onnx.TensorProto) -> np.ndarray:
 
 
 def _weight_scales(conv: QConv, shape: tuple[int, ...]) -> np.ndarray:
-    """The weight scales broadcast to the weight's shape (per output channel: Conv axis 0, ConvTranspose axis 1)."""
+    """The weight scales broadcast to the weight's shape (per output channel: Conv axis 0, ConvTranspose axis 1,
+    MatMul's K x N axis 1, Gemm's N x K axis 0)."""
     if conv.w_scale.size == 1:
-        return conv.w_scale.reshape(1, 1, 1, 1)
+        return conv.w_scale.reshape((1,) * len(shape))
+    if conv.kind != "conv":
+        return conv.w_scale.reshape((1, -1) if conv.kind == "matmul" else (-1, 1))
     return conv.w_scale.reshape((1, -1, 1, 1) if conv.transpose else (-1, 1, 1, 1))
 
 
@@ -425,6 +518,32 @@ def conv_output_codes(conv: QConv, w: np.ndarray, bias: np.ndarray | None, x: np
     return np.clip(y, info.min, info.max).astype(y_dtype)
 
 
+def matmul_accumulators(op: QConv, w: np.ndarray, x: np.ndarray, *, saturate: bool) -> np.ndarray:
+    """The int32 accumulators (..., N) a MatMul / Gemm kernel computes from input codes ``x`` (..., K), bias left
+    out: exact, or with the int16 pair saturation (pairs (k, k+1), k even: ORT's and oneDNN's alike)."""
+    codes = kernel_codes(x, op).astype(np.int64)
+    w2 = reduction_weights(w, op).astype(np.int64)  # (N, K)
+    acc = codes @ w2.T - op.x_zero * w2.sum(axis=1)
+    if saturate and op.saturates:
+        for m, i, j in risky(w2.astype(np.int32), pair_index(op.in_channels, 1, "flat")):
+            s = w2[m, i] * codes[..., i] + w2[m, j] * codes[..., j]
+            acc[..., m] += np.clip(s, INT16_MIN, INT16_MAX) - s
+    return acc
+
+
+def matmul_output_codes(op: QConv, w: np.ndarray, bias: np.ndarray | None, x: np.ndarray, y_scale: float,
+                        y_zero: int, *, saturate: bool, y_dtype=np.uint8) -> np.ndarray:
+    """The output codes of ORT's QLinearMatMul / QGemm: the accumulators plus the int32 bias, requantized in float32
+    by x_scale * w_scale / y_scale, rounded half to even, plus the zero point."""
+    acc = matmul_accumulators(op, w, x, saturate=saturate)
+    if bias is not None:
+        acc = acc + np.asarray(bias, np.int64)
+    scale = (np.float32(op.x_scale) * output_scales(op).astype(np.float32)) / np.float32(y_scale)
+    y = np.rint(acc.astype(np.float32) * scale.astype(np.float32)) + y_zero
+    info = np.iinfo(y_dtype)
+    return np.clip(y, info.min, info.max).astype(y_dtype)
+
+
 def capture_codes(model: onnx.ModelProto, convs: Iterable[QConv], feeds: Iterable[dict[str, np.ndarray]]
                   ) -> Iterator[dict[str, np.ndarray]]:
     """Per feed, the input codes of ``convs`` in the graph's own (exact) semantics: ONNX Runtime with
@@ -464,15 +583,16 @@ def saturation_counts(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarr
 
 
 def input_means(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Mean kernel code per input channel of every quantized convolution's input, over ``feeds``."""
-    convs = [c for c in quantized_convs(model) if c.saturates]
+    """Mean kernel code per input channel of every quantized convolution's (and matrix product's: per K) input,
+    over ``feeds``."""
+    convs = [c for c in quantized_ops(model) if c.saturates]
     sums: dict[str, np.ndarray] = {}
     count = 0
     for codes in capture_codes(model, convs, feeds):
         count += 1
         for c in convs:
-            x = kernel_codes(codes[c.codes], c)
-            sums[c.codes] = sums.get(c.codes, 0) + x.mean(axis=(0, 2, 3))
+            x = np.moveaxis(kernel_codes(input_codes(codes[c.codes], c), c), c.channel_axis, -1)
+            sums[c.codes] = sums.get(c.codes, 0) + x.reshape(-1, x.shape[-1]).mean(axis=0)
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
@@ -480,10 +600,11 @@ def input_means(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) 
 
 
 def risky_pairs(model: onnx.ModelProto) -> int:
-    """Weight pairs of the graph's quantized convolutions that can saturate an int16 sum with some input."""
+    """Weight pairs of the graph's quantized convolutions and matrix products that can saturate an int16 sum
+    with some input."""
     inits = {i.name: i for i in model.graph.initializer}
     total = 0
-    for conv in quantized_convs(model):
+    for conv in quantized_ops(model):
         if conv.saturates:
             w2 = reduction_weights(numpy_helper.to_array(inits[conv.weight]), conv).astype(np.int32)
             total += len(risky(w2, conv_pairs(conv)))

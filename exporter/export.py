@@ -35,6 +35,7 @@ from .common import (
 from .model import resolve_model
 from .verify import random_inputs, verify
 
+SIMCC_OUTPUTS = ("simcc_x", "simcc_y")  # a SimCC checkpoint's output names, x first
 DEFAULT_INPUT_SIZE = {16: (256, 256), 17: (256, 192)}  # MPII and COCO configs of the official repos
 
 
@@ -95,14 +96,28 @@ def fit_input_size(module: torch.nn.Module, size: tuple[int, int]) -> tuple[int,
                       f"not the input divided by a whole stride (decoded joints would be misplaced); {advice}")
 
 
-def _to_onnx(module: torch.nn.Module, input_size: tuple[int, int], opset: int, batch: int | None) -> onnx.ModelProto:
+def simcc_shape(pose, input_size: tuple[int, int] | None) -> tuple[tuple[int, int], int, tuple[int, int]]:
+    """(input size, joints, (Ly, Lx)) of a SimCC model: its head's Linear layers fix the input size."""
+    size = tuple(pose.input_size)
+    if input_size is not None and tuple(input_size) != size:
+        raise PosequantError(f"--input-size {format_size(tuple(input_size))}: this {pose.name} model's head is built "
+                             f"for {format_size(size)} inputs (its Linear layers fix the size): leave --input-size out")
+    try:
+        x, y = _forward(pose.module, size)
+    except Exception as e:
+        raise ExportError(f"the model failed on a 1x3x{size[0]}x{size[1]} input ({_why(e)})") from None
+    return size, x.shape[1], (y.shape[2], x.shape[2])
+
+
+def _to_onnx(module: torch.nn.Module, input_size: tuple[int, int], opset: int, batch: int | None,
+             outputs: tuple[str, ...] = ("heatmaps",)) -> onnx.ModelProto:
     dummy = torch.randn(batch or 1, 3, *input_size)
     buf = io.BytesIO()
-    dynamic = None if batch else {"input": {0: "batch"}, "heatmaps": {0: "batch"}}
+    dynamic = None if batch else {name: {0: "batch"} for name in ("input", *outputs)}
     with quiet():  # the TorchScript exporter's deprecation notes and prints are not for users (--verbose)
         try:
             torch.onnx.export(module, (dummy,), buf, dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["heatmaps"],
+                              input_names=["input"], output_names=list(outputs),
                               dynamic_axes=dynamic, do_constant_folding=True)
         except Exception as e:
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -133,6 +148,7 @@ def export_pose(
     data_samples: int = 8,
     rtol: float = 1e-4,
     joints: str | None = None,
+    simcc_outputs: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a pose checkpoint to one self-contained ONNX file with posequant metadata.
@@ -157,10 +173,13 @@ def export_pose(
                                  "graph and batch: leave them out")
         return stamp_onnx(checkpoint, output, input_size=input_size, keypoints=keypoints, joints=joints, color=color,
                           mean=mean, std=std, opset=opset, simplify=simplify, verify_model=verify_model, data=data,
-                          data_samples=data_samples, rtol=rtol, progress=progress)
+                          data_samples=data_samples, rtol=rtol, simcc_outputs=simcc_outputs, progress=progress)
     if joints:
         raise PosequantError("--joints names a third-party ONNX model's channels; a checkpoint of our families "
                              "outputs its keypoint set's order: leave --joints out")
+    if simcc_outputs:
+        raise PosequantError("--simcc-outputs names a third-party SimCC ONNX model's outputs; a checkpoint is "
+                             "exported with outputs simcc_x and simcc_y: leave --simcc-outputs out")
     opset = check_opset(opset) or MIN_OPSET
     if color is not None and color.lower() not in ("rgb", "bgr"):
         raise PosequantError(f"--color must be rgb or bgr, got {color!r}")
@@ -176,10 +195,15 @@ def export_pose(
     timings["load_s"] = time.perf_counter() - t0
 
     joints = pose.num_joints
-    if joints is None and not (input_size or pose.input_size):
-        joints, _ = probe_output(pose.module, (256, 192))  # only to pick the default size
-    size = tuple(input_size or pose.input_size or DEFAULT_INPUT_SIZE.get(joints, (256, 256)))
-    out_joints, heatmap_size = fit_input_size(pose.module, size)
+    outputs: tuple[str, ...] = ()
+    if pose.head == "simcc":  # RTMPose: outputs simcc_x, simcc_y (posequant.core.decoding)
+        size, out_joints, heatmap_size = simcc_shape(pose, input_size)
+        outputs = SIMCC_OUTPUTS
+    else:
+        if joints is None and not (input_size or pose.input_size):
+            joints, _ = probe_output(pose.module, (256, 192))  # only to pick the default size
+        size = tuple(input_size or pose.input_size or DEFAULT_INPUT_SIZE.get(joints, (256, 256)))
+        out_joints, heatmap_size = fit_input_size(pose.module, size)
     kps = keypoint_set_for(out_joints, keypoints)
     meta = ModelMeta(
         family=pose.family, keypoints=kps.name, joint_names=kps.joint_names,
@@ -188,12 +212,12 @@ def export_pose(
         mean=mean or pose.mean, std=std or pose.std,
         arch_config=json.loads(json.dumps(pose.arch_config)),  # as it will read back from the file
         source_checkpoint=checkpoint.name, source_sha256=ckpt.sha256,
-        posequant_version=__version__,
+        posequant_version=__version__, head=pose.head, simcc_split_ratio=pose.simcc_split_ratio, outputs=outputs,
     )
 
     say(f"exporting {pose.name} ({pose.num_parameters:,} parameters) at {size[0]}x{size[1]}, opset {opset}")
     t = time.perf_counter()
-    model = _to_onnx(pose.module, size, opset, batch)
+    model = _to_onnx(pose.module, size, opset, batch, outputs or ("heatmaps",))
     timings["export_s"] = time.perf_counter() - t
     if simplify:
         say("simplifying with onnxsim")

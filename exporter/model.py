@@ -31,8 +31,8 @@ class LastHeatmaps(torch.nn.Module):
 
 @dataclass
 class PoseModel:
-    module: torch.nn.Module  # returns N x J x h x w heatmaps
-    family: str  # pose_resnet | pose_hrnet | hourglass | custom | torchscript
+    module: torch.nn.Module  # returns N x J x h x w heatmaps, or (simcc_x, simcc_y) for a SimCC model
+    family: str  # pose_resnet | pose_hrnet | hourglass | rtmpose | custom | torchscript
     name: str
     arch_config: dict[str, Any] = field(default_factory=dict)
     color: str = "rgb"  # defaults of the family's training pipeline
@@ -40,6 +40,11 @@ class PoseModel:
     std: tuple[float, float, float] = IMAGENET_STD
     num_joints: int | None = None  # None until the model has been run (custom models)
     input_size: tuple[int, int] | None = None  # what the checkpoint says it was trained at (mmpose), if anything
+    simcc_split_ratio: float | None = None  # a SimCC model (RTMPose): its head fixes the input size too
+
+    @property
+    def head(self) -> str:
+        return "simcc" if self.simcc_split_ratio else "heatmap"
 
     @property
     def num_parameters(self) -> int:
@@ -117,7 +122,7 @@ def _resolve_mmpose(ckpt: Checkpoint, arch: str | None) -> PoseModel:
     """An mmpose top-down heatmap checkpoint, in mmpose's module tree, with mmpose's test-time defaults."""
     where = str(ckpt.path)
     weights, mean, std = mmpose.split_preprocessor(ckpt.state_dict, where)
-    det = detect_architecture(weights, where)
+    det = detect_architecture(weights, where, mmpose.config_text(ckpt.meta))
     if arch and det.family.name != arch:
         raise ArchitectureError(f"{where} is an mmpose {det.family.title} checkpoint, not {arch}: drop --arch "
                                 f"or use --arch {det.family.name}")
@@ -131,6 +136,8 @@ def _resolve_mmpose(ckpt: Checkpoint, arch: str | None) -> PoseModel:
     model = det.build()
     load_strict(model, weights, where)
     default_mean, default_std = mmpose.default_normalisation()
+    ratio = getattr(det.config, "simcc_split_ratio", None)  # RTMPose: its input size is the head's own
+    size = det.config.input_size if ratio else pipeline.input_size
     # mmpose feeds RGB (bgr_to_rgb / channel_order='rgb') for ResNet too, unlike Simple Baselines' BGR
-    return PoseModel(LastHeatmaps(model).eval(), det.family.name, det.name, det.config_dict(), "rgb",
-                     mean or default_mean, std or default_std, det.config.num_joints, pipeline.input_size)
+    return PoseModel(model if ratio else LastHeatmaps(model).eval(), det.family.name, det.name, det.config_dict(),
+                     "rgb", mean or default_mean, std or default_std, det.config.num_joints, size, ratio)

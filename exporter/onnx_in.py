@@ -1,9 +1,9 @@
-"""Third-party ONNX in: check that a graph is a top-down heatmap pose model, read what the graph
-says (input size, batch, joint count, heatmap size), take the rest from the options, and write a
-simplified copy stamped with posequant metadata, verified against the original.
+"""Third-party ONNX in: check that a graph is a top-down heatmap or SimCC pose model, read what the graph
+says (input size, batch, joint count, heatmap size or SimCC lengths and split ratio), take the rest from the
+options, and write a simplified copy stamped with posequant metadata, verified against the original.
 
-What does not fit (several inputs, a non-image input, SimCC / RTMPose vector pairs, coordinate
-regression, bottom-up heads with extra outputs) is refused in one line that says what was found.
+What does not fit (several inputs, a non-image input, coordinate regression, bottom-up heads with extra
+outputs, SimCC vectors whose lengths give no one split ratio) is refused in one line that says what was found.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from posequant.core.onnxfile import PROTOBUF_LIMIT, convert_opset, load_onnx, op
 from posequant.core.version import __version__
 
 from .common import ExportResult, _data_cases, check_opset, default_output, simplify_onnx, size_advice, stride_of
-from .verify import VerifyReport, compare_heatmaps, random_inputs, run_onnx
+from .verify import VerifyReport, compare_heatmaps, output_labels, random_inputs, run_onnx
 
 FAMILY = "onnx"  # metadata family of a stamped third-party model
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
@@ -47,6 +47,8 @@ class GraphFacts:
     batch: int | None
     input_hw: tuple[int | None, int | None]
     channels: int | None  # output channels (joints), when static
+    head: str = "heatmap"  # or "simcc": two N x joints x L outputs
+    outputs: tuple[str, ...] = ()  # every output's name, in the graph's order
 
 
 def _dims(value_info) -> list[int | None]:
@@ -59,12 +61,13 @@ def _shape_text(value_info) -> str:
 
 
 def _not_supported(where: Path, found: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"{where}: {found}; posequant takes top-down heatmap models (one N x 3 x H x W "
-                                 "image in, one N x joints x h x w heatmap out): this kind is not supported yet")
+    return UnsupportedModelError(f"{where}: {found}; posequant takes top-down heatmap or SimCC models (one N x 3 x "
+                                 "H x W image in; one N x joints x h x w heatmap out, or two SimCC vectors N x joints "
+                                 "x W*r and N x joints x H*r): this kind is not supported yet")
 
 
 def check_graph(model: onnx.ModelProto, where: Path) -> GraphFacts:
-    """The graph's input and output, refused in one line when they are not a heatmap pose model's."""
+    """The graph's input and outputs, refused in one line when they are not a heatmap or SimCC pose model's."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     outputs = list(model.graph.output)
@@ -84,10 +87,11 @@ def check_graph(model: onnx.ModelProto, where: Path) -> GraphFacts:
         raise _not_supported(where, f"input {_shape_text(image)} does not have 3 colour channels at axis 1{layout}")
     ranks = [len(o.type.tensor_type.shape.dim) for o in outputs]
     shapes = ", ".join(_shape_text(o) for o in outputs)
+    if len(outputs) == 2 and ranks == [3, 3]:  # SimCC (RTMPose): which is x and which y, stamp_onnx reads at run time
+        return GraphFacts(image.name, outputs[0].name, dims[0], (dims[2], dims[3]), _dims(outputs[0])[1], "simcc",
+                          tuple(o.name for o in outputs))
     if len(outputs) != 1:
-        if len(outputs) == 2 and ranks == [3, 3]:
-            found = f"two per-joint vector outputs ({shapes}): a SimCC / RTMPose-style coordinate classification head"
-        elif 4 in ranks:
+        if 4 in ranks:
             found = f"{len(outputs)} outputs ({shapes}): heatmaps with extra outputs, as bottom-up models " \
                     "(associative embedding tags, part affinity fields) or multi-stage heads have"
         else:
@@ -96,7 +100,7 @@ def check_graph(model: onnx.ModelProto, where: Path) -> GraphFacts:
     out = outputs[0]
     if ranks[0] in (2, 3):
         raise _not_supported(where, f"output {_shape_text(out)} has rank {ranks[0]}: coordinates (a regression "
-                             "or SimCC head), not heatmaps")
+                             "head, or one SimCC vector without its pair), not heatmaps")
     if ranks[0] != 4:
         raise _not_supported(where, f"output {_shape_text(out)} has rank {ranks[0]}, not N x joints x h x w heatmaps")
     return GraphFacts(image.name, out.name, dims[0], (dims[2], dims[3]), _dims(out)[1])
@@ -130,6 +134,57 @@ def _probe(session, where: Path, batch: int, size: tuple[int, int]) -> tuple[int
         raise _not_supported(where, f"heatmaps of {out.shape[2]}x{out.shape[3]} are larger than the "
                              f"{size[0]}x{size[1]} input")
     return tuple(int(d) for d in out.shape)
+
+
+@dataclass(frozen=True)
+class SimCCLayout:
+    """Which output is x and which y, their lengths, and the split ratio they agree on."""
+
+    x: str
+    y: str
+    joints: int
+    lx: int
+    ly: int
+    ratio: float  # bins per input pixel: lx / width = ly / height
+
+
+def simcc_layout(session, where: Path, batch: int, size: tuple[int, int], given: str | None) -> SimCCLayout:
+    """From one run on zeros: the two outputs' joints and lengths; x is the output whose length is the input
+    width times the split ratio r, y the one of the height times the same r (``given``: ``--simcc-outputs
+    X,Y`` names them, needed when both orders fit, a square input)."""
+    names = [o.name for o in session.get_outputs()]
+    try:
+        outs = session.run(None, {session.get_inputs()[0].name: np.zeros((batch, 3, *size), np.float32)})
+    except Exception as e:
+        raise ExportError(f"{where} failed on a {batch}x3x{size[0]}x{size[1]} input ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200]}); check --input-size") from None
+    shapes = {n: tuple(int(d) for d in o.shape) for n, o in zip(names, outs)}
+    shown = ", ".join(f"{n!r} {list(shape)}" for n, shape in shapes.items())
+    if any(len(shape) != 3 for shape in shapes.values()) or len({shape[1] for shape in shapes.values()}) != 1:
+        raise _not_supported(where, f"the outputs are {shown} at run time, not two SimCC vectors N x joints x L of "
+                             "the same joints")
+    h, w = size
+    length = {n: shape[2] for n, shape in shapes.items()}
+    if given:
+        order = [n.strip() for n in given.split(",")]
+        unknown = [n for n in order if n not in names]
+        if len(order) != 2 or len(set(order)) != 2 or unknown:
+            raise PosequantError(f"--simcc-outputs {given!r}: name the x output, then the y output, of {where} "
+                                 f"(its outputs: {', '.join(names)})")
+        fits = [tuple(order)] if length[order[0]] * h == length[order[1]] * w else []
+    else:  # x: width x r, y: height x r, for one r (cross-multiplied: exact)
+        fits = [(a, b) for a, b in (names, names[::-1]) if length[a] * h == length[b] * w]
+    if not fits:
+        x, y = order if given else names
+        raise _not_supported(where, f"SimCC outputs {shown} give no one split ratio for the {h}x{w} input "
+                             f"(x {length[x]}/{w} = {length[x] / w:g}, y {length[y]}/{h} = {length[y] / h:g}: the "
+                             "split ratios must agree)")
+    if len(fits) > 1:
+        raise PosequantError(f"{where}: SimCC outputs {shown} both fit the square {h}x{w} input, so their lengths "
+                             f"cannot say which is x: add --simcc-outputs X_NAME,Y_NAME (e.g. --simcc-outputs "
+                             f"{names[0]},{names[1]})")
+    x, y = fits[0]
+    return SimCCLayout(x, y, shapes[x][1], length[x], length[y], length[x] / w)
 
 
 def _check_finite_weights(model: onnx.ModelProto, where: Path) -> None:
@@ -237,14 +292,16 @@ def stamp_onnx(
     data: str | Path | None = None,
     data_samples: int = 8,
     rtol: float = 1e-4,
+    simcc_outputs: str | None = None,
     progress: Callable[[str], None] | None = None,
 ):
-    """Stamp a third-party heatmap pose ONNX model with posequant metadata (``export-pose MODEL.onnx``).
+    """Stamp a third-party heatmap or SimCC pose ONNX model with posequant metadata (``export-pose MODEL.onnx``).
 
     The batch stays what the file has (a fixed batch is run at that size by every later stage).
     ``joints`` names the model's channels, in order, in the keypoint set's names; ``mean``/``std``
-    default to ImageNet's. The graph keeps its opset unless ``opset`` names a newer one: it is then
-    converted (``onnx.version_converter``) and the verification compares it with the original.
+    default to ImageNet's. A SimCC model's x and y outputs are told apart by their lengths, or named by
+    ``simcc_outputs`` ("X_NAME,Y_NAME"). The graph keeps its opset unless ``opset`` names a newer one: it is
+    then converted (``onnx.version_converter``) and the verification compares it with the original.
     Returns an :class:`~posequant.exporter.export.ExportResult`.
     """
     say = progress or (lambda msg: None)
@@ -265,6 +322,9 @@ def stamp_onnx(
         raise ExportError(f"{source} holds over 2 GiB of weights, which cannot be one self-contained .onnx file: "
                           "models this large are not supported yet")
     facts = check_graph(model, source)
+    if simcc_outputs and facts.head != "simcc":
+        raise PosequantError(f"--simcc-outputs names a SimCC model's x and y outputs; {source} has one heatmap "
+                             "output: leave it out")
     _check_finite_weights(model, source)
     if opset is not None and opset < opset_of(model):
         raise PosequantError(f"--opset {opset}: {source} is opset {opset_of(model)} already, and graphs are not "
@@ -280,6 +340,7 @@ def stamp_onnx(
                 joints = ",".join(previous.joint_names[j] for j in previous.channel_joints)
         color, mean, std = color or previous.color, mean or previous.mean, std or previous.std
         input_size = input_size or (None if all(facts.input_hw) else previous.input_size)
+        simcc_outputs = simcc_outputs or (",".join(previous.outputs) if previous.head == "simcc" else None)
     size = _input_size(facts, input_size, source)
 
     missing = []
@@ -297,9 +358,14 @@ def stamp_onnx(
     original = model.SerializeToString()
     ref = _session(original, str(source))
     batch = facts.batch
-    shape = _probe(ref, source, batch or 1, size)
-    channels, heatmap_size = shape[1], (shape[2], shape[3])
-    _check_stride(ref, source, facts, size, heatmap_size)
+    simcc = None
+    if facts.head == "simcc":  # no stride to check: the vectors' lengths are the input's times the split ratio
+        simcc = simcc_layout(ref, source, batch or 1, size, simcc_outputs)
+        channels, heatmap_size = simcc.joints, (simcc.ly, simcc.lx)
+    else:
+        shape = _probe(ref, source, batch or 1, size)
+        channels, heatmap_size = shape[1], (shape[2], shape[3])
+        _check_stride(ref, source, facts, size, heatmap_size)
     if joints:
         kps = _named_set([n.strip() for n in joints.split(",")], keypoints)
         order = channel_joints(joints, kps, channels)
@@ -311,11 +377,13 @@ def stamp_onnx(
         family=FAMILY, keypoints=kps.name, joint_names=kps.joint_names, flip_pairs=kps.flip_pairs,
         skeleton=kps.skeleton, input_size=size, heatmap_size=heatmap_size, color=color.lower(),
         mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD,
-        arch_config={"input": facts.input_name, "output": facts.output_name, "batch": batch or "dynamic"},
+        arch_config={"input": facts.input_name, **({"outputs": [simcc.x, simcc.y]} if simcc else
+                                                    {"output": facts.output_name}), "batch": batch or "dynamic"},
         # a model stamped again keeps its origin, so the gate still pairs it with INT8 models made before
         source_checkpoint=previous.source_checkpoint if previous else source.name,
         source_sha256=previous.source_sha256 if previous else sha256_of_model(source),
-        posequant_version=__version__, channel_joints=order,
+        posequant_version=__version__, channel_joints=order, head=facts.head,
+        simcc_split_ratio=simcc.ratio if simcc else None, outputs=(simcc.x, simcc.y) if simcc else (),
     )
     timings = {"load_s": time.perf_counter() - t0}
     converted = opset is not None and opset != opset_of(model)
@@ -360,6 +428,7 @@ def verify_copy(ref, copy, meta: ModelMeta, batch: int | None, *, data=None, dat
         cases.append(_data_cases(data, meta, data_samples))
     results = []
     for name, inputs in cases:
-        a, b = run_onnx(ref, inputs, batch), run_onnx(copy, inputs, batch)
-        results.append(compare_heatmaps(name, a, b, rtol * max(float(np.abs(a).max()), 1e-12)))
+        outs = zip(run_onnx(ref, inputs, batch, every=True), run_onnx(copy, inputs, batch, every=True))
+        for label, (a, b) in zip(output_labels(ref), outs):
+            results.append(compare_heatmaps(name + label, a, b, rtol * max(float(np.abs(a).max()), 1e-12)))
     return VerifyReport(results, rtol, reference="the original ONNX")

@@ -69,7 +69,6 @@ def format_export(result: ExportResult) -> str:
     return "\n".join([
         format_verification(result),
         f"wrote {result.output} ({result.onnx_bytes / 2**20:.1f} MiB): {m.family}, {m.keypoints} "
-        f"{m.num_joints} joints, input {format_size(m.input_size)} {m.color.upper()}, heatmaps "
-        f"{format_size(m.heatmap_size)}",
+        f"{m.num_joints} joints, input {format_size(m.input_size)} {m.color.upper()}, {m.output_text()}",
         f"time: {steps}",
     ])

@@ -1,4 +1,5 @@
-"""Does the ONNX model compute what the PyTorch model computes? Compared on the same inputs."""
+"""Does the ONNX model compute what the PyTorch model computes? Compared on the same inputs, output by output
+(a SimCC model's x and y vectors each, as a heatmap model's heatmaps)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ class VerifyReport:
 
 
 def compare_heatmaps(name: str, ref: np.ndarray, out: np.ndarray, atol: float) -> CaseResult:
-    """Max differences and per-joint argmax agreement of two N x J x h x w heatmap batches.
+    """Max differences and per-joint argmax agreement of two N x J x h x w heatmap batches (or N x J x L SimCC
+    vectors: the argmax of each joint's vector).
 
     An argmax disagreement counts as a mismatch only when it is not a tie: the reference value
     at the other model's peak is more than ``atol`` below the reference peak.
@@ -97,15 +99,26 @@ def compare_heatmaps(name: str, ref: np.ndarray, out: np.ndarray, atol: float) -
     )
 
 
-def run_torch(module: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
+def run_torch(module: torch.nn.Module, inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every output of the module (a tensor, or a tuple: SimCC's x and y)."""
     with torch.inference_mode():
-        return module(torch.from_numpy(np.ascontiguousarray(inputs))).float().numpy()
+        out = module(torch.from_numpy(np.ascontiguousarray(inputs)))
+    return tuple(o.float().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,)))
 
 
-def run_onnx(session, inputs: np.ndarray, batch: int | None) -> np.ndarray:
-    """Run in chunks of the model's fixed batch size (padding the last one), or all at once."""
+def run_onnx(session, inputs: np.ndarray, batch: int | None, *, every: bool = False):
+    """Run in chunks of the model's fixed batch size (padding the last one), or all at once: the first
+    output, or with ``every`` a tuple of all of them (the graph's order)."""
     name = session.get_inputs()[0].name
+    if every:
+        return infer_at_batch(lambda x: tuple(session.run(None, {name: x})), inputs, batch)
     return infer_at_batch(lambda x: session.run(None, {name: x})[0], inputs, batch)
+
+
+def output_labels(session) -> list[str]:
+    """What each output adds to a case's name: nothing for one output, its name for several."""
+    outputs = session.get_outputs()
+    return [""] if len(outputs) == 1 else [f", {o.name}" for o in outputs]
 
 
 def random_inputs(input_size: tuple[int, int], samples: int = 2, seed: int = 0) -> np.ndarray:
@@ -118,8 +131,9 @@ def verify(module: torch.nn.Module, session, cases: Iterable[tuple[str, np.ndarr
            batch: int | None = None, rtol: float = 1e-4) -> VerifyReport:
     results = []
     for name, inputs in cases:
-        ref = run_torch(module, inputs)
-        out = run_onnx(session, inputs, batch)
-        atol = rtol * max(float(np.abs(ref).max()), 1e-12)
-        results.append(compare_heatmaps(name, ref, out, atol))
+        refs = run_torch(module, inputs)
+        outs = run_onnx(session, inputs, batch, every=True)
+        for label, ref, out in zip(output_labels(session), refs, outs, strict=True):
+            atol = rtol * max(float(np.abs(ref).max()), 1e-12)
+            results.append(compare_heatmaps(name + label, ref, out, atol))
     return VerifyReport(results, rtol)

@@ -290,11 +290,14 @@ def inspect_cmd(checkpoint, arch, trust_pickle, json_out):
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with PyTorch (the original, for an ONNX input).")
 @click.option("--joints", metavar="NAME,...",
               help="For an ONNX input: its output channels' joints, in channel order, in the --keypoints set's names.")
+@click.option("--simcc-outputs", metavar="X,Y",
+              help="For a SimCC ONNX input: its x and y output names (needed when their lengths cannot say: a "
+                   "square input).")
 @click.option("--json", "json_out", metavar="OUT", help="Also write the result as JSON (- for standard output).")
 def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean, std, opset, batch,
-                    no_simplify, trust_pickle, data, data_samples, rtol, no_verify, joints, json_out):
-    """Export a pose checkpoint, or stamp a third-party heatmap ONNX model, to a simplified, verified ONNX
-    model with its metadata."""
+                    no_simplify, trust_pickle, data, data_samples, rtol, no_verify, joints, simcc_outputs, json_out):
+    """Export a pose checkpoint, or stamp a third-party heatmap or SimCC ONNX model, to a simplified, verified
+    ONNX model with its metadata."""
     from posequant.exporter import export_pose
     from posequant.exporter.export import default_output
     from posequant.exporter.report import format_export
@@ -306,7 +309,7 @@ def export_pose_cmd(checkpoint, output, arch, input_size, keypoints, color, mean
         checkpoint, output, arch=arch, input_size=input_size, keypoints=keypoints, color=color,
         mean=mean, std=std, opset=opset, batch=batch, simplify=not no_simplify,
         trust_pickle=trust_pickle, verify_model=not no_verify, data=data, data_samples=data_samples,
-        rtol=rtol, joints=joints, progress=_progress)
+        rtol=rtol, joints=joints, simcc_outputs=simcc_outputs, progress=_progress)
     _echo(format_export(result), json_out)
     _write_json(json_out, result.to_dict())
 

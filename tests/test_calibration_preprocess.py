@@ -13,18 +13,15 @@ import torch
 from posequant.calibration import (
     Person,
     affine_transform,
-    average_flip,
     crop_person,
-    decode_heatmaps,
-    flip_back,
     get_affine_transform,
     iter_batches,
     normalize,
     open_dataset,
     read_image,
-    shift_heatmaps,
     transform_preds,
 )
+from posequant.core.decoding import average_flip, decode_heatmaps, flip_back, shift_heatmaps
 from posequant.core.errors import DataError
 from posequant.core.keypoints import COCO, MPII
 from posequant.core.metadata import ModelMeta

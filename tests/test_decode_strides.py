@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from posequant.calibration import average_flip, dataset_order, decode_heatmaps, flip_shift, heatmaps_to_joints
-from posequant.calibration.datasets import PIXEL_STD
+from posequant.core.decoding import average_flip, dataset_order, decode_heatmaps, flip_shift, heatmaps_to_joints
+from posequant.core.transforms import PIXEL_STD
 from posequant.core.keypoints import MPII
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
 

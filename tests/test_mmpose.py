@@ -386,7 +386,7 @@ def test_wrong_shape_is_named(tmp_path):
     ({"backbone.patch_embed.proj.weight": (768, 3, 16, 16), "head.final_layer.weight": (17, 768, 1, 1)},
      r"mmpose 1\.x checkpoint whose backbone is not one posequant builds \(keys start backbone\.patch_embed"),
     ({"backbone.conv1.weight": (64, 3, 7, 7), "head.cls_x.weight": (384, 512), "head.mlp.0.weight": (256, 512)},
-     r"mmpose 1\.x model with a SimCC / RTMPose head .* not supported yet"),
+     r"mmpose 1\.x model with a SimCC head on a backbone posequant does not build for it .* not supported yet"),
     ({"backbone.layer1.0.conv1.weight": (64, 64, 3, 3), "backbone.layer4.0.conv1.weight": (512, 256, 3, 3),
       "keypoint_head.deconv_layers.0.weight": (512, 256, 4, 4)},
      r"mmpose 0\.x Simple Baselines PoseResNet but its layers are inconsistent"),

@@ -307,7 +307,8 @@ def test_trained_model_on_mpii_calib_images(trained, tmp_path):
     assert np.mean([r["score"] for r in results]) > 0.2  # measured 0.38: whole crowded frames as one person
     # the folder dataset's whole-image people through eval's batches give the same joints
     from posequant.benchmarks.runners import make_runner
-    from posequant.calibration import heatmaps_to_joints, iter_batches, open_dataset
+    from posequant.calibration import iter_batches, open_dataset
+    from posequant.core.decoding import heatmaps_to_joints
 
     meta = read_meta(trained)
     runner = make_runner("ort", onnx_path=trained)

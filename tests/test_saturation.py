@@ -18,7 +18,7 @@ from posequant.core.cpu import ENV, detected_kind
 from posequant.core.metadata import read_meta
 
 from conftest import COCO_MINI, TRAINED_ARCH, TRAINED_CKPT, needs_shared
-from qdq_cases import PATHS, conv_model, run_ort, saturating_case
+from qdq_cases import PATHS, conv_model, matmul_model, run_ort, saturating_case
 
 HERE = detected_kind()  # what the kernels do here (POSEQUANT_CPU_KIND names what graphs are made for)
 
@@ -136,6 +136,42 @@ def test_fit_touches_nothing_that_cannot_saturate():
     report = S.fit_pair_scales(model, {conv.name: w8 * 0.01})
     assert report.convs == 1
     assert report.channels == 0 and model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("kind", ["matmul", "gemm"])
+def test_fit_of_a_matmul_leaves_no_pair_that_can_saturate(kind):
+    """RTMPose's Linear layers: a MatMul (weight K x N, no bias) or a Gemm (N x K, int32 bias). After the fit no
+    pair along K can saturate, each column lost at most one bit, and ORT's fused int8 kernel computes the graph's
+    exact integers on this CPU, whatever its kind."""
+    rng = np.random.default_rng(7)
+    k, n = 48, 20
+    w_float = rng.standard_normal((k, n)).astype(np.float32)
+    w_float[1::2] = np.abs(w_float[1::2]) * np.sign(w_float[0::2])  # neighbours along K of the same sign
+    sw = (np.abs(w_float).max(axis=0) / 127).astype(np.float32)
+    w8 = np.clip(np.rint(w_float / sw), -127, 127).astype(np.int8)
+    real = w_float if kind == "matmul" else np.ascontiguousarray(w_float.T)
+    w8 = w8 if kind == "matmul" else np.ascontiguousarray(w8.T)
+    b = rng.integers(-300, 300, n).astype(np.int32) if kind == "gemm" else None
+    model = matmul_model(w8, b, 0.05, 10, sw, 0.5, 128, kind=kind)
+    assert S.risky_pairs(model) > 0
+    (op,) = S.quantized_matmuls(model)
+    x = rng.integers(0, 256, (3, 4, k) if kind == "matmul" else (5, k)).astype(np.uint8)
+    report = S.fit_pair_scales(model, {op.name: real}, input_means={op.codes: x.reshape(-1, k).mean(axis=0)})
+    assert report.matmuls == 1 and report.convs == 0 and 0 < report.channels <= n
+    assert all(7.0 <= bits < 8.0 for bits in report.bits.values())
+    assert S.risky_pairs(model) == 0 and onnx.checker.check_model(model, full_check=True) is None
+    (op,) = S.quantized_matmuls(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert (op.w_scale >= sw).all()
+    scales = op.w_scale.reshape(1, -1) if kind == "matmul" else op.w_scale.reshape(-1, 1)
+    assert np.abs(inits["w"] * scales - real).max() <= op.w_scale.max() / 2 + 1e-6  # nearest codes at the new scales
+    if kind == "gemm":
+        assert np.allclose(inits["sb"], np.float32(0.05) * op.w_scale)  # bias scale = x scale * weight scale
+    full = np.full_like(x, 255)
+    assert np.array_equal(S.matmul_accumulators(op, inits["w"], full, saturate=True),
+                          S.matmul_accumulators(op, inits["w"], full, saturate=False))
+    exact = S.matmul_output_codes(op, inits["w"], inits.get("b"), x, 0.5, 128, saturate=False)
+    assert np.array_equal(run_ort(model, x), exact)
 
 
 # ---- the trained model: the graph made for AVX2 never saturates, the one made for VNNI would ----------

@@ -19,7 +19,7 @@ from posequant.calibration import saturation as S
 from posequant.core.cpu import ENV, KINDS, classify, cpu_kind, detected_kind, kind_source, read_cpu_flags
 from posequant.core.errors import PosequantError
 
-from qdq_cases import PATHS, conv_model, run_openvino, run_ort, saturating_model
+from qdq_cases import MATMULS, PATHS, conv_model, run_openvino, run_ort, saturating_matmul, saturating_model
 
 HERE = detected_kind()
 # `make test-avx2` says which kind the emulated CPU must be detected as
@@ -159,3 +159,53 @@ def test_exact_twin_of_a_per_tensor_weight_without_zero_point():
     expected = S.conv_output_codes(conv, w, None, x, 0.5, 100, saturate=False)
     assert np.array_equal(run_ort(S.exact_twin(model), x), expected)
     assert np.array_equal(run_ort(S.exact_twin(model), x, fused=False), run_ort(model, x, fused=False))
+
+
+# ---- MatMul and Gemm with int8 weights (RTMPose's head: Linear layers), against the numpy model ----------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("path", list(MATMULS))
+def test_onnxruntime_matmul_kernels_match_the_model(path, seed):
+    """QLinearMatMul / QGemm (fused from QDQ) pair (k, k+1) along K, as a 1x1 convolution with K channels: bit for
+    bit the saturating model on a kind whose ORT kernels saturate, the exact one elsewhere."""
+    model, op, w, b, x, sy, zy = saturating_matmul(path, seed)
+    exact = S.matmul_output_codes(op, w, b, x, sy, zy, saturate=False)
+    saturated = S.matmul_output_codes(op, w, b, x, sy, zy, saturate=True)
+    assert (exact != saturated).mean() > 0.05
+    got = run_ort(model, x)
+    expected = saturated if HERE.saturates_on("ort") else exact
+    assert np.array_equal(got, expected), f"{(got != expected).mean():.4f} of outputs differ on a {HERE.name} CPU"
+    assert np.abs(run_ort(model, x, fused=False).astype(int) - exact).max() <= 1  # the graph's own semantics
+
+
+@pytest.mark.parametrize("path", [p for p in MATMULS if MATMULS[p][2] == "matmul"])
+def test_onnxruntime_matmul_with_a_float_output_matches_the_model(path):
+    """A quantized MatMul whose output stays float (a last layer: MatMulIntegerToFloat) runs the same kernel."""
+    model, op, w, b, x, sy, zy = saturating_matmul(path, float_output=True)
+    scale = np.float32(op.x_scale) * op.w_scale
+    exact = S.matmul_accumulators(op, w, x, saturate=False).astype(np.float32) * scale
+    saturated = S.matmul_accumulators(op, w, x, saturate=True).astype(np.float32) * scale
+    got = run_ort(model, x)
+    expected = saturated if HERE.saturates_on("ort") else exact
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * float(np.abs(expected).max()))
+    assert np.abs(exact - saturated).max() > 100 * 1e-6 * float(np.abs(expected).max())  # the check can tell
+
+
+@pytest.mark.parametrize("path", list(MATMULS))
+def test_openvino_matmul_kernels_match_the_model(path):
+    """oneDNN's int8 inner product pairs along K as ORT does: the saturating model bit for bit where it saturates."""
+    model, op, w, b, x, sy, zy = saturating_matmul(path)
+    exact = S.matmul_output_codes(op, w, b, x, sy, zy, saturate=False).astype(int)
+    saturated = S.matmul_output_codes(op, w, b, x, sy, zy, saturate=True).astype(int)
+    got = run_openvino(model, x).astype(int)
+    if HERE.saturates_on("openvino"):
+        assert np.array_equal(got, saturated), f"{(got != saturated).mean():.4f} differ from the saturating model"
+    else:
+        assert np.abs(got - exact).max() <= 1 and np.abs(got - saturated).max() > 10
+
+
+@pytest.mark.parametrize("path", list(MATMULS))
+def test_exact_twin_of_a_matmul_computes_the_exact_model(path):
+    model, op, w, b, x, sy, zy = saturating_matmul(path)
+    assert np.array_equal(run_ort(S.exact_twin(model), x), S.matmul_output_codes(op, w, b, x, sy, zy, saturate=False))

@@ -285,9 +285,10 @@ def _shape(name, dims):
 
 X = _vi("x", [1, 3, 8, 8])
 UNSUPPORTED = {
-    "simcc": (_graph([X], [_vi("sx", [1, 3, 64]), _vi("sy", [1, 3, 64])],
-                     [helper.make_node("Reshape", ["x", "s"], ["sx"]), helper.make_node("Reshape", ["x", "s"], ["sy"])],
-                     [_shape("s", [1, 3, 64])]), "SimCC / RTMPose"),
+    "simcc ratios disagree": (_graph([X], [_vi("sx", [1, 3, 64]), _vi("sy", [1, 3, 32])],  # 8x8 input: r 8 and 4
+                                     [helper.make_node("Reshape", ["x", "s"], ["sx"]),
+                                      helper.make_node("Split", ["sx", "halves"], ["sy", "rest"], axis=2)],
+                                     [_shape("s", [1, 3, 64]), _shape("halves", [32, 32])]), "split ratios must agree"),
     "regression": (_graph([X], [_vi("k", [1, 96, 2])], [helper.make_node("Reshape", ["x", "s"], ["k"])],
                           [_shape("s", [1, 96, 2])]), "coordinates (a regression"),
     "flat regression": (_graph([X], [_vi("k", [1, 192])], [helper.make_node("Reshape", ["x", "s"], ["k"])],

@@ -1,6 +1,6 @@
 """The model zoo: architecture families, detected from a checkpoint's keys and shapes.
 
-One file per family (``pose_resnet``, ``pose_hrnet``, ``hourglass``); each exposes a config
+One file per family (``pose_resnet``, ``pose_hrnet``, ``hourglass``, ``rtmpose``); each exposes a config
 dataclass, ``build(config)``, ``detect(state_dict)`` and a :class:`Family` record. Custom
 architectures come in through :func:`import_builder` (``file.py:fn`` or ``pkg.module:fn``).
 """
@@ -19,10 +19,11 @@ import torch
 from posequant.core.errors import ArchitectureError
 from posequant.core.metadata import IMAGENET_MEAN, IMAGENET_STD
 
-from . import hourglass, mmpose, pose_hrnet, pose_resnet
+from . import hourglass, mmpose, pose_hrnet, pose_resnet, rtmpose
 from ._common import Family, StateDict
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (pose_resnet.FAMILY, pose_hrnet.FAMILY, hourglass.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (pose_resnet.FAMILY, pose_hrnet.FAMILY, hourglass.FAMILY,
+                                                   rtmpose.FAMILY)}
 PRESETS: dict[str, tuple[Family, Any]] = {
     name: (fam, cfg) for fam in FAMILIES.values() for name, cfg in fam.presets.items()
 }
@@ -44,11 +45,12 @@ class Detected:
         return dataclasses.asdict(self.config)
 
 
-def detect_architecture(sd: StateDict, where: str = "checkpoint") -> Detected:
-    """Which family and config produced ``sd``; ArchitectureError naming the expected keys if none."""
+def detect_architecture(sd: StateDict, where: str = "checkpoint", config_text: str = "") -> Detected:
+    """Which family and config produced ``sd``; ArchitectureError naming the expected keys if none.
+    ``config_text``: the config an mmpose checkpoint saved (what its weights cannot say)."""
     layout = mmpose.layout_of(sd)
     if layout:
-        return detect_mmpose(sd, layout, where)
+        return detect_mmpose(sd, layout, where, config_text)
     for fam in FAMILIES.values():
         if fam.matches(sd):
             try:
@@ -64,10 +66,17 @@ def detect_architecture(sd: StateDict, where: str = "checkpoint") -> Detected:
         f"[{expected}]; for another model pass --arch FILE.py:build_fn")
 
 
-def detect_mmpose(sd: StateDict, layout: str, where: str = "checkpoint") -> Detected:
+def detect_mmpose(sd: StateDict, layout: str, where: str = "checkpoint", config_text: str = "") -> Detected:
     """An mmpose top-down checkpoint: the family from its backbone's keys, the head from the head's."""
     title = mmpose.TITLE[layout]
     backbone, head = mmpose.parts(sd, layout)
+    if layout == "mmpose1" and rtmpose.is_rtmpose(backbone, head):  # RTMPose: CSPNeXt + RTMCCHead (SimCC)
+        try:
+            return Detected(rtmpose.FAMILY, rtmpose.detect(backbone, head, config_text))
+        except (ValueError, KeyError, IndexError) as e:
+            raise ArchitectureError(
+                f"{where} looks like an {title} RTMPose model but its layers are inconsistent ({e}); "
+                "pass --arch FILE.py:build_fn to load it into your own model definition") from None
     other = mmpose.not_heatmap_head(head)
     if other:
         raise ArchitectureError(f"{where} is an {title} model with {other}: not supported yet (posequant "
@@ -142,5 +151,5 @@ def build_custom(spec: str) -> torch.nn.Module:
 __all__ = [
     "FAMILIES", "PRESETS", "Family", "Detected", "detect_architecture", "import_builder",
     "build_custom", "detect_mmpose", "IMAGENET_MEAN", "IMAGENET_STD", "pose_resnet", "pose_hrnet", "hourglass",
-    "mmpose",
+    "mmpose", "rtmpose",
 ]

@@ -58,8 +58,9 @@ def parts(sd: StateDict, layout: str) -> tuple[dict[str, torch.Tensor], dict[str
 
 def not_heatmap_head(head: StateDict) -> str | None:
     """What the head is when it is not a heatmap head (SimCC, regression), for a one-line refusal."""
-    if any(k.startswith(("cls_x", "cls_y", "mlp.")) for k in head):
-        return "a SimCC / RTMPose head (cls_x/cls_y: two coordinate vectors, not heatmaps)"
+    if any(k.startswith(("cls_x", "cls_y", "mlp", "gau.")) for k in head):
+        return ("a SimCC head on a backbone posequant does not build for it (RTMPose's RTMCCHead on CSPNeXt is "
+                "supported)")
     if any(k.startswith("fc.") for k in head) and "final_layer.weight" not in head:
         return "a regression head (fc: coordinates, not heatmaps)"
     return None
@@ -97,7 +98,7 @@ def split_preprocessor(sd: StateDict, where: str) -> tuple[dict[str, torch.Tenso
 class SavedPipeline:
     """The checkpoint's test pipeline, as far as its file says."""
 
-    decoding: str = "default"  # "default" (argmax + quarter offset) | "udp" | "dark"
+    decoding: str = "default"  # "default" (argmax + quarter offset; SimCC: argmax) | "udp" | "dark"
     input_size: tuple[int, int] | None = None  # (H, W)
     evidence: str = ""  # where the above was read
 
@@ -136,6 +137,8 @@ def read_pipeline(meta: Any, filename: str) -> SavedPipeline:
             decoding, evidence = "udp", "its saved config (UDP codec / use_udp=True)"
         elif re.search(r"unbiased\s*=\s*True|post_process\s*=\s*['\"]unbiased", text):
             decoding, evidence = "dark", "its saved config (unbiased=True: DARK decoding)"
+        elif re.search(r"use_dark\s*=\s*True", text):
+            decoding, evidence = "dark", "its saved config (SimCCLabel use_dark=True: DARK refinement)"
     if decoding == "default" and re.search(r"(^|[_\-.])udp([_\-.]|$)", name):
         decoding, evidence = "udp", "its file name (udp)"
     elif decoding == "default" and re.search(r"(^|[_\-.])dark([_\-.]|$)", name):

@@ -90,15 +90,29 @@ def ir_precision(model: Any) -> str:
 
 
 def check_ir_graph(model: Any, meta, where: str) -> None:
-    """One N x 3 x H x W input and one N x joints x h x w output, as ``meta`` says (static dims only)."""
+    """One N x 3 x H x W input and the outputs ``meta``'s head says (static dims only): one N x joints x h x w
+    heatmap output, or two SimCC outputs found by their names."""
     hint = "convert it again from the posequant ONNX file with `posequant convert`"
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    n_out = 2 if meta.head == "simcc" else 1
+    if len(model.inputs) != 1 or len(model.outputs) != n_out:
+        kind = "two SimCC outputs" if n_out == 2 else "one heatmap batch"
         raise MetadataError(f"{where} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a pose model "
-                            f"takes one N x 3 x H x W image batch and returns one heatmap batch: {hint}")
-    for port, want, what in ((model.inputs[0], [3, *meta.input_size], "input"),
-                             (model.outputs[0], [meta.num_joints, *meta.heatmap_size], "output")):
+                            f"takes one N x 3 x H x W image batch and returns {kind}: {hint}")
+    checks = [(model.inputs[0], [3, *meta.input_size], "input")]
+    if meta.head == "simcc":
+        ly, lx = meta.heatmap_size
+        ports = {name: port for port in model.outputs for name in port.get_names()}
+        missing = [n for n in meta.outputs if n not in ports]
+        if missing:
+            raise MetadataError(f"{where} has no output {missing[0]!r}, which its metadata names as SimCC's: {hint}")
+        x, y = (ports[n] for n in meta.outputs) if meta.outputs else model.outputs
+        checks += [(x, [meta.num_joints, lx], "output (SimCC x)"), (y, [meta.num_joints, ly], "output (SimCC y)")]
+    else:
+        checks.append((model.outputs[0], [meta.num_joints, *meta.heatmap_size], "output"))
+    for port, want, what in checks:
         got = _dims(port)
-        if got is not None and (len(got) != 4 or any(isinstance(g, int) and g != e for g, e in zip(got[1:], want))):
+        if got is not None and (len(got) != len(want) + 1
+                                or any(isinstance(g, int) and g != e for g, e in zip(got[1:], want))):
             shown = "x".join(str(d) for d in got)
             raise MetadataError(f"{where}: {what} is {shown}, but its metadata expects N x "
                                 f"{'x'.join(str(w) for w in want)}: {hint}")

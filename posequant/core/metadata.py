@@ -20,6 +20,7 @@ from .keypoints import KeypointSet
 from .onnxfile import check_graph, load_onnx
 
 SCHEMA_VERSION = "1"
+HEADS = ("heatmap", "simcc")  # kinds of output (posequant.core.decoding)
 # The normalisation most pose models were trained with (torchvision's ImageNet statistics, RGB order, 0-1 units).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,6 +79,11 @@ class ModelMeta:
     # Model output channel c holds the joint ``joint_names[channel_joints[c]]`` (a third-party model's own
     # order, from export-pose --joints); empty: the channels are in the keypoint set's order already.
     channel_joints: tuple[int, ...] = ()
+    # What the outputs are (posequant.core.decoding): "heatmap" (one N x J x h x w output; heatmap_size is
+    # h x w) or "simcc" (two outputs N x J x Lx and N x J x Ly; heatmap_size is Ly x Lx, input x split ratio)
+    head: str = "heatmap"
+    simcc_split_ratio: float | None = None  # SimCC: bins per input pixel (RTMPose 2.0)
+    outputs: tuple[str, ...] = ()  # the graph's output names, in the head's order (SimCC: x, y); () = as the graph has
 
     @property
     def num_joints(self) -> int:
@@ -86,6 +92,12 @@ class ModelMeta:
     @property
     def keypoint_set(self) -> KeypointSet:
         return KeypointSet(self.keypoints, self.joint_names, self.flip_pairs, self.skeleton)
+
+    def output_text(self) -> str:
+        """What the model outputs, for reports: ``heatmaps 64x48`` or ``SimCC x 384, y 512 (split ratio 2)``."""
+        if self.head == "simcc":
+            return f"SimCC x {self.heatmap_size[1]}, y {self.heatmap_size[0]} (split ratio {self.simcc_split_ratio:g})"
+        return f"heatmaps {format_size(self.heatmap_size)}"
 
     def with_(self, **changes: Any) -> "ModelMeta":
         return replace(self, **changes)
@@ -110,6 +122,7 @@ class ModelMeta:
         if "posequant_schema" not in props:
             raise MissingMetadataError(f"{where} has no posequant metadata: export it with `posequant export-pose`")
         read = _PropReader(props, where, fix)
+        head = read.value("head", _head, "heatmap")  # files written before SimCC have no head: heatmaps
         joint_names = read.json("joint_names", _names)
         num = len(joint_names)
         if "num_joints" in props:
@@ -131,6 +144,9 @@ class ModelMeta:
             posequant_version=props.get("posequant_version", ""),
             precision=props.get("precision", "fp32"),
             channel_joints=read.json("channel_joints", lambda v: _channel_order(v, num), "[]"),
+            head=head,
+            simcc_split_ratio=read.json("simcc_split_ratio", lambda v: _split_ratio(v, head), "null"),
+            outputs=read.json("outputs", lambda v: _output_names(v, head), "[]"),
         )
 
 
@@ -172,6 +188,28 @@ def _color(v: str) -> str:
     if v.lower() not in ("rgb", "bgr"):
         raise ValueError("expected rgb or bgr")
     return v.lower()
+
+
+def _head(v: str) -> str:
+    if v not in HEADS:
+        raise ValueError(f"expected one of {', '.join(HEADS)}")
+    return v
+
+
+def _split_ratio(v: Any, head: str) -> float | None:
+    if head != "simcc":
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError("a SimCC model needs a positive split ratio (bins per input pixel)")
+    return float(v)
+
+
+def _output_names(v: Any, head: str) -> tuple[str, ...]:
+    want = {"simcc": 2, "heatmap": 1}[head]
+    ok = isinstance(v, list) and all(isinstance(n, str) and n for n in v) and len(set(v)) == len(v)
+    if not ok or len(v) not in ((want,) if head == "simcc" else (0, want)):
+        raise ValueError(f"expected {want} distinct output name{'s' if want > 1 else ''} for a {head} model")
+    return tuple(v)
 
 
 def _equal(got: int, want: int, what: str) -> int:
@@ -238,15 +276,7 @@ def read_meta(model: Any, where: str | None = None) -> ModelMeta:
     ``where`` names the model in messages (default: the path, or "model" for a proto).
     """
     if is_ir(model):  # an OpenVINO IR: the metadata travel in its rt_info
-        where = where or str(model)
-        ir = load_ir(model)
-        props = ir_props(ir)
-        if "posequant_schema" not in props:
-            raise MissingMetadataError(f"{where} has no posequant metadata: convert a posequant ONNX file with "
-                                       "`posequant convert MODEL.onnx --to openvino`")
-        meta = ModelMeta.from_props(props, where)
-        check_ir_graph(ir, meta, where)
-        return meta
+        return ir_meta(load_ir(model), where or str(model))
     if is_engine(model):  # a TensorRT engine: the metadata travel beside it
         return ModelMeta.from_props(engine_info(model)["props"], where or str(model))
     if isinstance(model, (str, Path)):
@@ -259,6 +289,17 @@ def read_meta(model: Any, where: str | None = None) -> ModelMeta:
         raise MissingMetadataError(f"{where} has no posequant metadata; stamp it first: {stamp_command(where, model)}")
     meta = ModelMeta.from_props(props, where)
     check_graph(model, meta, where)
+    return meta
+
+
+def ir_meta(ir: Any, where: str) -> ModelMeta:
+    """The metadata of a loaded OpenVINO IR (``ov.Model``), checked against its graph."""
+    props = ir_props(ir)
+    if "posequant_schema" not in props:
+        raise MissingMetadataError(f"{where} has no posequant metadata: convert a posequant ONNX file with "
+                                   "`posequant convert MODEL.onnx --to openvino`")
+    meta = ModelMeta.from_props(props, where)
+    check_ir_graph(ir, meta, where)
     return meta
 
 
@@ -281,7 +322,7 @@ def stamp_command(path: str | Path, model: Any = None) -> str:
     dims = []
     if model is not None and model.graph.output:
         dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
-    joints = dims[1] if len(dims) == 4 else 0
+    joints = dims[1] if len(dims) in (3, 4) else 0  # heatmaps N x J x h x w, SimCC N x J x L
     if joints in (16, 17):
         words += ["--keypoints", "mpii" if joints == 16 else "coco"]
     words += ["--color", "rgb"]

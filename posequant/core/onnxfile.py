@@ -2,8 +2,8 @@
 
 Every stage that reads a model from disk comes through :func:`load_onnx`, so a damaged or wrong
 file is one line naming the file and what is wrong with it, never a protobuf traceback (a
-zero-byte file even parses as an empty model). :func:`check_graph` and :func:`check_heatmaps`
-hold the graph and what it computes to the metadata it carries.
+zero-byte file even parses as an empty model). :func:`check_graph` holds the graph to the metadata
+it carries (what it computes is checked by the decoder's head, ``posequant.core.decoding``).
 """
 
 from __future__ import annotations
@@ -90,42 +90,56 @@ def _show(dims) -> str:
 
 
 def check_graph(model, meta, where: str) -> None:
-    """The graph takes one N x 3 x H x W input and returns one N x joints x h x w output, as ``meta`` says.
+    """The graph takes one N x 3 x H x W input and returns what ``meta``'s head says: one N x joints x h x w
+    heatmap output, or two SimCC outputs N x joints x Lx and N x joints x Ly (by the names the metadata gives).
 
     Only static dims are compared here; symbolic ones are checked on the first inference
-    (:func:`check_heatmaps`).
+    (``posequant.core.decoding``'s heads).
     """
     inputs, outputs = _graph_inputs(model), list(model.graph.output)
     hint = "re-export it with `posequant export-pose`"
     if len(inputs) != 1:
         raise MetadataError(f"{where} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); a pose model "
                             f"takes one N x 3 x H x W image batch: {hint}")
-    if len(outputs) != 1:
-        raise MetadataError(f"{where} has {len(outputs)} outputs ({', '.join(o.name for o in outputs)}); a pose "
-                            f"model returns one N x joints x h x w heatmap batch: {hint}")
     h, w = meta.input_size
     want_in = ["N", 3, h, w]
     got = _dims(inputs[0])
-    if got is not None and (len(got) != 4 or any(isinstance(g, int) and g and g != e
-                                                 for g, e in zip(got[1:], want_in[1:]))):
+    if got is not None and not _fits(got, want_in):
         raise MetadataError(f"{where}: input {inputs[0].name!r} is {_show(got)}, but its metadata expects "
                             f"{_show(want_in)} (N x 3 colour channels x input_size): {hint}")
-    want_out = ["N", meta.num_joints, *meta.heatmap_size]
-    got = _dims(outputs[0])
-    if got is not None and (len(got) != 4 or any(isinstance(g, int) and g and g != e
-                                                 for g, e in zip(got[1:], want_out[1:]))):
-        raise MetadataError(f"{where}: output {outputs[0].name!r} is {_show(got)}, but its metadata expects "
-                            f"{_show(want_out)} heatmaps (num_joints x heatmap_size): {hint}")
+    for value_info, want, what in expected_outputs(outputs, meta, where, hint):
+        got = _dims(value_info)
+        if got is not None and not _fits(got, want):
+            raise MetadataError(f"{where}: output {value_info.name!r} is {_show(got)}, but its metadata expects "
+                                f"{_show(want)} {what}: {hint}")
 
 
-def check_heatmaps(heatmaps, meta, where: str) -> None:
-    """What the model returned on a real batch is N x joints x h x w, as many joints as its metadata names
-    (the dims the graph left symbolic). The heatmap's h x w is the decoder's to read from the output."""
-    shape = tuple(getattr(heatmaps, "shape", ()))
-    if len(shape) != 4 or shape[1] != meta.num_joints:
-        raise MetadataError(f"{where} returned {_show(shape)} for a {meta.input_size[0]}x{meta.input_size[1]} "
-                            f"input, but its metadata expects N x {meta.num_joints} x h x w heatmaps "
-                            f"({meta.keypoints}): re-export it with `posequant export-pose`")
+def _fits(got: list, want: list) -> bool:
+    """Same rank, and every static dim (after the batch) equal to the expected one."""
+    return len(got) == len(want) and not any(isinstance(g, int) and g and g != e for g, e in zip(got[1:], want[1:]))
+
+
+def expected_outputs(outputs: list, meta, where: str, hint: str) -> list[tuple[Any, list, str]]:
+    """(output, expected dims, what they are) for each output the head needs; the outputs are found by the
+    metadata's names (``meta.outputs``), or taken in order. Anything else is one line."""
+    names = [o.name for o in outputs]
+    if meta.head == "simcc":
+        ly, lx = meta.heatmap_size
+        if len(outputs) != 2:
+            raise MetadataError(f"{where} has {len(outputs)} outputs ({', '.join(names)}); its metadata says SimCC, "
+                                f"two outputs N x joints x Lx and N x joints x Ly: {hint}")
+        missing = [n for n in meta.outputs if n not in names]
+        if missing:
+            raise MetadataError(f"{where} has no output {missing[0]!r} (its outputs: {', '.join(names)}), which its "
+                                f"metadata names as SimCC's: {hint}")
+        by_name = {o.name: o for o in outputs}
+        x, y = (by_name[n] for n in meta.outputs) if meta.outputs else outputs
+        return [(x, ["N", meta.num_joints, lx], "(SimCC x: num_joints x input width x split ratio)"),
+                (y, ["N", meta.num_joints, ly], "(SimCC y: num_joints x input height x split ratio)")]
+    if len(outputs) != 1:
+        raise MetadataError(f"{where} has {len(outputs)} outputs ({', '.join(names)}); a pose model returns one "
+                            f"N x joints x h x w heatmap batch: {hint}")
+    return [(outputs[0], ["N", meta.num_joints, *meta.heatmap_size], "heatmaps (num_joints x heatmap_size)")]
 
 
 def opset_of(model) -> int:
