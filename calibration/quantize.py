@@ -262,7 +262,7 @@ def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str
         make_openvino_friendly(q)
     elif target == "tensorrt":
         make_tensorrt_friendly(q)
-    q, ranges = _refine_ranges(q, model, calib, depthwise=target == "ort")
+    q, ranges = _refine_ranges(q, model, calib, depthwise=target == "ort", symmetric=symmetric)
     fit = _fit_pairs(q, model, calib) if pair_fit else None
     if target == "ort":  # after the pair fit: the sunk heatmap layer keeps its weight codes at one scale
         sink_depth_to_space(q)
@@ -273,13 +273,13 @@ def _quantize_once(model: onnx.ModelProto, calib: CalibrationSet, *, engine: str
     return q
 
 
-def _refine_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, calib: CalibrationSet, *, depthwise: bool
-                   ) -> tuple[onnx.ModelProto, dict]:
+def _refine_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, calib: CalibrationSet, *, depthwise: bool,
+                   symmetric: bool) -> tuple[onnx.ModelProto, dict]:
     """Borrowed activation ranges and depthwise inputs (``ranges.refine_ranges``), each kept where it cuts the
     output error on calibration crops: crops past the first :data:`RANGE_CROPS` judge when there are enough."""
     feeds = list(itertools.islice(calib.crops.feeds(), RANGE_CROPS + CHECK_CROPS))
     ranges, check = feeds[:RANGE_CROPS], feeds[RANGE_CROPS:] or feeds[:CHECK_CROPS]
-    q, report = refine_ranges(q, prepared, ranges, check=check, depthwise=depthwise)
+    q, report = refine_ranges(q, prepared, ranges, check=check, depthwise=depthwise, symmetric=symmetric)
     return q, report
 
 

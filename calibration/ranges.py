@@ -17,6 +17,11 @@ Two ways one scale per activation tensor starves part of it, found on the develo
   codes, the integer arithmetic and ORT's fusion stay as they were, and each channel gets a step no
   coarser than before (the same clipping envelope). 5.6% -> 0.2% on that tensor.
 
+:func:`mse_ranges` picks each per-tensor range among clips of the observed extremes by least squared
+quantization error. Range changes keep the graph's form: a symmetric quantizer (TensorRT) keeps its zero
+point, a convolution's int32 bias follows its input's new scale, and a quantizer moved ahead of a
+DepthToSpace or Concat (its zero point may clamp for a ReLU) is left alone.
+
 :func:`refine_ranges` applies each change to a copy and keeps it only when the relative output error
 against the float model, measured on calibration crops in the graph's QDQ semantics, drops by
 :data:`MIN_GAIN`: on ultralight-simplepose neither helps (its NNCF ranges are already fine) and the
@@ -113,22 +118,49 @@ def _scalar(inits: dict, name: str) -> np.ndarray | None:
 
 
 def _set_new(g: onnx.GraphProto, inits: dict, name: str, value: np.ndarray) -> str:
+    base, n = name, 1
+    while name in inits:  # a second change to the same tensor (own range, then its MSE range)
+        name, n = f"{base}_{n}", n + 1
     tensor = numpy_helper.from_array(value, name)
     g.initializer.append(tensor)
     inits[name] = g.initializer[-1]
     return name
 
 
+def _zero_for(lo: float, step: np.float32, dtype) -> np.ndarray:
+    code = int(round(-lo / float(step)))
+    return np.array(np.clip(code, 0, 255) if dtype == np.uint8 else np.clip(code - 128, -128, 127), dtype)
+
+
+def _plain_quantizers(g: onnx.GraphProto, inits: dict, consumers, known: set[str]) -> list[onnx.NodeProto]:
+    """Per-tensor activation quantizers read only by DequantizeLinear nodes. One moved ahead of data movement
+    (``qdq.quantize_data_movement``: its codes reach the DequantizeLinear through a DepthToSpace or Concat, and
+    its zero point may stand in for a ReLU) keeps its range: changing it alone would break that chain."""
+    return [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in known and len(n.input) > 2
+            and _scalar(inits, n.input[1]) is not None and _scalar(inits, n.input[2]) is not None
+            and consumers.get(n.output[0]) and all(c.op_type == "DequantizeLinear" for c in consumers[n.output[0]])]
+
+
+def _zero_code(zero: np.ndarray) -> int:
+    """The zero point as a code from 0 to LEVELS, whatever the integer type."""
+    return int(zero.reshape(-1)[0]) + (128 if zero.dtype == np.int8 else 0)
+
+
+def _symmetric_step(lo: float, hi: float, z: int) -> float:
+    """The finest step that holds [lo, hi] with the zero point kept at code ``z``."""
+    return max(hi / max(LEVELS - z, 1), (-lo / z) if z else 0.0)
+
+
 def own_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *,
-               stats: dict[str, dict] | None = None) -> list[str]:
+               stats: dict[str, dict] | None = None, symmetric: bool = False) -> list[str]:
     """Give each per-tensor activation quantizer that uses less than :data:`USE` of its codes on the
-    calibration crops the tensor's own range, in place. Returns the tensors changed."""
+    calibration crops the tensor's own range, in place (``symmetric``: the step alone, the zero point kept,
+    as TensorRT requires). Returns the tensors changed."""
     g = q.graph
     inits = {i.name: i for i in g.initializer}
     _, consumers = links(g)
     known = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
-    quantizers = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in known and len(n.input) > 2
-                  and _scalar(inits, n.input[1]) is not None and _scalar(inits, n.input[2]) is not None]
+    quantizers = _plain_quantizers(g, inits, consumers, known)
     stats = _stats_for(stats, prepared, sorted({n.input[0] for n in quantizers}), feeds)
     changed = []
     for qn in quantizers:
@@ -136,17 +168,21 @@ def own_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
         zero = _scalar(inits, qn.input[2])
         s = stats[qn.input[0]]
         lo, hi = min(s["mean_min"], 0.0), max(s["mean_max"], 0.0)
-        if not hi > lo or hi - lo >= USE * LEVELS * scale:
+        if not hi > lo:
             continue
-        step = np.float32((hi - lo) / LEVELS)
-        code = int(round(-lo / float(step)))
-        z = np.array(np.clip(code, 0, 255) if zero.dtype == np.uint8 else np.clip(code - 128, -128, 127), zero.dtype)
+        if symmetric:
+            step = np.float32(_symmetric_step(lo, hi, _zero_code(zero)))
+            if not step > 0 or step >= USE * scale:
+                continue
+        else:
+            if hi - lo >= USE * LEVELS * scale:
+                continue
+            step = np.float32((hi - lo) / LEVELS)
         name = qn.name or qn.output[0]
         qn.input[1] = _set_new(g, inits, f"{name}_own_scale", np.array(step, np.float32))
-        qn.input[2] = _set_new(g, inits, f"{name}_own_zero", z)
-        for dq in consumers.get(qn.output[0], []):
-            if dq.op_type == "DequantizeLinear":
-                dq.input[1], dq.input[2] = qn.input[1], qn.input[2]
+        if not symmetric:
+            qn.input[2] = _set_new(g, inits, f"{name}_own_zero", _zero_for(lo, step, zero.dtype))
+        _retarget(g, inits, qn, consumers)
         changed.append(qn.input[0])
     return changed
 
@@ -221,6 +257,25 @@ def depthwise_channel_scales(q: onnx.ModelProto, prepared: onnx.ModelProto, feed
     return changed
 
 
+def _retarget(g, inits, qn: onnx.NodeProto, consumers) -> None:
+    """Point the DequantizeLinear nodes after ``qn`` at its new scale and zero point; the int32 bias of a
+    convolution they feed follows the new x_scale * w_scale (else the bias silently changes)."""
+    producers = {o: n for n in g.node for o in n.output}
+    for dq in consumers.get(qn.output[0], []):
+        if dq.op_type != "DequantizeLinear":
+            continue
+        dq.input[1], dq.input[2] = qn.input[1], qn.input[2]
+        for conv in consumers.get(dq.output[0], []):
+            if conv.op_type != "Conv" or conv.input[0] != dq.output[0] or len(conv.input) < 3:
+                continue
+            dw = producers.get(conv.input[1])
+            if dw is None or dw.op_type != "DequantizeLinear" or dw.input[1] not in inits:
+                continue
+            w_scale = numpy_helper.to_array(inits[dw.input[1]]).astype(np.float32).reshape(-1)
+            x_scale = numpy_helper.to_array(inits[qn.input[1]]).astype(np.float32).reshape(-1)
+            _rescale_bias(g, inits, producers, conv, x_scale * w_scale)
+
+
 def _rescale_bias(g, inits, producers, conv: onnx.NodeProto, scale: np.ndarray) -> None:
     """An int32 bias behind a DequantizeLinear keeps its float values at the new x_scale * w_scale."""
     if len(conv.input) < 3 or not conv.input[2]:
@@ -265,16 +320,15 @@ def _fake_quant_mse(centers: np.ndarray, counts: np.ndarray, lo: float, hi: floa
 
 
 def mse_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *,
-               stats: dict[str, dict] | None = None) -> list[str]:
+               stats: dict[str, dict] | None = None, symmetric: bool = False) -> list[str]:
     """Per-tensor activation ranges chosen by the least mean squared quantization error on the calibration
-    crops, among clips of the observed extremes (outliers otherwise set the step for everything), in place.
-    Returns the tensors whose range changed."""
+    crops, among clips of the observed extremes (outliers otherwise set the step for everything), in place
+    (``symmetric``: the zero point kept, the step alone chosen). Returns the tensors whose range changed."""
     g = q.graph
     inits = {i.name: i for i in g.initializer}
     _, consumers = links(g)
     known = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
-    quantizers = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in known and len(n.input) > 2
-                  and _scalar(inits, n.input[1]) is not None and _scalar(inits, n.input[2]) is not None]
+    quantizers = _plain_quantizers(g, inits, consumers, known)
     stats = _stats_for(stats, prepared, sorted({n.input[0] for n in quantizers}), feeds)
     bounds = {}
     for t, s in stats.items():
@@ -293,25 +347,23 @@ def mse_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
         centers, counts = (edges[:-1] + edges[1:]) / 2, hists[t]
         zero = _scalar(inits, qn.input[2])
         scale = float(_scalar(inits, qn.input[1]).reshape(-1)[0])
-        z_now = int(zero.reshape(-1)[0]) + (128 if zero.dtype == np.int8 else 0)
+        z_now = _zero_code(zero)
         now = (-z_now * scale, (LEVELS - z_now) * scale)
         best, best_range = _fake_quant_mse(centers, counts, *now, True), None
+        full = _symmetric_step(lo, hi, z_now)
         for c in CLIPS:
-            cand = (lo * c, hi * c)
+            cand = (-z_now * full * c, (LEVELS - z_now) * full * c) if symmetric else (lo * c, hi * c)
             err = _fake_quant_mse(centers, counts, *cand, True)
             if err < 0.98 * best:
                 best, best_range = err, cand
         if best_range is None:
             continue
         step = np.float32((best_range[1] - best_range[0]) / LEVELS)
-        code = int(round(-best_range[0] / float(step)))
-        z = np.array(np.clip(code, 0, 255) if zero.dtype == np.uint8 else np.clip(code - 128, -128, 127), zero.dtype)
         name = qn.name or qn.output[0]
         qn.input[1] = _set_new(g, inits, f"{name}_mse_scale", np.array(step, np.float32))
-        qn.input[2] = _set_new(g, inits, f"{name}_mse_zero", z)
-        for dq in consumers.get(qn.output[0], []):
-            if dq.op_type == "DequantizeLinear":
-                dq.input[1], dq.input[2] = qn.input[1], qn.input[2]
+        if not symmetric:
+            qn.input[2] = _set_new(g, inits, f"{name}_mse_zero", _zero_for(best_range[0], step, zero.dtype))
+        _retarget(g, inits, qn, consumers)
         changed.append(t)
     return changed
 
@@ -339,7 +391,8 @@ def output_error(model: onnx.ModelProto, reference: list[list[np.ndarray]], feed
 
 
 def refine_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *,
-                  check: list[dict[str, np.ndarray]], depthwise: bool = True) -> tuple[onnx.ModelProto, dict]:
+                  check: list[dict[str, np.ndarray]], depthwise: bool = True, symmetric: bool = False
+                  ) -> tuple[onnx.ModelProto, dict]:
     """Try :func:`own_ranges`, :func:`mse_ranges`, then :func:`depthwise_channel_scales` (``depthwise``: ONNX
     Runtime's form), each on a copy of what was kept so far; keep each only when it cuts the output error on
     the ``check`` crops by :data:`MIN_GAIN`.
@@ -353,7 +406,8 @@ def refine_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dic
         steps.append(("depthwise_channel_scales", depthwise_channel_scales))
     for key, change in steps:
         trial = copy.deepcopy(q)
-        touched = change(trial, prepared, feeds, stats=stats)
+        touched = (change(trial, prepared, feeds, stats=stats) if key == "depthwise_channel_scales"
+                   else change(trial, prepared, feeds, stats=stats, symmetric=symmetric))
         if not touched:
             report[key] = {"changed": 0, "kept": False}
             continue

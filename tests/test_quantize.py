@@ -569,7 +569,9 @@ def _head_file(folder, deconv=(4, 2, 1, 0)):
 
 
 def _head_model(deconv=(4, 2, 1, 0)):
-    net = randomise(_Head(deconv), 3)
+    with torch.random.fork_rng():  # the convolutions' own initial weights too: the same head in every run
+        torch.manual_seed(3)
+        net = randomise(_Head(deconv), 3)
     with torch.no_grad():  # one loud channel, as in the trained model's head: per-tensor scales starve the rest
         net.neck[0].weight[2] *= 40
         net.neck[0].bias[2] = 5.0

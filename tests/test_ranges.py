@@ -201,3 +201,79 @@ def test_refine_keeps_a_change_only_where_the_output_error_falls():
     float_model, qdq, feeds = _depthwise_graphs(quantized_output=False)
     q, report = R.refine_ranges(qdq, float_model, feeds, check=feeds)
     assert report["depthwise_channel_scales"]["kept"] is True and report["error_after"] < report["error_before"]
+
+
+# ---- what a range change must carry with it ------------------------------------------------------------------
+
+
+def _with_init(model, name, value, dtype):
+    for i in model.graph.initializer:
+        if i.name == name:
+            i.CopyFrom(_init(name, value, dtype))
+    return model
+
+
+def test_symmetric_ranges_keep_the_zero_point():
+    """TensorRT takes int8 zero point 0 only: a symmetric quantizer's new range changes its step alone."""
+    float_model, qdq, feeds = _outlier_graphs(scale_output=False)
+    lo, hi = float(min(f["x"].min() for f in feeds)), float(max(f["x"].max() for f in feeds))
+    step = max(hi / 127, -lo / 128)
+    _with_init(_with_init(qdq, "x_z", 0, np.int8), "x_s", step, np.float32)
+    reference = [R._session(float_model).run(None, f) for f in feeds]
+    before = R.output_error(qdq, reference, feeds)
+    assert R.mse_ranges(qdq, float_model, feeds, symmetric=True) == ["x"]
+    q = next(n for n in qdq.graph.node if n.name == "x_Q")
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    assert q.input[2] == "x_z" and inits["x_z"].dtype == np.int8 and not inits["x_z"].any()
+    assert float(inits[q.input[1]]) < 0.95 * step and R.output_error(qdq, reference, feeds) < before
+    # the borrowed-range change alike
+    float_model, qdq, feeds = _concat_graphs()
+    for name in ("small", "big"):
+        _with_init(_with_init(qdq, f"{name}_z", 0, np.int8), f"{name}_s", 30.0 / 127, np.float32)
+    assert R.own_ranges(qdq, float_model, feeds, symmetric=True) == ["small"]
+    q = next(n for n in qdq.graph.node if n.name == "small_Q")
+    stats = R.tensor_stats(float_model, ["small"], feeds)["small"]
+    expected = max(stats["mean_max"] / 127, -stats["mean_min"] / 128)
+    assert q.input[2] == "small_z" and float(numpy_helper.to_array(
+        next(i for i in qdq.graph.initializer if i.name == q.input[1]))) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_convolutions_int32_bias_follows_its_inputs_new_scale(tmp_path):
+    """ORT fuses a QDQ convolution into QLinearConv only when its int32 bias is dequantized with
+    x_scale * w_scale: a new input range that left the bias alone would leave the convolution in float."""
+    float_model, qdq, feeds = _depthwise_graphs()
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    bias = inits["b32"] * inits["sb"]
+    _with_init(qdq, "x_s", float(inits["x_s"]) * 8, np.float32)  # a range 8x too wide: own_ranges narrows it
+    _with_init(qdq, "b32", np.rint(bias / (inits["sb"] * 8)), np.int32)
+    _with_init(qdq, "sb", inits["sb"] * 8, np.float32)
+    assert R.own_ranges(qdq, float_model, feeds) == ["x"]
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    nodes = {n.name: n for n in qdq.graph.node}
+    x_scale, w_scale = inits[nodes["x_Q"].input[1]], inits[nodes["w_DQ"].input[1]]
+    b_dq = nodes["b_DQ"]
+    assert np.allclose(inits[b_dq.input[1]], x_scale * w_scale, rtol=1e-6)
+    assert np.abs(inits[b_dq.input[0]] * inits[b_dq.input[1]] - bias).max() <= (8 * inits["sb"]).max()
+    assert onnx.checker.check_model(qdq, full_check=True) is None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(qdq.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    for f in feeds[:2]:
+        assert np.array_equal(_run(qdq, f["x"]), _run(qdq, f["x"], fused=False))
+
+
+def test_a_quantizer_moved_ahead_of_data_movement_keeps_its_range():
+    """x -> Q -> DepthToSpace -> DQ: the DequantizeLinear is not the quantizer's consumer, and the zero point
+    may stand in for a ReLU; neither change touches it."""
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_t(3, (1, 4, 4, 4)).astype(np.float32)} for _ in range(4)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])
+    float_model = _model([helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2)], [], [x], [y])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="x_Q"),
+             helper.make_node("DepthToSpace", ["xq"], ["yq"], blocksize=2),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"], name="y_DQ")]
+    qdq = _model(nodes, [_init("s", 40.0 / 255), _init("z", 128, np.uint8)], [x], [y])
+    assert R.own_ranges(qdq, float_model, feeds) == [] and R.mse_ranges(qdq, float_model, feeds) == []
