@@ -3,7 +3,7 @@ its agreement with the float model, on quantize time and on INT8 speed. This is 
 quantization is judged (docs/quantize.md, "INT8 across models").
 
     .venv/bin/python scripts/bench_models.py [--shared ../shared] [--models ultralight,efficientpose,lightposnet]
-        [--runs 30] [--json out.json] [--markdown out.md] [--skip-ac]
+        [--runs 30] [--json out.json] [--skip-ac]
 
 The development set:
 - ultralight: ultralight-simplepose (MobileNetV2 + deconvolutions, COCO heatmaps), from its checkpoint;
