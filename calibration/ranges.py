@@ -132,13 +132,23 @@ def _zero_for(lo: float, step: np.float32, dtype) -> np.ndarray:
     return np.array(np.clip(code, 0, 255) if dtype == np.uint8 else np.clip(code - 128, -128, 127), dtype)
 
 
-def _plain_quantizers(g: onnx.GraphProto, inits: dict, consumers, known: set[str]) -> list[onnx.NodeProto]:
-    """Per-tensor activation quantizers read only by DequantizeLinear nodes. One moved ahead of data movement
-    (``qdq.quantize_data_movement``: its codes reach the DequantizeLinear through a DepthToSpace or Concat, and
-    its zero point may stand in for a ReLU) keeps its range: changing it alone would break that chain."""
-    return [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in known and len(n.input) > 2
-            and _scalar(inits, n.input[1]) is not None and _scalar(inits, n.input[2]) is not None
-            and consumers.get(n.output[0]) and all(c.op_type == "DequantizeLinear" for c in consumers[n.output[0]])]
+def _plain_quantizers(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                      stats: dict[str, dict] | None):
+    """Per-tensor activation quantizers of ``q`` read only by DequantizeLinear nodes, with the graph's
+    initializers, its (producers, consumers) and the statistics of their tensors. One moved ahead of data
+    movement (``qdq.quantize_data_movement``: its codes reach the DequantizeLinear through a DepthToSpace or
+    Concat, and its zero point may stand in for a ReLU) keeps its range: changing it alone would break that
+    chain."""
+    g = q.graph
+    inits = {i.name: i for i in g.initializer}
+    producers, consumers = links(g)
+    known = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
+    quantizers = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in known and len(n.input) > 2
+                  and _scalar(inits, n.input[1]) is not None and _scalar(inits, n.input[2]) is not None
+                  and consumers.get(n.output[0])
+                  and all(c.op_type == "DequantizeLinear" for c in consumers[n.output[0]])]
+    stats = _stats_for(stats, prepared, sorted({n.input[0] for n in quantizers}), feeds)
+    return inits, (producers, consumers), quantizers, stats
 
 
 def _zero_code(zero: np.ndarray) -> int:
@@ -157,11 +167,7 @@ def own_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
     calibration crops the tensor's own range, in place (``symmetric``: the step alone, the zero point kept,
     as TensorRT requires). Returns the tensors changed."""
     g = q.graph
-    inits = {i.name: i for i in g.initializer}
-    _, consumers = links(g)
-    known = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
-    quantizers = _plain_quantizers(g, inits, consumers, known)
-    stats = _stats_for(stats, prepared, sorted({n.input[0] for n in quantizers}), feeds)
+    inits, graph_links, quantizers, stats = _plain_quantizers(q, prepared, feeds, stats)
     changed = []
     for qn in quantizers:
         scale = float(_scalar(inits, qn.input[1]).reshape(-1)[0])
@@ -178,11 +184,7 @@ def own_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
             if hi - lo >= USE * LEVELS * scale:
                 continue
             step = np.float32((hi - lo) / LEVELS)
-        name = qn.name or qn.output[0]
-        qn.input[1] = _set_new(g, inits, f"{name}_own_scale", np.array(step, np.float32))
-        if not symmetric:
-            qn.input[2] = _set_new(g, inits, f"{name}_own_zero", _zero_for(lo, step, zero.dtype))
-        _retarget(g, inits, qn, consumers)
+        _set_range(g, inits, graph_links, qn, "own", step, None if symmetric else _zero_for(lo, step, zero.dtype))
         changed.append(qn.input[0])
     return changed
 
@@ -257,14 +259,19 @@ def depthwise_channel_scales(q: onnx.ModelProto, prepared: onnx.ModelProto, feed
     return changed
 
 
-def _retarget(g, inits, qn: onnx.NodeProto, consumers) -> None:
-    """Point the DequantizeLinear nodes after ``qn`` at its new scale and zero point; the int32 bias of a
-    convolution they feed follows the new x_scale * w_scale (else the bias silently changes)."""
-    producers = {o: n for n in g.node for o in n.output}
+def _set_range(g, inits, graph_links, qn: onnx.NodeProto, tag: str, step: np.float32, zero: np.ndarray | None
+               ) -> None:
+    """Give ``qn`` and the DequantizeLinear nodes after it the scale ``step`` and (unless None: a symmetric
+    quantizer keeps its own) the zero point ``zero``; the int32 bias of a convolution they feed follows the
+    new x_scale * w_scale (else ORT leaves that convolution in float)."""
+    producers, consumers = graph_links
+    name = qn.name or qn.output[0]
+    qn.input[1] = _set_new(g, inits, f"{name}_{tag}_scale", np.array(step, np.float32))
+    if zero is not None:
+        qn.input[2] = _set_new(g, inits, f"{name}_{tag}_zero", zero)
+    x_scale = np.float32(step).reshape(-1)
     for dq in consumers.get(qn.output[0], []):
-        if dq.op_type != "DequantizeLinear":
-            continue
-        dq.input[1], dq.input[2] = qn.input[1], qn.input[2]
+        dq.input[1], dq.input[2] = qn.input[1], qn.input[2]  # every reader is a DequantizeLinear
         for conv in consumers.get(dq.output[0], []):
             if conv.op_type != "Conv" or conv.input[0] != dq.output[0] or len(conv.input) < 3:
                 continue
@@ -272,7 +279,6 @@ def _retarget(g, inits, qn: onnx.NodeProto, consumers) -> None:
             if dw is None or dw.op_type != "DequantizeLinear" or dw.input[1] not in inits:
                 continue
             w_scale = numpy_helper.to_array(inits[dw.input[1]]).astype(np.float32).reshape(-1)
-            x_scale = numpy_helper.to_array(inits[qn.input[1]]).astype(np.float32).reshape(-1)
             _rescale_bias(g, inits, producers, conv, x_scale * w_scale)
 
 
@@ -325,11 +331,7 @@ def mse_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
     crops, among clips of the observed extremes (outliers otherwise set the step for everything), in place
     (``symmetric``: the zero point kept, the step alone chosen). Returns the tensors whose range changed."""
     g = q.graph
-    inits = {i.name: i for i in g.initializer}
-    _, consumers = links(g)
-    known = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
-    quantizers = _plain_quantizers(g, inits, consumers, known)
-    stats = _stats_for(stats, prepared, sorted({n.input[0] for n in quantizers}), feeds)
+    inits, graph_links, quantizers, stats = _plain_quantizers(q, prepared, feeds, stats)
     bounds = {}
     for t, s in stats.items():
         lo = min(float(np.min(s["channel_min"])) if s["channel_min"] is not None else s["mean_min"], 0.0)
@@ -359,11 +361,8 @@ def mse_ranges(q: onnx.ModelProto, prepared: onnx.ModelProto, feeds: list[dict[s
         if best_range is None:
             continue
         step = np.float32((best_range[1] - best_range[0]) / LEVELS)
-        name = qn.name or qn.output[0]
-        qn.input[1] = _set_new(g, inits, f"{name}_mse_scale", np.array(step, np.float32))
-        if not symmetric:
-            qn.input[2] = _set_new(g, inits, f"{name}_mse_zero", _zero_for(best_range[0], step, zero.dtype))
-        _retarget(g, inits, qn, consumers)
+        _set_range(g, inits, graph_links, qn, "mse", step,
+                   None if symmetric else _zero_for(best_range[0], step, zero.dtype))
         changed.append(t)
     return changed
 

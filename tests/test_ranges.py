@@ -11,6 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from posequant.calibration import ranges as R
 
+from qdq_cases import run_ort
+
 
 def _init(name, value, dtype=np.float32):
     return numpy_helper.from_array(np.asarray(value, dtype), name)
@@ -21,13 +23,13 @@ def _model(nodes, inits, inputs, outputs) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _run(model, x, *, fused=True):
+def _ort_ops(model, folder) -> set[str]:
+    """The op types of ``model`` as ONNX Runtime optimizes it (its fusions on)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if not fused:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
+    opts.optimized_model_filepath = str(folder / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(str(folder / "optimized.onnx")).graph.node}
 
 
 def _qdq(tensor, out, scale, zero, name):
@@ -137,13 +139,9 @@ def test_depthwise_inputs_get_a_scale_per_channel_folded_into_the_weight_scales(
     assert _error_of(qdq, float_model, feeds, small, "y_f") < 0.01 * before
     assert onnx.checker.check_model(qdq, full_check=True) is None
     # ORT still fuses it into QLinearConv, and the fused kernel computes what the graph says
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(qdq.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    assert "QLinearConv" in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert "QLinearConv" in _ort_ops(qdq, tmp_path)
     for f in feeds[:2]:  # within one output step (200/255): the fused kernel requantizes once, not twice
-        fused, exact = _run(qdq, f["x"]), _run(qdq, f["x"], fused=False)
+        fused, exact = run_ort(qdq, f["x"]), run_ort(qdq, f["x"], fused=False)
         assert np.abs(fused - exact).max() <= 200.0 / 255 + 1e-6
 
 
@@ -255,13 +253,9 @@ def test_a_convolutions_int32_bias_follows_its_inputs_new_scale(tmp_path):
     assert np.allclose(inits[b_dq.input[1]], x_scale * w_scale, rtol=1e-6)
     assert np.abs(inits[b_dq.input[0]] * inits[b_dq.input[1]] - bias).max() <= (8 * inits["sb"]).max()
     assert onnx.checker.check_model(qdq, full_check=True) is None
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(qdq.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    assert "QLinearConv" in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert "QLinearConv" in _ort_ops(qdq, tmp_path)
     for f in feeds[:2]:
-        assert np.array_equal(_run(qdq, f["x"]), _run(qdq, f["x"], fused=False))
+        assert np.array_equal(run_ort(qdq, f["x"]), run_ort(qdq, f["x"], fused=False))
 
 
 def test_a_quantizer_moved_ahead_of_data_movement_keeps_its_range():
