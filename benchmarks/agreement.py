@@ -26,7 +26,7 @@ from posequant.core.metadata import ModelMeta
 from posequant.core.opened import ModelFile, open_model
 from posequant.core.numbers import check_number
 
-from .metrics import AGREEMENT_WITHIN, keypoint_agreement, person_size
+from .metrics import agreement_text, keypoint_agreement, person_size
 from .runners import make_runner, resolve_backend
 
 
@@ -38,7 +38,7 @@ class AgreementResult:
     people: int
     flip: bool
     backend: str
-    agreement: dict[str, float]  # OKS, OKS_min, within_2%, within_5%
+    agreement: dict[str, float]  # OKS, OKS_min, within_2%, within_5%, OKS_confident
     worst: list[int]  # indices of the people the model follows least, worst first
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,18 +47,20 @@ class AgreementResult:
 
 
 def keypoints_on(model: str | Path | ModelFile, people: list, *, backend: str, flip: bool, batch: int = 8
-                 ) -> np.ndarray:
-    """N x J x 2 image-pixel keypoints of ``model`` (a path, or a model opened already) on ``people``, cropped and
-    decoded (its head's way) as evaluation does it."""
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(N x J x 2 image-pixel keypoints, N x J scores) of ``model`` (a path, or a model opened already) on
+    ``people``, cropped and decoded (its head's way) as evaluation does it."""
     model = open_model(model)
     runner = make_runner(backend, onnx_path=model.path, module=None, device="cpu", threads=None, outputs=model.outputs)
     head = head_of(model.meta)
-    coords = []
+    coords, scores = [], []
     for b in iter_batches(people, model.meta, batch_size=model.batch or batch, flip=flip):
         outputs = infer_at_batch(runner.run, b.inputs, model.batch)
         flipped = infer_at_batch(runner.run, b.inputs_flipped, model.batch) if flip else None
-        coords.append(head.decode(outputs, b.centers, b.scales, flipped)[0])
-    return np.concatenate(coords)
+        joints, values = head.decode(outputs, b.centers, b.scales, flipped)
+        coords.append(joints)
+        scores.append(np.asarray(values).reshape(len(joints), -1))
+    return np.concatenate(coords), np.concatenate(scores)
 
 
 def agreement(
@@ -96,13 +98,13 @@ def agreement(
         raise DataError(f"no people to compare on in {data}")
     backend = resolve_backend(model, backend)
     with tempfile.TemporaryDirectory():
-        ref = keypoints_on(ref_file, people, backend=resolve_backend(reference, backend), flip=flip)
-        got = keypoints_on(model_file, people, backend=backend, flip=flip)
+        ref, ref_scores = keypoints_on(ref_file, people, backend=resolve_backend(reference, backend), flip=flip)
+        got, _ = keypoints_on(model_file, people, backend=backend, flip=flip)
     from posequant.core.keypoints import COCO_SIGMAS
 
     sigmas = COCO_SIGMAS if meta.keypoints == "coco" and meta.num_joints == len(COCO_SIGMAS) else None
     size = person_size(np.array([p.scale for p in people]))
-    result = keypoint_agreement(ref, got, size, sigmas=sigmas)
+    result = keypoint_agreement(ref, got, size, sigmas=sigmas, reference_scores=ref_scores)
     d = np.linalg.norm(got - ref, axis=2) / size[:, None]
     worst = [int(i) for i in np.argsort(-np.nan_to_num(d, nan=np.inf).max(axis=1))[:5]]
     return AgreementResult(str(reference), str(model), str(data), len(people), flip, backend, result, worst)
@@ -127,6 +129,6 @@ def _boxed_people(ds, meta: ModelMeta, boxes, detector) -> list:
 
 
 def agreement_line(a: dict[str, float]) -> str:
-    """One line: OKS (worst person) and the shares within 2% / 5% of the person size."""
-    shares = ", ".join(f"{a[f'within_{round(100 * t)}%']:.1f}% within {round(100 * t)}%" for t in AGREEMENT_WITHIN)
-    return f"OKS {a['OKS']:.3f} (worst person {a['OKS_min']:.3f}); joints {shares} of the person size"
+    """One line: OKS (worst person; the surer half of the joints) and the shares within 2% / 5% of the person
+    size."""
+    return agreement_text(a)

@@ -27,6 +27,7 @@ from .drawing import (  # noqa: F401  (BAND, LEGEND, TRUTH_BGR: the picture's st
     text_band,
 )
 from .drawing import label as _label
+from .metrics import agreement_text
 
 PANEL_HEIGHT = 256
 
@@ -91,8 +92,7 @@ def agreement_lines(result) -> list[str]:
     a = getattr(result, "agreement", None)
     if not a:
         return []
-    return [f"agreement with float keypoints: OKS {a['OKS']:.3f} (worst person {a['OKS_min']:.3f}); "
-            f"{a['within_2%']:.1f}% of joints within 2% of the person size, {a['within_5%']:.1f}% within 5%"]
+    return [f"agreement with float keypoints: {agreement_text(a)}"]
 
 
 def _other_warnings(result) -> list[str]:

@@ -252,6 +252,7 @@ def oks(
 
 DEFAULT_SIGMA = 0.063  # the mean of COCO's 17 keypoint sigmas, for joint sets without their own
 AGREEMENT_WITHIN = (0.02, 0.05)  # "within 2% / 5% of the person size"
+CONFIDENT_SHARE = 0.5  # OKS_confident: the half of the joints the reference scores highest
 
 
 def person_size(scales: np.ndarray) -> np.ndarray:
@@ -262,7 +263,8 @@ def person_size(scales: np.ndarray) -> np.ndarray:
 
 
 def keypoint_agreement(
-    reference: np.ndarray, test: np.ndarray, size: np.ndarray, *, sigmas: Sequence[float] | None = None
+    reference: np.ndarray, test: np.ndarray, size: np.ndarray, *, sigmas: Sequence[float] | None = None,
+    reference_scores: np.ndarray | None = None,
 ) -> dict[str, float]:
     """How closely ``test``'s keypoints follow ``reference``'s (both N x J x 2 image pixels), e.g. an INT8
     model's against its float model's on the same crops: no annotations needed, every joint counts.
@@ -272,7 +274,13 @@ def keypoint_agreement(
       s^2 plays COCO's area) and ``sigmas`` the joint set's (COCO's) or :data:`DEFAULT_SIGMA`; 1 = identical;
     - ``OKS_min``: the worst person's; ``within_2%`` / ``within_5%``: the share of joints (percent) no
       farther from the reference than 2% / 5% of the person size.
-    A non-finite keypoint on either side counts as infinitely far.
+    - ``OKS_confident`` (with ``reference_scores``, N x J or N x J x 1): the similarity averaged over the
+      joints the reference is surest of, those scored at or above the (upper) median of all its scores
+      (:data:`CONFIDENT_SHARE`; ranks, so any head's score units will do). The other half (occluded, out of
+      the crop, or another joint set's, like an MPII model's on COCO people) is where the reference itself
+      guesses: there two harmless builds of one INT8 model already disagree (SimCC's argmax jumps between
+      modes), so ``OKS`` moves by about 0.01 from such changes while ``OKS_confident`` stays put.
+    A non-finite keypoint on either side counts as infinitely far; a non-finite score as the least sure.
     """
     ref = np.asarray(reference, dtype=np.float64)
     got = np.asarray(test, dtype=np.float64)
@@ -289,18 +297,34 @@ def keypoint_agreement(
         raise DataError(f"{k.size} sigmas for {ref.shape[1]} joints")
     d = np.linalg.norm(got - ref, axis=2)
     d = np.where(np.isfinite(d), d, np.inf)
-    per_person = np.exp(-(d ** 2) / (2 * size[:, None] ** 2 * k ** 2)).mean(axis=1)
+    similarity = np.exp(-(d ** 2) / (2 * size[:, None] ** 2 * k ** 2))
+    per_person = similarity.mean(axis=1)
     result = {"OKS": float(per_person.mean()), "OKS_min": float(per_person.min())}
     for t in AGREEMENT_WITHIN:
         result[f"within_{round(100 * t)}%"] = float(100 * (d <= t * size[:, None]).mean())
+    if reference_scores is not None:
+        scores = np.asarray(reference_scores, dtype=np.float64).reshape(-1)
+        if scores.size != d.size:
+            raise DataError(f"{scores.size} reference scores for {d.size} joints")
+        scores = np.where(np.isfinite(scores), scores, -np.inf)
+        sure = scores >= np.quantile(scores, 1 - CONFIDENT_SHARE, method="higher")  # a score itself: -inf is fine
+        result["OKS_confident"] = float(similarity.reshape(-1)[sure].mean())
     return result
+
+
+def agreement_text(a: dict[str, float]) -> str:
+    """:func:`keypoint_agreement`'s figures in one line."""
+    sure = f"; the surer half of the joints {a['OKS_confident']:.3f}" if "OKS_confident" in a else ""
+    shares = ", ".join(f"{a[f'within_{round(100 * t)}%']:.1f}% within {round(100 * t)}%" for t in AGREEMENT_WITHIN)
+    return f"OKS {a['OKS']:.3f} (worst person {a['OKS_min']:.3f}{sure}); joints {shares} of the person size"
 
 
 def agreement_of(reference, test, keypoints: str | None = None) -> dict[str, float]:
     """:func:`keypoint_agreement` of two evaluations of the same people (``EvalResult``s), COCO's sigmas for
-    COCO keypoints."""
+    COCO keypoints, the reference's joint scores for ``OKS_confident``."""
     sigmas = COCO_SIGMAS if keypoints == "coco" and reference.preds.shape[1] == len(COCO_SIGMAS) else None
-    return keypoint_agreement(reference.preds, test.preds, person_size(reference.scales), sigmas=sigmas)
+    return keypoint_agreement(reference.preds, test.preds, person_size(reference.scales), sigmas=sigmas,
+                              reference_scores=reference.maxvals)
 
 
 # ---- COCO keypoint AP ------------------------------------------------------------------------

@@ -53,9 +53,9 @@ def joint_rows(evaluation) -> tuple[str, list[tuple[str, float, float]]]:
 
 def agreement_line(agreement: dict[str, float]) -> str:
     """INT8 vs float keypoints in one line (``metrics.keypoint_agreement``)."""
-    a = agreement
-    return (f"agreement with float keypoints: OKS {a['OKS']:.3f} (worst person {a['OKS_min']:.3f}), "
-            f"{a['within_2%']:.1f}% of joints within 2% of the person size, {a['within_5%']:.1f}% within 5%")
+    from posequant.benchmarks.metrics import agreement_text
+
+    return f"agreement with float keypoints: {agreement_text(agreement)}"
 
 
 def _oks(value) -> str:

@@ -669,7 +669,7 @@ def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget,
         from posequant.core.keypoints import COCO_SIGMAS
 
         onnx.save(prepared, str(tmp / "float.onnx"))
-        reference = keypoints_on(tmp / "float.onnx", ds.people, backend="ort", flip=flip)
+        reference, reference_scores = keypoints_on(tmp / "float.onnx", ds.people, backend="ort", flip=flip)
         sizes = person_size(np.array([p.scale for p in ds.people]))
         sigmas = COCO_SIGMAS if meta.keypoints == "coco" and meta.num_joints == len(COCO_SIGMAS) else None
 
@@ -679,8 +679,8 @@ def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget,
             return Evaluation(name, float_value, main_metric(result.metrics)[1], float_metrics, result.metrics,
                               len(ds.people), agreement_of(float_result, result, meta.keypoints))
         onnx.save(model, str(tmp / "int8.onnx"))
-        got = keypoints_on(tmp / "int8.onnx", ds.people, backend="ort", flip=flip)
-        a = keypoint_agreement(reference, got, sizes, sigmas=sigmas)
+        got, _ = keypoints_on(tmp / "int8.onnx", ds.people, backend="ort", flip=flip)
+        a = keypoint_agreement(reference, got, sizes, sigmas=sigmas, reference_scores=reference_scores)
         return Evaluation(AGREEMENT, 100.0, 100 * a["OKS"], {}, {}, len(ds.people), a)
 
     def line(e: Evaluation) -> str:

@@ -89,12 +89,15 @@ def portable(work):
 
 @pytest.mark.slow
 def test_portable_int8_follows_float_and_is_exact_on_every_cpu(work, portable):
-    """Issue 23 makes INT8 accurate; here: the keypoint agreement with float (measured OKS 0.939 flip off, 80.2% of
-    joints within 2% of the person size; 0.927 before issue 23's range changes; plain ONNX Runtime
+    """Issue 23 makes INT8 accurate; here: the keypoint agreement with float (measured OKS 0.931-0.945 flip off,
+    81.2% of joints within 2% of the person size; 0.927 before issue 23's range changes; plain ONNX Runtime
     quantize_static collapses the model to AP 0.113) and a graph whose int8 kernels compute its exact integers
     on this CPU, whatever its kind."""
     ev = portable.evaluation
     assert ev.agreement["OKS"] > 0.85 and ev.float_value > 60
+    # the surer half of the joints (by the float model's scores), where two harmless builds agree to 0.0002
+    # while OKS over every joint moves by 0.014 (docs/quantize.md): measured 0.997
+    assert ev.agreement["OKS_confident"] >= 0.98
     assert portable.settings["exact_on"] == "every CPU kind" and portable.settings["pair_fit"]["channels_rescaled"] > 0
     q = onnx.load(str(portable.output))
     assert S.risky_pairs(q) == 0
