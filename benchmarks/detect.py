@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-import cv2
 import numpy as np
 
 from posequant.core.errors import DataError, PosequantError
 from posequant.core.numbers import check_number
+from posequant.core.opencv import cv2
 
 DETECTOR_SUFFIXES = (".onnx",)
 DEFAULT_IOU = 0.65  # YOLOX's nmsthre (its COCO evaluation)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 
-import cv2
 import numpy as np
 
 from posequant.core.errors import DataError
+from posequant.core.opencv import cv2
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # as JointsDataset: EXIF rotation ignored

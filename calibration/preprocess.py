@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-import cv2
 import numpy as np
 
 from posequant.core.errors import DataError, MetadataError
 from posequant.core.metadata import ModelMeta
+from posequant.core.opencv import cv2
 from posequant.core.transforms import get_affine_transform
 
 from .datasets import Person

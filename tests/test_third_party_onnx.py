@@ -373,7 +373,8 @@ def test_efficientpose_int8_keeps_its_depthwise_and_concat_inputs(efficientpose,
     all three range changes (calibration/ranges.py) and follows the float keypoints on 68 COCO people at OKS
     0.847 (0.855-0.870 over four calibration draws while the convolutions whose input range changed ran in
     float, their int32 bias left at the old scale; 0.733 before the changes; NNCF's defaults 0.739 here,
-    0.756 on exact kernels: scripts/bench_models.py)."""
+    0.756 on exact kernels: scripts/bench_models.py); on the surer half of the joints (by the float model's
+    scores) 0.968, NNCF's defaults 0.908."""
     from posequant.benchmarks.agreement import agreement
     from posequant.calibration.quantize import quantize
 
@@ -382,7 +383,8 @@ def test_efficientpose_int8_keeps_its_depthwise_and_concat_inputs(efficientpose,
     ranges = res.settings["ranges"]
     assert all(ranges[k]["kept"] for k in ("own_ranges", "mse_ranges", "depthwise_channel_scales")), ranges
     assert ranges["error_after"] < 0.5 * ranges["error_before"]
-    assert agreement(efficientpose.output, res.output, COCO_MINI, split="val").agreement["OKS"] >= 0.82
+    follows = agreement(efficientpose.output, res.output, COCO_MINI, split="val").agreement
+    assert follows["OKS"] >= 0.82 and follows["OKS_confident"] >= 0.95
 
 
 def test_a_posequant_model_stamped_again_keeps_what_the_options_do_not_change(tmp_path, small_checkpoints):
