@@ -26,7 +26,7 @@ from posequant.core.metadata import ModelMeta
 from posequant.core.opened import ModelFile, open_model
 from posequant.core.numbers import check_number
 
-from .metrics import agreement_text, keypoint_agreement, person_size
+from .metrics import agreement_sigmas, keypoint_agreement, person_size
 from .runners import make_runner, resolve_backend
 
 
@@ -100,11 +100,9 @@ def agreement(
     with tempfile.TemporaryDirectory():
         ref, ref_scores = keypoints_on(ref_file, people, backend=resolve_backend(reference, backend), flip=flip)
         got, _ = keypoints_on(model_file, people, backend=backend, flip=flip)
-    from posequant.core.keypoints import COCO_SIGMAS
-
-    sigmas = COCO_SIGMAS if meta.keypoints == "coco" and meta.num_joints == len(COCO_SIGMAS) else None
     size = person_size(np.array([p.scale for p in people]))
-    result = keypoint_agreement(ref, got, size, sigmas=sigmas, reference_scores=ref_scores)
+    result = keypoint_agreement(ref, got, size, sigmas=agreement_sigmas(meta.keypoints, meta.num_joints),
+                                reference_scores=ref_scores)
     d = np.linalg.norm(got - ref, axis=2) / size[:, None]
     worst = [int(i) for i in np.argsort(-np.nan_to_num(d, nan=np.inf).max(axis=1))[:5]]
     return AgreementResult(str(reference), str(model), str(data), len(people), flip, backend, result, worst)
@@ -127,8 +125,3 @@ def _boxed_people(ds, meta: ModelMeta, boxes, detector) -> list:
     by_image = {k: [(b.bbox, b.score) for b in v] for k, v in found.by_image.items()}
     return box_people({k: p for k, p in images.items() if k in by_image}, by_image, meta.input_size)
 
-
-def agreement_line(a: dict[str, float]) -> str:
-    """One line: OKS (worst person; the surer half of the joints) and the shares within 2% / 5% of the person
-    size."""
-    return agreement_text(a)

@@ -27,7 +27,7 @@ from .drawing import (  # noqa: F401  (BAND, LEGEND, TRUTH_BGR: the picture's st
     text_band,
 )
 from .drawing import label as _label
-from .metrics import agreement_text
+from .metrics import agreement_line
 
 PANEL_HEIGHT = 256
 
@@ -92,7 +92,7 @@ def agreement_lines(result) -> list[str]:
     a = getattr(result, "agreement", None)
     if not a:
         return []
-    return [f"agreement with float keypoints: {agreement_text(a)}"]
+    return [agreement_line(a)]
 
 
 def _other_warnings(result) -> list[str]:

@@ -312,17 +312,24 @@ def keypoint_agreement(
     return result
 
 
-def agreement_text(a: dict[str, float]) -> str:
-    """:func:`keypoint_agreement`'s figures in one line."""
+def agreement_sigmas(keypoints: str | None, num_joints: int) -> Sequence[float] | None:
+    """The sigmas :func:`keypoint_agreement` takes for a joint set: COCO's for COCO keypoints, else None (the
+    default)."""
+    return COCO_SIGMAS if keypoints == "coco" and num_joints == len(COCO_SIGMAS) else None
+
+
+def agreement_line(a: dict[str, float]) -> str:
+    """:func:`keypoint_agreement`'s figures in one line, as quantize and gate print them."""
     sure = f"; the surer half of the joints {a['OKS_confident']:.3f}" if "OKS_confident" in a else ""
     shares = ", ".join(f"{a[f'within_{round(100 * t)}%']:.1f}% within {round(100 * t)}%" for t in AGREEMENT_WITHIN)
-    return f"OKS {a['OKS']:.3f} (worst person {a['OKS_min']:.3f}{sure}); joints {shares} of the person size"
+    return (f"agreement with float keypoints: OKS {a['OKS']:.3f} (worst person {a['OKS_min']:.3f}{sure}); "
+            f"joints {shares} of the person size")
 
 
 def agreement_of(reference, test, keypoints: str | None = None) -> dict[str, float]:
     """:func:`keypoint_agreement` of two evaluations of the same people (``EvalResult``s), COCO's sigmas for
     COCO keypoints, the reference's joint scores for ``OKS_confident``."""
-    sigmas = COCO_SIGMAS if keypoints == "coco" and reference.preds.shape[1] == len(COCO_SIGMAS) else None
+    sigmas = agreement_sigmas(keypoints, reference.preds.shape[1])
     return keypoint_agreement(reference.preds, test.preds, person_size(reference.scales), sigmas=sigmas,
                               reference_scores=reference.maxvals)
 

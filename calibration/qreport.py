@@ -52,10 +52,11 @@ def joint_rows(evaluation) -> tuple[str, list[tuple[str, float, float]]]:
 
 
 def agreement_line(agreement: dict[str, float]) -> str:
-    """INT8 vs float keypoints in one line (``metrics.keypoint_agreement``)."""
-    from posequant.benchmarks.metrics import agreement_text
+    """INT8 vs float keypoints in one line (``benchmarks.metrics.agreement_line``; imported here, not at the
+    top: the calibration stage does not load the benchmarks stage to quantize)."""
+    from posequant.benchmarks.metrics import agreement_line as line
 
-    return f"agreement with float keypoints: {agreement_text(agreement)}"
+    return line(agreement)
 
 
 def _oks(value) -> str:

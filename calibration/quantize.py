@@ -653,7 +653,14 @@ def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget,
                  warn=None):
     """Keep the most harmful nodes in float until ``budget`` holds on ``ds`` (labelled: the main metric and
     the agreement; a plain set: the agreement alone)."""
-    from posequant.benchmarks.metrics import FLOAT_FLOOR, agreement_of, keypoint_agreement, main_metric, person_size
+    from posequant.benchmarks.metrics import (
+        FLOAT_FLOOR,
+        agreement_of,
+        agreement_sigmas,
+        keypoint_agreement,
+        main_metric,
+        person_size,
+    )
 
     say(f"evaluating float and INT8 on {len(ds.people)} people")
     labelled = budget.max_drop is not None
@@ -666,12 +673,11 @@ def _meet_budget(prepared, q, calib_set, ds, meta, tmp: Path, *, budget: Budget,
                  "is not being scored, so the budget measures nothing; check its preprocessing and joint order")
     else:
         from posequant.benchmarks.agreement import keypoints_on
-        from posequant.core.keypoints import COCO_SIGMAS
 
         onnx.save(prepared, str(tmp / "float.onnx"))
         reference, reference_scores = keypoints_on(tmp / "float.onnx", ds.people, backend="ort", flip=flip)
         sizes = person_size(np.array([p.scale for p in ds.people]))
-        sigmas = COCO_SIGMAS if meta.keypoints == "coco" and meta.num_joints == len(COCO_SIGMAS) else None
+        sigmas = agreement_sigmas(meta.keypoints, meta.num_joints)
 
     def measure(model):
         if labelled:

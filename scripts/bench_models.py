@@ -15,8 +15,9 @@ All are calibrated on the 86 coco-mini train people (the MPII model on COCO peop
 not labels). The task metric is scored on the model's own labelled set with no flip test (COCO AP on the
 68 coco-mini val people; MPII PCKh@0.5 on the 5 mpii-mini people, a noisy figure); the agreement (OKS of
 INT8 keypoints against float ones; over the surer half of the joints, by the float model's scores; and the
-share of joints within 5% of the person size) on the 68 coco-mini val people for every model. Each INT8 graph is scored as it runs on this CPU and, for the
-agreement, with exact integer kernels too (its exact twin: what a VNNI or AMX CPU computes).
+share of joints within 5% of the person size) on the 68 coco-mini val people for every model. Each INT8
+graph is scored as it runs on this CPU and, for the agreement, with exact integer kernels too (its exact
+twin: what a VNNI or AMX CPU computes).
 
 Quantizers, all on the same calibration crops:
 - posequant: `posequant.quantize` with its defaults (``--cpu auto``);
@@ -206,8 +207,7 @@ def table(results: dict, cpu: str) -> str:
                          f"{q['agreement']['within_5%']:.1f}", str(q["float_nodes"]), f"{q['quantize_s']:.0f}",
                          f"{sp.get('ort', float('nan')):.2f}x", f"{sp.get('openvino', float('nan')):.2f}x"])
     head = ["model", "quantizer", "task metric", "drop", "OKS here", "surer half", "OKS exact", "<=5% here",
-            "float nodes",
-            "quantize s", "ORT speedup", "OpenVINO speedup"]
+            "float nodes", "quantize s", "ORT speedup", "OpenVINO speedup"]
     return f"CPU: {cpu}\n" + format_table(head, rows)
 
 
